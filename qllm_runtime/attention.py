@@ -1,0 +1,79 @@
+"""Reference attention over [local window | init | selected blocks | remainder] with one softmax.
+
+This is the specification of the fused Triton kernel (`qllm_kernels.attention`) and the CPU path.
+Keys arrive un-rotated. Local keys are attended with relative RoPE; every non-local ("far") key is
+attended as if it sat exactly `n_local` positions before the query: the query is rotated once to
+position `n_local` and far keys stay raw. A key at absolute position k is seen by a query at q
+locally iff 0 <= q - k < n_local, and through the far part iff q - k >= n_local, so every key is
+attended exactly once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate `x` (..., n, head_dim) by per-position tables `cos`/`sin` (n, head_dim)."""
+    return x * cos + rotate_half(x) * sin
+
+
+def attend_reference(
+    query: Tensor,
+    q_start: int,
+    local_k: Tensor,
+    local_v: Tensor,
+    local_start: int,
+    far_k: Tensor,
+    far_v: Tensor,
+    far_pos: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    n_local: int,
+    scaling: float,
+) -> tuple[Tensor, Tensor]:
+    """One lookup group's attention.
+
+    query: (heads, n_q, head_dim), raw; absolute positions q_start .. q_start + n_q - 1.
+    local_k, local_v: (kv_heads, n_loc, head_dim), raw; positions local_start .. local_start + n_loc - 1,
+        with local_start <= q_start and local_start + n_loc == q_start + n_q.
+    far_k, far_v: (kv_heads, n_far, head_dim), raw: init tokens, selected blocks, remainder.
+    far_pos: (n_far,) int64 absolute positions of the far keys.
+    cos, sin: (n_pos, head_dim) RoPE tables for positions 0 .. n_pos - 1 (n_pos > max(n_local,
+        q_start + n_q - 1 - local_start)), without any attention scaling folded in.
+
+    Returns out: (n_q, heads, head_dim) in the query dtype, and received: (heads, n_loc) float32,
+    the softmax probability each local key received, summed over the group's queries.
+    """
+    heads, n_q, head_dim = query.shape
+    kv_heads, n_loc, _ = local_k.shape
+    group = heads // kv_heads
+    device = query.device
+    # GQA without repeating K/V: query heads of one kv head become extra rows, (kv_heads, group * n_q, d)
+    q = query.float().reshape(kv_heads, group * n_q, head_dim)
+
+    q_rel = torch.arange(q_start - local_start, q_start - local_start + n_q, device=device)
+    q_local = apply_rope(q.view(kv_heads, group, n_q, head_dim), cos[q_rel], sin[q_rel]).flatten(1, 2)
+    k_local = apply_rope(local_k.float(), cos[:n_loc], sin[:n_loc])
+    dist = q_rel[:, None] - torch.arange(n_loc, device=device)[None, :]  # (n_q, n_loc)
+    local_logits = (q_local @ k_local.transpose(1, 2)).view(kv_heads, group, n_q, n_loc)
+    local_logits.masked_fill_(~((dist >= 0) & (dist < n_local)), float("-inf"))
+
+    q_far = apply_rope(q, cos[n_local], sin[n_local])
+    q_pos = torch.arange(q_start, q_start + n_q, device=device)
+    far_hidden = (q_pos[:, None] - far_pos[None, :].to(device)) < n_local  # (n_q, n_far)
+    far_logits = (q_far @ far_k.float().transpose(1, 2)).view(kv_heads, group, n_q, -1)
+    far_logits.masked_fill_(far_hidden, float("-inf"))
+
+    probs = torch.softmax(torch.cat([local_logits, far_logits], dim=-1) * scaling, dim=-1)
+    p_local = probs[..., :n_loc].reshape(kv_heads, group * n_q, n_loc)
+    p_far = probs[..., n_loc:].reshape(kv_heads, group * n_q, -1)
+    out = p_local @ local_v.float() + p_far @ far_v.float()  # (kv_heads, group * n_q, d)
+    received = p_local.view(kv_heads, group, n_q, n_loc).sum(dim=2).view(heads, n_loc)
+    return out.view(heads, n_q, head_dim).transpose(0, 1).to(query.dtype), received

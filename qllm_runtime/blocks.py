@@ -1,0 +1,113 @@
+"""BlockStore: where one layer's finished memory blocks live.
+
+Blocks 0 .. device_limit-1 sit in a device pool (gathered by index on the device, no host sync);
+later blocks are offloaded to CPU (pinned when the device is CUDA) and served through a per-layer
+device LRU cache of `max_cached` slots. `device_limit` = inf puts everything in the pool, 0 offloads
+everything.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import Tensor
+
+
+class BlockStore:
+    """K/V of full blocks: each block is (kv_heads, block_size, head_dim)."""
+
+    def __init__(
+        self,
+        kv_heads: int,
+        block_size: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        device_limit: int,
+        max_cached: int,
+        expected_blocks: int = 0,
+    ) -> None:
+        self.shape = (kv_heads, block_size, head_dim)
+        self.dtype, self.device = dtype, device
+        self.device_limit = device_limit
+        self.n_blocks = 0
+        pool = min(device_limit, max(expected_blocks, 16))
+        self._pool_k = torch.empty((pool, *self.shape), dtype=dtype, device=device)
+        self._pool_v = torch.empty_like(self._pool_k)
+        self._host_k: list[Tensor] = []  # offloaded blocks, index = block - device_limit
+        self._host_v: list[Tensor] = []
+        self._pin = device.type == "cuda"
+        self._cache_k = torch.empty((max_cached, *self.shape), dtype=dtype, device=device)
+        self._cache_v = torch.empty_like(self._cache_k)
+        self._slots: OrderedDict[int, int] = OrderedDict()  # block -> cache slot, least recently used first
+        self.cache_misses = 0
+
+    @property
+    def offloaded(self) -> int:
+        return len(self._host_k)
+
+    def add(self, k: Tensor, v: Tensor) -> None:
+        """Append one block. k, v: (kv_heads, block_size, head_dim)."""
+        index = self.n_blocks
+        if index < self.device_limit:
+            if index == self._pool_k.shape[0]:
+                self._grow_pool(min(self.device_limit, 2 * index))
+            self._pool_k[index] = k
+            self._pool_v[index] = v
+        else:
+            host_k = torch.empty(self.shape, dtype=self.dtype, pin_memory=self._pin)
+            host_v = torch.empty(self.shape, dtype=self.dtype, pin_memory=self._pin)
+            host_k.copy_(k)
+            host_v.copy_(v)
+            self._host_k.append(host_k)
+            self._host_v.append(host_v)
+        self.n_blocks += 1
+
+    def truncate(self, n_blocks: int) -> None:
+        """Forget blocks n_blocks.. (restoring a memory after a question)."""
+        keep_host = max(0, n_blocks - self.device_limit)
+        del self._host_k[keep_host:], self._host_v[keep_host:]
+        for block in [b for b in self._slots if b >= n_blocks]:
+            del self._slots[block]
+        self.n_blocks = n_blocks
+
+    def gather(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """K and V of the given blocks, concatenated: (kv_heads, len(indices) * block_size, head_dim)."""
+        if self.n_blocks <= self.device_limit:  # all pooled: stays on the device, no host sync
+            k, v = self._pool_k[indices], self._pool_v[indices]
+        else:
+            blocks = indices.tolist()  # host sync: offloaded blocks are looked up in the LRU cache
+            k = torch.empty((len(blocks), *self.shape), dtype=self.dtype, device=self.device)
+            v = torch.empty_like(k)
+            for i, block in enumerate(blocks):  # copy at once: a later miss may reuse this slot
+                k[i], v[i] = self._fetch(block)
+        kv_heads, block_size, head_dim = self.shape
+        return (
+            k.transpose(0, 1).reshape(kv_heads, -1, head_dim),
+            v.transpose(0, 1).reshape(kv_heads, -1, head_dim),
+        )
+
+    def _fetch(self, block: int) -> tuple[Tensor, Tensor]:
+        if block < self.device_limit:
+            return self._pool_k[block], self._pool_v[block]
+        slot = self._slots.get(block)
+        if slot is None:
+            self.cache_misses += 1
+            if len(self._slots) < self._cache_k.shape[0]:
+                slot = len(self._slots)
+            else:
+                _, slot = self._slots.popitem(last=False)
+            self._cache_k[slot].copy_(self._host_k[block - self.device_limit], non_blocking=True)
+            self._cache_v[slot].copy_(self._host_v[block - self.device_limit], non_blocking=True)
+            self._slots[block] = slot
+        else:
+            self._slots.move_to_end(block)
+        return self._cache_k[slot], self._cache_v[slot]
+
+    def _grow_pool(self, capacity: int) -> None:
+        for name in ("_pool_k", "_pool_v"):
+            old = getattr(self, name)
+            new = torch.empty((capacity, *self.shape), dtype=self.dtype, device=self.device)
+            new[: old.shape[0]] = old
+            setattr(self, name, new)

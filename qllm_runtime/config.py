@@ -1,0 +1,52 @@
+"""QLLMConfig: every knob of the engine, validated, with its default in one place."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Mode = Literal["qllm", "infllm", "streaming", "full"]
+Offload = Literal["auto", "device", "cpu"]
+
+
+class QLLMConfig(BaseModel):
+    """How the engine reads and looks up context.
+
+    Window sizes are in tokens. `mode`: `qllm` (question-aware lookup), `infllm` (the same with
+    question_weight 0), `streaming` (init + local window only), `full` (ordinary attention).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    mode: Mode = "qllm"
+    n_init: int = Field(128, ge=0, description="attention-sink tokens at the start, always attended")
+    n_local: int = Field(512, ge=1, description="sliding window of recent tokens, ordinary RoPE")
+    block_size: int = Field(64, ge=1, description="tokens per memory block")
+    topk: int = Field(8, ge=0, description="blocks looked up per lookup group")
+    repr_topk: int = Field(4, ge=1, description="most-attended tokens averaged into a block's representative key")
+    lookup_chunk: int = Field(512, ge=1, description="prefill queries that share one lookup (at most prefill_chunk)")
+    prefill_chunk: int = Field(4096, ge=1, description="tokens per model forward while reading")
+    question_weight: float = Field(4.0, ge=0.0, description="beta: weight of the question term in lookup")
+    offload: Offload = Field("auto", description="block placement: device pool, CPU + device LRU cache, or auto")
+    device_pool_gb: float | None = Field(
+        None, gt=0, description="auto: bytes of blocks (all layers) kept on the device before offloading; "
+        "None = half the free accelerator memory, unlimited on CPU"
+    )
+    max_cached_blocks: int = Field(32, ge=1, description="per-layer device LRU cache size for offloaded blocks")
+    max_context_tokens: int = Field(1 << 20, ge=1, description="capacity advertised to frameworks")
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> QLLMConfig:
+        if self.repr_topk > self.block_size:
+            raise ValueError(f"repr_topk ({self.repr_topk}) must be <= block_size ({self.block_size})")
+        return self
+
+    @property
+    def beta(self) -> float:
+        """The question weight actually used: 0 unless mode is `qllm`."""
+        return self.question_weight if self.mode == "qllm" else 0.0
+
+    @property
+    def uses_blocks(self) -> bool:
+        return self.mode in ("qllm", "infllm")

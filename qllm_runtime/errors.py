@@ -1,0 +1,19 @@
+"""Exception types. Each names what went wrong and how to fix it."""
+
+from __future__ import annotations
+
+
+class QLLMError(Exception):
+    """Base class of every error QuickLLaMA raises on purpose."""
+
+
+class InvalidInputError(QLLMError, ValueError):
+    """A context, question or message list the engine cannot use (empty, not text, ...)."""
+
+
+class UnsupportedModelError(QLLMError, TypeError):
+    """The model has no rotary-embedding attention that QuickLLaMA can drive."""
+
+
+class ModelNotFoundError(QLLMError, FileNotFoundError):
+    """A model path or the embedded default model is not available."""

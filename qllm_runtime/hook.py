@@ -1,0 +1,83 @@
+"""Attach to stock transformers models through their attention interface, for one forward at a time.
+
+The engine calls the model with all position ids 0 (so its RoPE is the identity) and a
+`quickllama_state` keyword, which transformers forwards to the attention function registered here.
+The model's previous attention implementation is restored after every forward, also on error, so
+another engine or a plain `model.generate` sharing the model is not affected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+ATTENTION_NAME = "quickllama"
+STATE_KWARG = "quickllama_state"
+
+
+class AttentionState(Protocol):
+    def attend(self, layer_idx: int, query: Tensor, key: Tensor, value: Tensor, scaling: float) -> Tensor:
+        """query: (heads, n, head_dim), key/value: (kv_heads, n, head_dim) -> (n, heads, head_dim)."""
+        ...
+
+
+def _attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    state: AttentionState | None = kwargs.get(STATE_KWARG)
+    if state is None:
+        raise RuntimeError(
+            f"attention implementation {ATTENTION_NAME!r} only runs inside a QuickLLaMA engine call; "
+            "set the model's attention implementation back (e.g. model.set_attn_implementation('sdpa'))"
+        )
+    if query.shape[0] != 1:
+        raise ValueError(f"QuickLLaMA runs batch size 1, got a batch of {query.shape[0]}")
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = state.attend(module.layer_idx, query[0], key[0], value[0], scaling)
+    return out[None], None
+
+
+def _no_mask(*args, **kwargs) -> None:
+    """QuickLLaMA masks by absolute positions inside its attention; transformers builds no mask."""
+    return None
+
+
+def register() -> None:
+    """Make the attention and mask functions known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, _attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
+
+
+@contextmanager
+def quickllama_attention(model: nn.Module) -> Iterator[None]:
+    """Run the model with QuickLLaMA attention inside the block; restore its own afterwards."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def run_model(model: nn.Module, input_ids: Tensor, state: AttentionState) -> Tensor:
+    """One forward of `input_ids` (1, n) through QuickLLaMA attention; logits of the last token (vocab,)."""
+    positions = torch.zeros_like(input_ids)
+    with torch.inference_mode(), quickllama_attention(model):
+        out = model(
+            input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=1, **{STATE_KWARG: state}
+        )
+    return out.logits[0, -1]

@@ -1,0 +1,331 @@
+"""LayerMemory: what one attention layer keeps instead of a KV cache, and its append-and-attend step.
+
+Token positions are absolute (0 = first token read). Per layer:
+  init    positions [0, n_init)                      always attended (as far keys once out of the window)
+  tail    positions [tail_start, seen)               the local window plus the remainder: tokens that left
+                                                     the window but do not fill a block yet
+  blocks  positions [n_init + b*block_size, ...)     finished blocks, each with a representative key
+Keys are stored un-rotated. A token is "final" once every query that sees it locally has run; only
+final tokens become blocks, so a selected block is always out of the current queries' windows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .attention import apply_rope
+from .blocks import BlockStore
+from .config import QLLMConfig
+from .lookup import block_scores_reference, question_scores_reference, select_blocks
+
+AttendFn = Callable[..., tuple[Tensor, Tensor]]
+ScoreFn = Callable[[Tensor, Tensor, "Tensor | None", float, int], Tensor]
+
+
+def reference_scorer(group_queries: Tensor, repr_keys: Tensor, qs: Tensor | None, beta: float, k: int) -> Tensor:
+    """Top-k block indices (n_groups, k) from the PyTorch reference scorer."""
+    return select_blocks(block_scores_reference(group_queries, repr_keys, qs, beta), k)
+
+
+@dataclass
+class Placement:
+    """Where blocks go: the first `device_limit` per layer in the device pool, the rest offloaded."""
+
+    device_limit: int
+    max_cached: int
+    expected_blocks: int = 0
+
+
+@dataclass
+class LayerSnapshot:
+    init_len: int
+    tail_start: int
+    seen: int
+    n_blocks: int
+    tail_k: Tensor
+    tail_v: Tensor
+    tail_scores: Tensor
+
+
+class LayerMemory:
+    """Block memory of one attention layer (batch size 1)."""
+
+    def __init__(
+        self,
+        config: QLLMConfig,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        placement: Placement,
+        attend: AttendFn,
+        score: ScoreFn,
+    ) -> None:
+        self.config = config
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.dtype, self.device = dtype, device
+        self.attend, self.score = attend, score
+        self.init_k = torch.empty((kv_heads, config.n_init, head_dim), dtype=dtype, device=device)
+        self.init_v = torch.empty_like(self.init_k)
+        self.init_len = 0
+        capacity = config.n_local + config.block_size + config.prefill_chunk
+        self.tail_k = torch.empty((kv_heads, capacity, head_dim), dtype=dtype, device=device)
+        self.tail_v = torch.empty_like(self.tail_k)
+        self.tail_scores = torch.zeros((heads, capacity), dtype=torch.float32, device=device)
+        self.tail_start = 0  # absolute position of tail[0]
+        self.seen = 0  # tokens appended so far = next absolute position
+        self.store = BlockStore(
+            kv_heads, config.block_size, head_dim, dtype, device,
+            placement.device_limit, placement.max_cached, placement.expected_blocks,
+        )
+        n_repr = max(placement.expected_blocks, 16)
+        self.repr_keys = torch.empty((n_repr, heads, head_dim), dtype=dtype, device=device)
+        self.question_scores = torch.zeros(n_repr, dtype=torch.float32, device=device)
+        self.question_vector: Tensor | None = None  # (heads, head_dim), far-rotated
+        self.hits: Tensor | None = None  # (n_repr,) selections per block while counting
+
+    @property
+    def n_blocks(self) -> int:
+        return self.store.n_blocks
+
+    @property
+    def tail_len(self) -> int:
+        return self.seen - self.tail_start
+
+    # ---- question --------------------------------------------------------------------------------
+    def set_question(self, question_vector: Tensor | None) -> None:
+        """Bias later lookups towards `question_vector` (heads, head_dim); None removes the bias."""
+        self.question_vector = question_vector
+        n = self.n_blocks
+        if question_vector is None:
+            self.question_scores.zero_()
+        elif n:
+            self.question_scores[:n] = question_scores_reference(question_vector, self.repr_keys[:n])
+
+    def count_hits(self, on: bool) -> None:
+        self.hits = torch.zeros(self.repr_keys.shape[0], dtype=torch.int64, device=self.device) if on else None
+
+    # ---- the step --------------------------------------------------------------------------------
+    def append_and_attend(
+        self, query: Tensor, key: Tensor, value: Tensor, cos: Tensor, sin: Tensor, scaling: float
+    ) -> Tensor:
+        """Append a chunk and attend its queries.
+
+        query: (heads, n, head_dim); key, value: (kv_heads, n, head_dim), all un-rotated, absolute
+        positions seen .. seen + n - 1.  Returns (n, heads, head_dim).
+        """
+        cfg = self.config
+        n = query.shape[1]
+        start = self.seen
+        if start < cfg.n_init:  # the first n_init tokens are also kept as init
+            take = min(cfg.n_init - start, n)
+            self.init_k[:, start : start + take] = key[:, :take]
+            self.init_v[:, start : start + take] = value[:, :take]
+            self.init_len = start + take
+        self._tail_append(key, value)
+        out = torch.empty((n, self.heads, self.head_dim), dtype=query.dtype, device=query.device)
+        for g0 in range(0, n, cfg.lookup_chunk):
+            g1 = min(n, g0 + cfg.lookup_chunk)
+            out[g0:g1] = self._attend_group(query[:, g0:g1], start + g0, cos, sin, scaling)
+            self._retire(processed=start + g1)
+        return out
+
+    def _attend_group(self, query: Tensor, q_start: int, cos: Tensor, sin: Tensor, scaling: float) -> Tensor:
+        cfg = self.config
+        n_q = query.shape[1]
+        q_last = q_start + n_q - 1
+        far_end = q_last - cfg.n_local + 1  # keys before this are far for at least the last query
+
+        local_start = max(self.tail_start, q_start - cfg.n_local + 1)
+        lo, hi = local_start - self.tail_start, q_last + 1 - self.tail_start
+        far_k, far_v, far_pos = [], [], []
+
+        n_init_far = min(self.init_len, max(far_end, 0))
+        if n_init_far:
+            far_k.append(self.init_k[:, :n_init_far])
+            far_v.append(self.init_v[:, :n_init_far])
+            far_pos.append(torch.arange(n_init_far, device=self.device))
+
+        if cfg.uses_blocks and self.n_blocks and cfg.topk:
+            far_q = apply_rope(query.float().mean(dim=1), cos[cfg.n_local].float(), sin[cfg.n_local].float())
+            picked = self.score(
+                far_q[None], self.repr_keys[: self.n_blocks], self.question_scores[: self.n_blocks],
+                cfg.beta, min(cfg.topk, self.n_blocks),
+            )[0]
+            if self.hits is not None:
+                self.hits.index_add_(0, picked, torch.ones_like(picked))
+            block_k, block_v = self.store.gather(picked)
+            far_k.append(block_k)
+            far_v.append(block_v)
+            offsets = torch.arange(cfg.block_size, device=self.device)
+            far_pos.append((cfg.n_init + picked[:, None] * cfg.block_size + offsets).flatten())
+
+        if cfg.uses_blocks:
+            rem_start = max(self.tail_start, cfg.n_init)
+            if far_end > rem_start:  # remainder: tail tokens out of the window of some query
+                r0, r1 = rem_start - self.tail_start, far_end - self.tail_start
+                far_k.append(self.tail_k[:, r0:r1])
+                far_v.append(self.tail_v[:, r0:r1])
+                far_pos.append(torch.arange(rem_start, far_end, device=self.device))
+
+        if far_k:
+            fk, fv, fp = torch.cat(far_k, dim=1), torch.cat(far_v, dim=1), torch.cat(far_pos)
+        else:
+            fk = fv = self.tail_k[:, :0]
+            fp = torch.empty(0, dtype=torch.int64, device=self.device)
+        out, received = self.attend(
+            query, q_start, self.tail_k[:, lo:hi], self.tail_v[:, lo:hi], local_start,
+            fk, fv, fp, cos, sin, cfg.n_local, scaling,
+        )
+        self.tail_scores[:, lo:hi] += received
+        return out
+
+    # ---- bookkeeping -----------------------------------------------------------------------------
+    def _retire(self, processed: int) -> None:
+        """Move final tokens (every local query of theirs has run) out of the tail."""
+        cfg = self.config
+        final_end = processed - cfg.n_local + 1
+        new_start = self.tail_start
+        if new_start < cfg.n_init:  # init tokens leave the tail once final: they live in init
+            new_start = min(cfg.n_init, max(new_start, final_end))
+        if new_start >= cfg.n_init:
+            if cfg.uses_blocks:
+                while new_start + cfg.block_size <= final_end:
+                    self._make_block(new_start - self.tail_start)
+                    new_start += cfg.block_size
+            else:  # streaming: tokens that leave the window are dropped
+                new_start = max(new_start, final_end)
+        self._tail_drop(new_start - self.tail_start)
+
+    def _make_block(self, offset: int) -> None:
+        """Turn tail[offset : offset + block_size] into block number n_blocks."""
+        cfg = self.config
+        sl = slice(offset, offset + cfg.block_size)
+        keys, values = self.tail_k[:, sl], self.tail_v[:, sl]
+        # representative key per query head: mean of its repr_topk most-attended keys
+        top = self.tail_scores[:, sl].topk(cfg.repr_topk, dim=-1).indices  # (heads, r)
+        per_head = keys.repeat_interleave(self.heads // self.kv_heads, dim=0)  # (heads, bs, d)
+        chosen = per_head.gather(1, top[..., None].expand(-1, -1, self.head_dim))
+        rep = chosen.float().mean(dim=1)  # (heads, d)
+        index = self.n_blocks
+        if index == self.repr_keys.shape[0]:
+            self._grow_repr(2 * index)
+        self.repr_keys[index] = rep.to(self.dtype)
+        if self.question_vector is not None:
+            self.question_scores[index] = question_scores_reference(self.question_vector, rep[None])[0]
+        self.store.add(keys, values)
+
+    def _tail_append(self, key: Tensor, value: Tensor) -> None:
+        n, length = key.shape[1], self.tail_len
+        if length + n > self.tail_k.shape[1]:
+            self._resize_tail(length + n)
+        self.tail_k[:, length : length + n] = key
+        self.tail_v[:, length : length + n] = value
+        self.tail_scores[:, length : length + n] = 0
+        self.seen += n
+
+    def _tail_drop(self, count: int) -> None:
+        if count <= 0:
+            return
+        keep = self.tail_len - count
+        for buf in (self.tail_k, self.tail_v):
+            buf[:, :keep] = buf[:, count : count + keep].clone()
+        self.tail_scores[:, :keep] = self.tail_scores[:, count : count + keep].clone()
+        self.tail_start += count
+
+    def _resize_tail(self, needed: int) -> None:
+        capacity = max(needed, 2 * self.tail_k.shape[1])
+        for name in ("tail_k", "tail_v", "tail_scores"):
+            old = getattr(self, name)
+            new = old.new_zeros((old.shape[0], capacity, *old.shape[2:]))
+            new[:, : old.shape[1]] = old
+            setattr(self, name, new)
+
+    def _grow_repr(self, capacity: int) -> None:
+        for name in ("repr_keys", "question_scores", "hits"):
+            old = getattr(self, name)
+            if old is not None:
+                new = old.new_zeros((capacity, *old.shape[1:]))
+                new[: old.shape[0]] = old
+                setattr(self, name, new)
+
+    # ---- read once, ask many ---------------------------------------------------------------------
+    def snapshot(self) -> LayerSnapshot:
+        n = self.tail_len
+        return LayerSnapshot(
+            self.init_len, self.tail_start, self.seen, self.n_blocks,
+            self.tail_k[:, :n].clone(), self.tail_v[:, :n].clone(), self.tail_scores[:, :n].clone(),
+        )
+
+    def restore(self, snap: LayerSnapshot) -> None:
+        """Return to `snap`: drop blocks and tokens added since, the question bias and hit counts."""
+        n = snap.seen - snap.tail_start
+        self.init_len, self.tail_start, self.seen = snap.init_len, snap.tail_start, snap.seen
+        self.tail_k[:, :n] = snap.tail_k
+        self.tail_v[:, :n] = snap.tail_v
+        self.tail_scores[:, :n] = snap.tail_scores
+        self.store.truncate(snap.n_blocks)
+        self.set_question(None)
+        self.count_hits(False)
+
+
+class ModelMemory:
+    """The block memories of all attention layers of one model: the attention state of a reading."""
+
+    def __init__(
+        self, config: QLLMConfig, rope, placement: Placement, attend: AttendFn, score: ScoreFn
+    ) -> None:
+        self.config, self.rope, self.placement = config, rope, placement
+        self.attend_fn, self.score_fn = attend, score
+        self.layers: dict[int, LayerMemory] = {}
+        self._question: dict[int, Tensor] | None = None
+        self._counting = False
+
+    @property
+    def seen(self) -> int:
+        return next(iter(self.layers.values())).seen if self.layers else 0
+
+    def attend(self, layer_idx: int, query: Tensor, key: Tensor, value: Tensor, scaling: float) -> Tensor:
+        layer = self.layers.get(layer_idx)
+        if layer is None:
+            heads, _, head_dim = query.shape
+            layer = LayerMemory(
+                self.config, heads, key.shape[0], head_dim, key.dtype, key.device,
+                self.placement, self.attend_fn, self.score_fn,
+            )
+            if self._question is not None:
+                layer.set_question(self._question[layer_idx])
+            layer.count_hits(self._counting)
+            self.layers[layer_idx] = layer
+        n = query.shape[1]
+        cos, sin = self.rope.get(self.config.n_local + min(n, self.config.lookup_chunk) + 1)
+        return layer.append_and_attend(query, key, value, cos, sin, scaling)
+
+    def set_question(self, vectors: dict[int, Tensor] | None) -> None:
+        """Per-layer question vectors (heads, head_dim) that bias every later lookup; None: no bias."""
+        self._question = vectors
+        for idx, layer in self.layers.items():
+            layer.set_question(None if vectors is None else vectors[idx])
+
+    def count_hits(self, on: bool) -> None:
+        self._counting = on
+        for layer in self.layers.values():
+            layer.count_hits(on)
+
+    def block_hits(self) -> Tensor | None:
+        """Selections per block summed over layers (n_blocks,), or None when nothing was counted."""
+        counts = [layer.hits[: layer.n_blocks] for layer in self.layers.values() if layer.hits is not None]
+        return torch.stack(counts).sum(dim=0).cpu() if counts else None
+
+    def snapshot(self) -> dict[int, LayerSnapshot]:
+        return {idx: layer.snapshot() for idx, layer in self.layers.items()}
+
+    def restore(self, snap: dict[int, LayerSnapshot]) -> None:
+        for idx, layer in self.layers.items():
+            layer.restore(snap[idx])
+        self._question, self._counting = None, False

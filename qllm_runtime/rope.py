@@ -1,0 +1,43 @@
+"""RoPE tables taken from the model's own rotary module, so `rope_scaling` (llama3, YaRN, ...) is honoured."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .errors import UnsupportedModelError
+
+
+def find_rotary(model: nn.Module) -> nn.Module:
+    """The model's rotary-embedding module (Llama, Mistral, Qwen2, Qwen3 keep one on the base model)."""
+    for module in model.modules():
+        if type(module).__name__.endswith("RotaryEmbedding") and hasattr(module, "inv_freq"):
+            return module
+    raise UnsupportedModelError(
+        f"{type(model).__name__} has no rotary position embedding: QuickLLaMA needs a RoPE decoder "
+        "(Llama, Mistral, Qwen2, Qwen3 families)."
+    )
+
+
+class RotaryTables:
+    """cos/sin for positions 0 .. n-1, shape (n, head_dim), float32, without attention scaling.
+
+    The model is run with all position ids 0, where its rotary module has already multiplied q and k
+    by `attention_scaling` once; dividing it out here keeps it from being applied twice.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.rotary = find_rotary(model)
+        self.device = device
+        self.cos = self.sin = torch.empty(0, device=device)
+
+    def get(self, n: int) -> tuple[Tensor, Tensor]:
+        if self.cos.shape[0] < n:
+            size = max(n, 2 * self.cos.shape[0])
+            positions = torch.arange(size, device=self.device)[None]
+            probe = torch.zeros(1, dtype=torch.float32, device=self.device)
+            with torch.no_grad():
+                cos, sin = self.rotary(probe, positions)
+            scale = float(getattr(self.rotary, "attention_scaling", 1.0))
+            self.cos, self.sin = cos[0].float() / scale, sin[0].float() / scale
+        return self.cos[:n], self.sin[:n]

@@ -1,0 +1,105 @@
+"""Sessions: one reading of a token stream by one model, as block memory or as ordinary full attention.
+
+Both kinds offer the same small interface to the engine: feed tokens (chunked), snapshot/restore
+(read once, ask many), a question bias and lookup-hit counts (no-ops for full attention).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .hook import run_model
+from .memory import LayerSnapshot, ModelMemory
+
+Progress = Callable[[int, int], None]
+
+
+def _chunks(ids: list[int], size: int, progress: Progress | None):
+    for start in range(0, len(ids), size):
+        yield ids[start : start + size]
+        if progress is not None:
+            progress(min(start + size, len(ids)), len(ids))
+
+
+class MemorySession:
+    """Block-memory reading (modes qllm, infllm, streaming)."""
+
+    def __init__(self, model: nn.Module, memory: ModelMemory, device: torch.device) -> None:
+        self.model, self.memory, self.device = model, memory, device
+        self.prefill_chunk = memory.config.prefill_chunk
+
+    @property
+    def seen(self) -> int:
+        return self.memory.seen
+
+    def feed(self, ids: list[int], progress: Progress | None = None) -> Tensor:
+        """Read `ids`; logits of the last one (vocab,)."""
+        logits = None
+        for chunk in _chunks(ids, self.prefill_chunk, progress):
+            logits = run_model(self.model, torch.tensor([chunk], device=self.device), self.memory)
+        return logits
+
+    def snapshot(self) -> dict[int, LayerSnapshot]:
+        return self.memory.snapshot()
+
+    def restore(self, snap: dict[int, LayerSnapshot]) -> None:
+        self.memory.restore(snap)
+
+    def set_question(self, vectors: dict[int, Tensor] | None) -> None:
+        self.memory.set_question(vectors)
+
+    def count_hits(self, on: bool) -> None:
+        self.memory.count_hits(on)
+
+    def block_hits(self) -> Tensor | None:
+        return self.memory.block_hits()
+
+
+class FullSession:
+    """Ordinary attention with the model's own implementation and a DynamicCache (mode full)."""
+
+    def __init__(self, model: nn.Module, prefill_chunk: int, device: torch.device) -> None:
+        from transformers import DynamicCache
+
+        self.model, self.device, self.prefill_chunk = model, device, prefill_chunk
+        self.cache = DynamicCache(config=model.config)
+        # transformers renamed `past_key_values` to `cache` (5.2x); pass whichever this version takes
+        takes_cache = "cache" in inspect.signature(type(model).forward).parameters
+        self._cache_kwarg = "cache" if takes_cache else "past_key_values"
+        self.seen = 0
+
+    def feed(self, ids: list[int], progress: Progress | None = None) -> Tensor:
+        logits = None
+        for chunk in _chunks(ids, self.prefill_chunk, progress):
+            positions = torch.arange(self.seen, self.seen + len(chunk), device=self.device)[None]
+            with torch.inference_mode():
+                out = self.model(
+                    input_ids=torch.tensor([chunk], device=self.device), position_ids=positions,
+                    use_cache=True, logits_to_keep=1, **{self._cache_kwarg: self.cache},
+                )
+            self.seen += len(chunk)
+            logits = out.logits[0, -1]
+        return logits
+
+    def snapshot(self) -> int:
+        return self.seen
+
+    def restore(self, seen: int) -> None:
+        self.cache.crop(seen)
+        self.seen = seen
+
+    def set_question(self, vectors: dict[int, Tensor] | None) -> None:
+        """Full attention sees everything: nothing to bias."""
+
+    def count_hits(self, on: bool) -> None:
+        """Full attention looks nothing up."""
+
+    def block_hits(self) -> Tensor | None:
+        return None
+
+
+Session = MemorySession | FullSession
