@@ -82,7 +82,7 @@ class BlockStore:
             v = torch.empty_like(k)
             for i, block in enumerate(blocks):  # copy at once: a later miss may reuse this slot
                 k[i], v[i] = self._fetch(block)
-        kv_heads, block_size, head_dim = self.shape
+        kv_heads, _, head_dim = self.shape
         return (
             k.transpose(0, 1).reshape(kv_heads, -1, head_dim),
             v.transpose(0, 1).reshape(kv_heads, -1, head_dim),

@@ -10,6 +10,7 @@ from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from time import perf_counter
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -121,7 +122,7 @@ class AnswerStream(Iterator[str]):
 class _ModelLock:
     """One call at a time per model object, across engines and threads; same-thread re-entry is an error."""
 
-    _locks: weakref.WeakKeyDictionary[nn.Module, _ModelLock] = weakref.WeakKeyDictionary()
+    _locks: ClassVar[weakref.WeakKeyDictionary[nn.Module, _ModelLock]] = weakref.WeakKeyDictionary()
     _guard = threading.Lock()
 
     def __init__(self) -> None:
@@ -220,9 +221,10 @@ class QLLMEngine:
 
     def stream_chat(self, messages: Sequence[dict], question: str | None = None, max_new_tokens: int = 64,
                     stop=None, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                    progress: Progress | None = None) -> AnswerStream:
+                    progress: Progress | None = None, tools: list[dict] | None = None) -> AnswerStream:
+        """Streaming `chat`. `tools`: OpenAI-style function schemas passed to the chat template."""
         gen = GenerationSettings.make(max_new_tokens, stop, temperature, top_p, seed)
-        parts = self.prompts.chat_parts(messages, question)
+        parts = self.prompts.chat_parts(messages, question, tools)
         return AnswerStream(self._answer(parts, gen, progress=progress))
 
     def read(self, context: str, progress: Progress | None = None) -> Memory:

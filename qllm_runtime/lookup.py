@@ -7,7 +7,6 @@ cached per block when the block is made (u = this layer's question vector).
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 

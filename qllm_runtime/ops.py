@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from .attention import attend_reference
 from .memory import AttendFn, ScoreFn, reference_scorer
 
 
+def _triton_scorer(group_queries: Tensor, repr_keys: Tensor, qs: Tensor | None, beta: float, k: int) -> Tensor:
+    from qllm_kernels import block_score
+
+    return block_score(group_queries, repr_keys, qs, beta, k)[1]
+
+
 def attention_ops(device: torch.device) -> tuple[AttendFn, ScoreFn]:
+    """(attend, score) for tensors on `device`. The PyTorch references are the CPU path and the spec."""
+    if device.type == "cuda":
+        try:
+            from qllm_kernels import attention, triton_available
+        except ImportError:  # no Triton: the reference path is correct, only slower
+            return attend_reference, reference_scorer
+        if triton_available(device):
+            return attention, _triton_scorer
     return attend_reference, reference_scorer

@@ -72,11 +72,25 @@ class PromptBuilder:
         bos_text = self.tokenizer.bos_token or ""
         return [] if bos_text and rendered.startswith(bos_text) else list(self._bos)
 
-    def _split_user_turn(self, messages: list[dict], generation_prompt: bool) -> tuple[str, str]:
+    def render(self, messages: list[dict], generation_prompt: bool, tools: list[dict] | None = None) -> str:
+        """The chat template applied to `messages`; templates that reject a system role or repeated
+        roles get the messages normalised (system folded into the first user turn, same roles merged)."""
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        except TemplateError:
+            return self.tokenizer.apply_chat_template(
+                normalise_roles(messages), tools=tools, tokenize=False, add_generation_prompt=generation_prompt
+            )
+
+    def _split_user_turn(
+        self, messages: list[dict], generation_prompt: bool, tools: list[dict] | None = None
+    ) -> tuple[str, str]:
         """Render the template with the last user content replaced by a marker; text before and after it."""
-        rendered = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt
-        )
+        rendered = self.render(messages, generation_prompt, tools)
         head, sep, tail = rendered.partition(_SENTINEL)
         if not sep:
             raise InvalidInputError("the chat template dropped the user message; cannot locate the question")
@@ -108,15 +122,18 @@ class PromptBuilder:
             return "", "\nAnswer:"
         return self._split_user_turn([{"role": "user", "content": _SENTINEL}], generation_prompt=True)
 
-    def chat_parts(self, messages: Sequence[dict], question: str | None) -> PromptParts:
-        """Everything before the last user message's content is read; that content onwards is the turn."""
+    def chat_parts(
+        self, messages: Sequence[dict], question: str | None, tools: list[dict] | None = None
+    ) -> PromptParts:
+        """Everything before the last user message's content is read; that content onwards is the turn.
+        `tools`: OpenAI-style function schemas, rendered by templates that support them."""
         messages = check_messages(messages)
         if not self.has_template:
             raise InvalidInputError("this tokenizer has no chat template; use ask(context, question)")
         last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
         content = messages[last_user]["content"]
         marked = [*messages[:last_user], {**messages[last_user], "content": _SENTINEL}, *messages[last_user + 1 :]]
-        head, tail = self._split_user_turn(marked, generation_prompt=messages[-1]["role"] != "assistant")
+        head, tail = self._split_user_turn(marked, messages[-1]["role"] != "assistant", tools)
         question = check_text(question, "question") if question is not None else content
         return PromptParts(self.context_tokens("", head), self.encode(content + tail), question)
 
@@ -149,11 +166,31 @@ def check_messages(messages: Any) -> list[dict]:
         raise InvalidInputError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content"), str):
+        if not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content", ""), str):
             raise InvalidInputError(f"message {i} must be a dict with a 'role' and a str 'content', got {m!r:.80}")
-        out.append(m)
+        out.append({**m, "content": m.get("content") or ""})
     if not any(m["role"] == "user" for m in out):
         raise InvalidInputError("messages contain no user turn: nothing to use as the question")
     if not out[max(i for i, m in enumerate(out) if m["role"] == "user")]["content"].strip():
         raise InvalidInputError("the last user message is empty: nothing to use as the question")
+    return out
+
+
+def normalise_roles(messages: list[dict]) -> list[dict]:
+    """Fold system messages into the next user turn and merge consecutive messages of the same role."""
+    out: list[dict] = []
+    pending_system: list[str] = []
+    for m in messages:
+        if m["role"] == "system":
+            pending_system.append(m["content"])
+            continue
+        if m["role"] == "user" and pending_system:
+            m = {**m, "content": "\n\n".join([*pending_system, m["content"]])}
+            pending_system = []
+        if out and out[-1]["role"] == m["role"] and not out[-1].get("tool_calls") and not m.get("tool_calls"):
+            out[-1] = {**out[-1], "content": out[-1]["content"] + "\n\n" + m["content"]}
+        else:
+            out.append(dict(m))
+    if pending_system:  # only system text after the last user turn: keep it as a user turn
+        out.append({"role": "user", "content": "\n\n".join(pending_system)})
     return out

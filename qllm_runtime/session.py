@@ -26,7 +26,8 @@ def _chunks(ids: list[int], size: int, progress: Progress | None):
 
 
 class MemorySession:
-    """Block-memory reading (modes qllm, infllm, streaming)."""
+    """Block-memory reading (modes qllm, infllm, streaming). Memory tensors are inference tensors, so
+    every method that touches them runs in inference mode."""
 
     def __init__(self, model: nn.Module, memory: ModelMemory, device: torch.device) -> None:
         self.model, self.memory, self.device = model, memory, device
@@ -43,15 +44,19 @@ class MemorySession:
             logits = run_model(self.model, torch.tensor([chunk], device=self.device), self.memory)
         return logits
 
+    @torch.inference_mode()
     def snapshot(self) -> dict[int, LayerSnapshot]:
         return self.memory.snapshot()
 
+    @torch.inference_mode()
     def restore(self, snap: dict[int, LayerSnapshot]) -> None:
         self.memory.restore(snap)
 
+    @torch.inference_mode()
     def set_question(self, vectors: dict[int, Tensor] | None) -> None:
         self.memory.set_question(vectors)
 
+    @torch.inference_mode()
     def count_hits(self, on: bool) -> None:
         self.memory.count_hits(on)
 

@@ -8,11 +8,13 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter on the CPU; must precede its import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from qllm_runtime import QLLMConfig, QLLMEngine  # noqa: E402
-from qllm_runtime.loading import default_gguf_path, load  # noqa: E402
+from qllm_runtime import QLLMConfig, QLLMEngine
+from qllm_runtime.loading import default_gguf_path, load
 
-SMALL_WINDOWS = QLLMConfig(n_init=16, n_local=256, block_size=64, topk=4, lookup_chunk=128, prefill_chunk=1024)
+SMALL_WINDOWS = QLLMConfig(n_init=128, n_local=256, block_size=64, topk=8, lookup_chunk=128, prefill_chunk=1024)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -32,7 +34,7 @@ def default_model():
 
 @pytest.fixture(scope="session")
 def default_engine(default_model):
-    """The embedded model with small windows (n_local 256, blocks of 64, top-4), so ~4K tokens need lookup."""
+    """The embedded model with small windows (n_local 256, blocks of 64, top-8), so ~4K tokens need lookup."""
     model, tokenizer = default_model
     return QLLMEngine(model, tokenizer, SMALL_WINDOWS)
 

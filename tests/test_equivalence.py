@@ -21,7 +21,7 @@ def feed_logits(engine: QLLMEngine, ids: list[int], decode_steps: int) -> list[t
 
 @pytest.mark.parametrize("mode", ["qllm", "infllm", "streaming"])
 def test_covering_window_equals_full_attention(tiny, mode):
-    arch, model, tokenizer = tiny
+    _, model, tokenizer = tiny
     ids = torch.randint(0, len(tokenizer), (150,), generator=torch.Generator().manual_seed(1)).tolist()
     full = QLLMEngine(model, tokenizer, QLLMConfig(mode="full", prefill_chunk=64))
     ours = QLLMEngine(model, tokenizer, QLLMConfig(mode=mode, **COVERING))
@@ -31,7 +31,7 @@ def test_covering_window_equals_full_attention(tiny, mode):
 
 
 def test_covering_window_same_greedy_answer(tiny):
-    arch, model, tokenizer = tiny
+    _, model, tokenizer = tiny
     context = "Tiny models say odd things. " * 20
     full = QLLMEngine(model, tokenizer, QLLMConfig(mode="full")).ask(context, "What?", max_new_tokens=12)
     ours = QLLMEngine(model, tokenizer, QLLMConfig(mode="qllm", **COVERING)).ask(context, "What?", max_new_tokens=12)
@@ -41,7 +41,7 @@ def test_covering_window_same_greedy_answer(tiny):
 
 def test_small_window_differs_from_full(tiny):
     """The check above can fail: with a small window the logits do move away from full attention."""
-    arch, model, tokenizer = tiny
+    _, model, tokenizer = tiny
     ids = torch.randint(0, len(tokenizer), (150,), generator=torch.Generator().manual_seed(1)).tolist()
     full = QLLMEngine(model, tokenizer, QLLMConfig(mode="full", prefill_chunk=64))
     small = QLLMEngine(model, tokenizer, QLLMConfig(**{**COVERING, "n_local": 32}))
@@ -50,7 +50,7 @@ def test_small_window_differs_from_full(tiny):
 
 def test_model_left_usable_for_plain_generate(tiny):
     """An engine call must leave the shared model as it found it."""
-    arch, model, tokenizer = tiny
+    _, model, tokenizer = tiny
     before = model.config._attn_implementation
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     reference = model.generate(ids, max_new_tokens=4, do_sample=False)

@@ -1,0 +1,180 @@
+"""Check and time the Triton kernels against their torch references and SDPA, at LLaMA-3-8B head shapes.
+
+    python benchmarks/kernel_bench.py              # on the GPU box: bf16, 32 heads / 8 kv heads, d=128
+    python benchmarks/kernel_bench.py --cpu-smoke  # tiny shapes in Triton's CPU interpreter: is it broken?
+
+Every case is first checked against the qllm_runtime reference evaluated in fp32 on the same inputs;
+times are the median of `--reps` runs after `--warmup` runs, synchronised. SDPA runs dense attention
+over the same number of keys (K/V repeated to all heads beforehand, so it can use its fastest kernel).
+The table comes last; the exit status is 1 if any check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _import_project():
+    """(qllm_kernels, attend_reference, block_scores_reference, select_blocks), installed or from ROOT."""
+    sys.path.append(str(ROOT))  # qllm_runtime when the project is not installed
+    try:
+        import qllm_kernels
+    except ImportError:  # not installed: map kernels/ to qllm_kernels as pyproject's package-dir does
+        folder = ROOT / "kernels"
+        spec = importlib.util.spec_from_file_location(
+            "qllm_kernels", folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
+        qllm_kernels = importlib.util.module_from_spec(spec)
+        sys.modules["qllm_kernels"] = qllm_kernels
+        spec.loader.exec_module(qllm_kernels)
+    from qllm_runtime.attention import attend_reference
+    from qllm_runtime.lookup import block_scores_reference, select_blocks
+
+    return qllm_kernels, attend_reference, block_scores_reference, select_blocks
+
+
+def _timer(device, warmup: int, reps: int) -> Callable[[Callable[[], object]], float]:
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def median_ms(fn):
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(reps):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+        return 1e3 * statistics.median(times)
+
+    return median_ms
+
+
+def _rope_tables(n_pos, head_dim, device, base=500000.0):
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.arange(n_pos, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos().float().to(device), emb.sin().float().to(device)
+
+
+def attention_case(heads, kv_heads, head_dim, n_q, n_local, n_far, dtype, device, gen):
+    """One lookup group: n_local local keys behind each query; far keys: init + blocks, then a remainder."""
+    n_loc = n_local + n_q - 1
+    q_start = 4 * n_far + n_loc
+    local_start = q_start + n_q - n_loc
+    n_rem = n_far // 10  # remainder straddling the far threshold of the group's queries
+    rem_end = q_start + n_q - n_local
+    far_pos = torch.cat([torch.arange(n_far - n_rem), torch.arange(rem_end - n_rem, rem_end)])
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device, dtype)
+
+    cos, sin = _rope_tables(max(n_local, n_loc) + 1, head_dim, device)
+    return dict(
+        query=randn(heads, n_q, head_dim), q_start=q_start, local_start=local_start,
+        local_k=randn(kv_heads, n_loc, head_dim), local_v=randn(kv_heads, n_loc, head_dim),
+        far_k=randn(kv_heads, n_far, head_dim), far_v=randn(kv_heads, n_far, head_dim),
+        far_pos=far_pos.to(device), cos=cos, sin=sin, n_local=n_local, scaling=head_dim**-0.5,
+    )  # fmt: skip
+
+
+def run(args) -> int:
+    qk, attend_reference, block_scores_reference, select_blocks = _import_project()
+    device = torch.device("cpu" if args.cpu_smoke else "cuda")
+    if not qk.triton_available(device):
+        sys.exit(f"Triton cannot run on {device} here (no CUDA device?); try --cpu-smoke")
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+    median_ms = _timer(device, args.warmup, args.reps)
+    # heads, kv_heads, head_dim, n_local, n_far, queries per prefill group, blocks, lookup groups
+    shapes = (32, 8, 128, 1024, 1200, 512, 800, (1, 8, 64, 200))
+    if args.cpu_smoke:
+        shapes = (4, 2, 64, 16, 20, 8, 30, (1, 3))
+    heads, kv_heads, head_dim, n_local, n_far, prefill, n_blocks, groups = shapes
+    rows, failed = [], False
+
+    for n_q in (prefill, 1):
+        case = attention_case(heads, kv_heads, head_dim, n_q, n_local, n_far, dtype, device, gen)
+        exact = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in case.items()}
+        out, received = qk.attention(**case)
+        ref_out, ref_received = attend_reference(**exact)
+        err = max((out.float() - ref_out).abs().max().item(), (received - ref_received).abs().max().item())
+        ok = torch.allclose(out.float(), ref_out, rtol=2e-2, atol=2e-2) and torch.allclose(
+            received, ref_received, rtol=2e-2, atol=2e-2
+        )
+        group = heads // kv_heads
+        n_keys = case["local_k"].shape[1] + n_far
+        q4 = case["query"][None]
+        k4 = torch.cat([case["local_k"], case["far_k"]], 1).repeat_interleave(group, 0)[None]
+        v4 = torch.cat([case["local_v"], case["far_v"]], 1).repeat_interleave(group, 0)[None]
+        rows.append((
+            "attention", f"n_q={n_q} keys={n_keys}", median_ms(lambda c=case: qk.attention(**c)),
+            median_ms(lambda c=case: attend_reference(**c)),
+            median_ms(lambda q=q4, k=k4, v=v4: F.scaled_dot_product_attention(q, k, v)), err, ok,
+        ))  # fmt: skip
+        failed |= not ok
+
+    repr_keys = torch.randn(n_blocks, heads, head_dim, generator=gen).to(device, dtype)
+    question = torch.randn(n_blocks, generator=gen).to(device)
+
+    def reference_scores(group_queries):
+        return block_scores_reference(group_queries, repr_keys, question, 4.0)
+
+    for n_groups in groups:
+        group_queries = torch.randn(n_groups, heads, head_dim, generator=gen).to(device, dtype)
+        scores, indices = qk.block_score(group_queries, repr_keys, question, 4.0, 8)
+        ref = reference_scores(group_queries)
+        err = (scores - ref).abs().max().item()
+        best = ref.gather(1, select_blocks(ref, 8))  # tie-robust: the chosen blocks score as well as the best
+        ok = torch.allclose(scores, ref, rtol=1e-3, atol=1e-2) and torch.allclose(
+            ref.gather(1, indices), best, rtol=1e-3, atol=1e-2
+        )
+        t_kernel = median_ms(lambda g=group_queries: qk.block_score(g, repr_keys, question, 4.0, 8))
+        t_ref = median_ms(lambda g=group_queries: select_blocks(reference_scores(g), 8))
+        shape = f"groups={n_groups} blocks={n_blocks}"
+        rows.append(("block_score", shape, t_kernel, t_ref, math.nan, err, ok))
+        failed |= not ok
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
+    versions = f"torch {torch.__version__}, triton {sys.modules['triton'].__version__}"
+    print(f"\n{name}, {versions}, {dtype}, heads {heads}/{kv_heads}, head_dim {head_dim}, "
+          f"n_local {n_local}, n_far {n_far}; median of {args.reps} runs, ms")  # fmt: skip
+    header = ("op", "shape", "triton", "torch ref", "sdpa", "x ref", "x sdpa", "max err")
+    print("{:<12}{:<26}{:>9}{:>11}{:>9}{:>8}{:>8}{:>10}  ok".format(*header))
+    for op, shape, t_kernel, t_ref, t_sdpa, err, ok in rows:
+        print(f"{op:<12}{shape:<26}{t_kernel:>9.3f}{t_ref:>11.3f}{t_sdpa:>9.3f}{t_ref / t_kernel:>8.2f}"
+              f"{t_sdpa / t_kernel:>8.2f}{err:>10.2e}  {'yes' if ok else 'NO'}")  # fmt: skip
+    return int(failed)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes, CPU, TRITON_INTERPRET=1")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 10, smoke 1)")
+    parser.add_argument("--reps", type=int, default=None, help="timed runs (default 50, smoke 2)")
+    args = parser.parse_args(argv)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.cpu_smoke else 10)
+    args.reps = args.reps if args.reps is not None else (2 if args.cpu_smoke else 50)
+    if args.cpu_smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before Triton is first imported (in run)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+"""Triton kernels for QuickLLaMA: the block scorer and the fused [local | far] attention.
+
+Each op has a plain-PyTorch reference in `qllm_runtime` (the spec and the CPU path). Kernels are compiled
+for CUDA, or run by Triton's CPU interpreter when TRITON_INTERPRET=1 is set before Triton is first
+imported; `triton_available(device)` says which devices they can run on.
+"""
+
+from ._common import triton_available
+from .attention import attention
+from .block_score import block_score
+
+__all__ = ["attention", "block_score", "triton_available"]

@@ -1,0 +1,276 @@
+"""Fused attention over [local window | init | selected blocks | remainder] with one softmax.
+
+The spec is `qllm_runtime.attention.attend_reference`. Keys arrive un-rotated. Local keys and queries are
+rotated in-kernel to their positions relative to the start of the local buffer (relative RoPE); every
+far key stays raw and the query is rotated once to position `n_local`, so far keys sit at distance
+`n_local`. Masks use absolute positions: local iff 0 <= q - k < n_local, far iff q - k >= n_local.
+
+Two launches:
+1. `_attn_fwd_kernel`, grid (row tiles, kv_heads): the rows of a tile are (query head of the kv head's
+   group, query) pairs, so GQA reads each K/V tile once per group and never materialises repeated K/V.
+   One online softmax (base 2, fp32 running max / sum / accumulator) runs over the local tiles that
+   the window can reach, then over all far tiles; it writes the output and the base-2 log-sum-exp.
+2. `_received_kernel`, grid (local key tiles, heads): recomputes the local logits of the queries that
+   can see each key tile and sums exp2(logit - lse) over them: the probability each local key received.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import FLOAT_DTYPES, check_device, dot_dtype
+
+__all__ = ["attention"]
+
+_LOG2E = 1.4426950408889634
+_HEAD_DIMS = (32, 64, 128)
+
+
+@triton.jit
+def _load_rope(X, Cos, Sin, offs_x, pos, mask, stride_cosn, stride_sinn, HALF: tl.constexpr):
+    """The vectors at X + offs_x (rows,), each rotated to its position in `pos`: halves (rows, HALF), fp32."""
+    offs_h = tl.arange(0, HALF)
+    x_ptrs = X + offs_x[:, None] + offs_h[None, :]
+    cos_ptrs = Cos + pos[:, None] * stride_cosn + offs_h[None, :]
+    sin_ptrs = Sin + pos[:, None] * stride_sinn + offs_h[None, :]
+    m = mask[:, None]
+    x1 = tl.load(x_ptrs, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptrs + HALF, mask=m, other=0.0).to(tl.float32)
+    cos1 = tl.load(cos_ptrs, mask=m, other=0.0).to(tl.float32)
+    cos2 = tl.load(cos_ptrs + HALF, mask=m, other=0.0).to(tl.float32)
+    sin1 = tl.load(sin_ptrs, mask=m, other=0.0).to(tl.float32)
+    sin2 = tl.load(sin_ptrs + HALF, mask=m, other=0.0).to(tl.float32)
+    # x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1)
+    return x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2
+
+
+@triton.jit
+def _softmax_step(s, visible, v, m_i, l_i, acc):
+    """Fold one tile of base-2 logits `s` (rows, keys) with values `v` (keys, head_dim) into the state."""
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet stays empty
+    alpha = tl.math.exp2(m_i - m_ref)
+    p = tl.math.exp2(s - m_ref[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K_loc, V_loc, K_far, V_far, Far_pos, Cos, Sin, Out, Lse,
+    stride_qh, stride_qm,
+    stride_klh, stride_kln, stride_vlh, stride_vln,
+    stride_kfh, stride_kfn, stride_vfh, stride_vfn,
+    stride_cosn, stride_sinn, stride_om, stride_oh, stride_lseh,
+    n_q, n_loc, n_far, q_rel_start, q_start, n_local, group, qk_scale,
+    HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    HALF: tl.constexpr = HEAD_DIM // 2
+    pid_m = tl.program_id(0)
+    kv_head = tl.program_id(1)
+
+    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # row = (query head within the group, query)
+    row_ok = offs_r < group * n_q
+    offs_m = offs_r % n_q
+    head = kv_head * group + offs_r // n_q
+    q_rel = q_rel_start + offs_m
+    q_pos = q_start + offs_m
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_q = head * stride_qh + offs_m * stride_qm
+
+    ql1, ql2 = _load_rope(Q, Cos, Sin, offs_q, q_rel, row_ok, stride_cosn, stride_sinn, HALF)
+    far_rel = tl.zeros_like(offs_m) + n_local
+    qf1, qf2 = _load_rope(Q, Cos, Sin, offs_q, far_rel, row_ok, stride_cosn, stride_sinn, HALF)
+    ql1, ql2, qf1, qf2 = ql1.to(DOT_DTYPE), ql2.to(DOT_DTYPE), qf1.to(DOT_DTYPE), qf2.to(DOT_DTYPE)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # local keys: only the tiles some row's window 0 <= q_rel - k_rel < n_local reaches
+    lo = tl.maximum(tl.min(tl.where(row_ok, q_rel, n_loc), 0) - n_local + 1, 0) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(tl.max(tl.where(row_ok, q_rel, 0), 0) + 1, n_loc)
+    for start_n in range(lo, hi, BLOCK_N):
+        k_rel = start_n + offs_n
+        key_ok = k_rel < n_loc
+        offs_k = kv_head * stride_klh + k_rel * stride_kln
+        k1, k2 = _load_rope(K_loc, Cos, Sin, offs_k, k_rel, key_ok, stride_cosn, stride_sinn, HALF)
+        s = tl.dot(ql1, tl.trans(k1.to(DOT_DTYPE)), input_precision="ieee")
+        s += tl.dot(ql2, tl.trans(k2.to(DOT_DTYPE)), input_precision="ieee")
+        dist = q_rel[:, None] - k_rel[None, :]
+        visible = (dist >= 0) & (dist < n_local) & key_ok[None, :]
+        v_ptrs = V_loc + kv_head * stride_vlh + k_rel[:, None] * stride_vln + offs_d[None, :]
+        v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0).to(DOT_DTYPE)
+        m_i, l_i, acc = _softmax_step(s * qk_scale, visible, v, m_i, l_i, acc)
+
+    # far keys (init, selected blocks, remainder): raw keys, any order, seen iff q_pos - pos >= n_local
+    offs_h = tl.arange(0, HALF)
+    for start_n in range(0, n_far, BLOCK_N):
+        offs_k = start_n + offs_n
+        key_ok = offs_k < n_far
+        k_ptrs = K_far + kv_head * stride_kfh + offs_k[None, :] * stride_kfn + offs_h[:, None]
+        k1_t = tl.load(k_ptrs, mask=key_ok[None, :], other=0.0).to(DOT_DTYPE)
+        k2_t = tl.load(k_ptrs + HALF, mask=key_ok[None, :], other=0.0).to(DOT_DTYPE)
+        s = tl.dot(qf1, k1_t, input_precision="ieee")
+        s += tl.dot(qf2, k2_t, input_precision="ieee")
+        pos = tl.load(Far_pos + offs_k, mask=key_ok, other=0)
+        visible = (q_pos[:, None] - pos[None, :] >= n_local) & key_ok[None, :]
+        v_ptrs = V_far + kv_head * stride_vfh + offs_k[:, None] * stride_vfn + offs_d[None, :]
+        v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0).to(DOT_DTYPE)
+        m_i, l_i, acc = _softmax_step(s * qk_scale, visible, v, m_i, l_i, acc)
+
+    # every valid row sees at least its own key, so l_i >= 1 there
+    out_ptrs = Out + offs_m[:, None] * stride_om + head[:, None] * stride_oh + offs_d[None, :]
+    tl.store(out_ptrs, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(Lse + head * stride_lseh + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _received_kernel(
+    Q, K_loc, Cos, Sin, Lse, Received,
+    stride_qh, stride_qm, stride_klh, stride_kln,
+    stride_cosn, stride_sinn, stride_lseh, stride_rh,
+    n_q, n_loc, q_rel_start, n_local, group, qk_scale,
+    HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    HALF: tl.constexpr = HEAD_DIM // 2
+    pid_n = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // group
+
+    k_rel = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_ok = k_rel < n_loc
+    offs_k = kv_head * stride_klh + k_rel * stride_kln
+    k1, k2 = _load_rope(K_loc, Cos, Sin, offs_k, k_rel, key_ok, stride_cosn, stride_sinn, HALF)
+    k1_t = tl.trans(k1.to(DOT_DTYPE))
+    k2_t = tl.trans(k2.to(DOT_DTYPE))
+
+    received = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # only the queries whose window reaches this tile: k_rel <= q_rel < k_rel + n_local
+    lo = tl.maximum(pid_n * BLOCK_N - q_rel_start, 0) // BLOCK_M * BLOCK_M
+    hi = tl.minimum(pid_n * BLOCK_N + BLOCK_N - 1 + n_local - q_rel_start, n_q)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < n_q
+        q_rel = q_rel_start + offs_m
+        offs_q = head * stride_qh + offs_m * stride_qm
+        q1, q2 = _load_rope(Q, Cos, Sin, offs_q, q_rel, row_ok, stride_cosn, stride_sinn, HALF)
+        s = tl.dot(q1.to(DOT_DTYPE), k1_t, input_precision="ieee")
+        s += tl.dot(q2.to(DOT_DTYPE), k2_t, input_precision="ieee")
+        lse = tl.load(Lse + head * stride_lseh + offs_m, mask=row_ok, other=0.0)
+        dist = q_rel[:, None] - k_rel[None, :]
+        visible = (dist >= 0) & (dist < n_local) & row_ok[:, None] & key_ok[None, :]
+        p = tl.where(visible, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+        received += tl.sum(p, 0)
+    tl.store(Received + head * stride_rh + k_rel, received, mask=key_ok)
+
+
+def attention(
+    query: Tensor,
+    q_start: int,
+    local_k: Tensor,
+    local_v: Tensor,
+    local_start: int,
+    far_k: Tensor,
+    far_v: Tensor,
+    far_pos: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    n_local: int,
+    scaling: float,
+) -> tuple[Tensor, Tensor]:
+    """One lookup group's attention; arguments and results as `qllm_runtime.attention.attend_reference`.
+
+    query: (heads, n_q, head_dim), raw; absolute positions q_start .. q_start + n_q - 1.
+    local_k, local_v: (kv_heads, n_loc, head_dim), raw; positions local_start .. q_start + n_q - 1.
+    far_k, far_v: (kv_heads, n_far, head_dim), raw, any order; n_far may be 0.
+    far_pos: (n_far,) int64 (or int32) absolute positions of the far keys.
+    cos, sin: (n_pos, head_dim) RoPE tables, n_pos > max(n_local, n_loc - 1).
+    query, local and far K/V share one dtype (fp16/bf16/fp32); head_dim in (32, 64, 128); the last dim
+    of every tensor contiguous.
+
+    Returns out: (n_q, heads, head_dim) in the query dtype and received: (heads, n_loc) float32, the
+    softmax probability each local key received, summed over the queries.
+    """
+    heads, n_q, head_dim = _shape(query, "query", 3)
+    kv_heads, n_loc, _ = _shape(local_k, "local_k", 3)
+    n_far = _shape(far_k, "far_k", 3)[1]
+    n_pos = _shape(cos, "cos", 2)[0]
+    expected = {
+        "local_k": (kv_heads, n_loc, head_dim),
+        "local_v": (kv_heads, n_loc, head_dim),
+        "far_k": (kv_heads, n_far, head_dim),
+        "far_v": (kv_heads, n_far, head_dim),
+        "far_pos": (n_far,),
+        "cos": (n_pos, head_dim),
+        "sin": (n_pos, head_dim),
+    }
+    named = dict(zip(expected, (local_k, local_v, far_k, far_v, far_pos, cos, sin), strict=True))
+    for name, shape in expected.items():
+        if tuple(named[name].shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(named[name].shape)}")
+    if head_dim not in _HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {_HEAD_DIMS}, got {head_dim}")
+    if heads % kv_heads:
+        raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+    if n_q < 1 or local_start > q_start or local_start + n_loc != q_start + n_q:
+        raise ValueError(
+            f"local keys must end with the queries: local_start ({local_start}) <= q_start ({q_start}) and "
+            f"local_start + n_loc ({local_start + n_loc}) == q_start + n_q ({q_start + n_q}), n_q >= 1"
+        )
+    if n_local < 1 or n_pos <= max(n_local, n_loc - 1):
+        need = max(n_local, n_loc - 1)
+        raise ValueError(f"need n_local >= 1 and RoPE tables longer than {need} positions, got {n_pos}")
+    for name in ("local_k", "local_v", "far_k", "far_v"):
+        if named[name].dtype != query.dtype:
+            raise ValueError(f"{name} must have the query dtype {query.dtype}, got {named[name].dtype}")
+    if query.dtype not in FLOAT_DTYPES or not (cos.is_floating_point() and sin.is_floating_point()):
+        raise ValueError(f"query must be float16, bfloat16 or float32 (got {query.dtype}); cos/sin float")
+    if far_pos.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"far_pos must be int64 or int32, got {far_pos.dtype}")
+    for name, t in (("query", query), *named.items()):
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"{name} needs a contiguous last dim; call .contiguous() first")
+    device = check_device([query, *named.values()])
+
+    group = heads // kv_heads
+    qk_scale = float(scaling) * _LOG2E
+    q_rel_start = q_start - local_start
+    out = torch.empty(n_q, heads, head_dim, dtype=query.dtype, device=device)
+    lse = torch.empty(heads, n_q, dtype=torch.float32, device=device)
+    received = torch.empty(heads, n_loc, dtype=torch.float32, device=device)
+
+    block_n = 64 if query.element_size() <= 2 else 32  # fp32 tiles are twice as large: fit shared memory
+    meta = dict(HEAD_DIM=head_dim, DOT_DTYPE=dot_dtype(query.dtype), BLOCK_N=block_n)
+    meta.update(num_warps=4, num_stages=2)
+    block_m = min(64, max(16, triton.next_power_of_2(group * n_q)))
+    _attn_fwd_kernel[(triton.cdiv(group * n_q, block_m), kv_heads)](
+        query, local_k, local_v, far_k, far_v, far_pos, cos, sin, out, lse,
+        query.stride(0), query.stride(1),
+        local_k.stride(0), local_k.stride(1), local_v.stride(0), local_v.stride(1),
+        far_k.stride(0), far_k.stride(1), far_v.stride(0), far_v.stride(1),
+        cos.stride(0), sin.stride(0), out.stride(0), out.stride(1), lse.stride(0),
+        n_q, n_loc, n_far, q_rel_start, q_start, n_local, group, qk_scale,
+        BLOCK_M=block_m, **meta,
+    )  # fmt: skip
+    block_m = min(64, max(16, triton.next_power_of_2(n_q)))
+    _received_kernel[(triton.cdiv(n_loc, block_n), heads)](
+        query, local_k, cos, sin, lse, received,
+        query.stride(0), query.stride(1), local_k.stride(0), local_k.stride(1),
+        cos.stride(0), sin.stride(0), lse.stride(0), received.stride(0),
+        n_q, n_loc, q_rel_start, n_local, group, qk_scale,
+        BLOCK_M=block_m, **meta,
+    )  # fmt: skip
+    return out, received
+
+
+def _shape(t: Tensor, name: str, ndim: int) -> tuple[int, ...]:
+    if not isinstance(t, Tensor) or t.dim() != ndim:
+        raise ValueError(f"{name} must be a {ndim}-d tensor, got {getattr(t, 'shape', type(t))}")
+    return tuple(t.shape)

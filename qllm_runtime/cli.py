@@ -1,0 +1,160 @@
+"""`quickllama`: ask questions about long files from the shell, or run the needle demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+from .config import QLLMConfig
+from .engine import Answer, QLLMEngine
+from .errors import QLLMError
+
+_CONFIG_FLAGS = ("mode", "n_init", "n_local", "block_size", "topk", "question_weight", "prefill_chunk", "offload")
+
+
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="HF directory, hub id or .gguf file (default: embedded SmolLM2-135M)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    fields = QLLMConfig.model_fields
+    for name in _CONFIG_FLAGS:
+        field = fields[name]
+        kind = {int: int, float: float}.get(field.annotation, str)
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                            help=f"{field.description or name} (default: {field.default})")
+
+
+def _engine(args: argparse.Namespace, **overrides) -> QLLMEngine:
+    values = {name: getattr(args, name) for name in _CONFIG_FLAGS if getattr(args, name) is not None}
+    config = QLLMConfig(**{**overrides, **values})
+    if args.model:
+        return QLLMEngine.from_pretrained(args.model, config, device=args.device)
+    return QLLMEngine.default(config, device=args.device)
+
+
+class _ProgressBar:
+    """A tqdm bar on stderr for reading long input (only when it takes more than one chunk)."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None and done < total:
+            self.bar = tqdm(total=total, unit="tok", desc="reading", file=sys.stderr, leave=False)
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            if done >= total:
+                self.bar.close()
+                self.bar = None
+
+
+def _stream_answer(stream) -> Answer:
+    for delta in stream:
+        print(delta, end="", flush=True)
+    print()
+    return stream.answer
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+    engine = _engine(args)
+    answer = _stream_answer(
+        engine.stream(text, args.question, max_new_tokens=args.max_new_tokens, progress=_ProgressBar())
+    )
+    if args.show_passages:
+        _print_passages(answer, limit=args.show_passages)
+    u, t = answer.usage, answer.timings
+    print(f"[{u.context_tokens} context + {u.question_tokens} question tokens read in "
+          f"{t.read_s + t.question_s:.1f} s; {u.generated_tokens} generated in {t.generate_s:.1f} s]", file=sys.stderr)
+    return 0
+
+
+# ---- demo ------------------------------------------------------------------------------------------------
+
+_SUBJECTS = ["The committee", "A harbor pilot", "The old librarian", "Our neighbour", "The night train",
+             "A young engineer", "The village baker", "The river ferry", "A travelling painter", "The mayor"]
+_VERBS = ["reviewed", "repaired", "described", "carried", "measured", "painted", "ignored", "counted",
+          "visited", "questioned"]
+_OBJECTS = ["the winter budget", "a crate of lemons", "the northern lighthouse", "two broken clocks",
+            "the market square", "a stack of letters", "the stone bridge", "the harvest records",
+            "a faded map", "the choir's new songs"]
+_TAILS = ["before noon.", "after the storm.", "with great care.", "for the third time.", "in silence.",
+          "without a word.", "at dawn.", "on Tuesday.", "despite the rain.", "while it snowed."]
+
+
+def haystack(n_sentences: int, seed: int) -> list[str]:
+    """Varied synthetic filler sentences (seeded), nothing that could answer the demo question."""
+    rng = random.Random(seed)
+    return [f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_TAILS)}"
+            for _ in range(n_sentences)]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    engine = _engine(args, n_init=16, n_local=256, block_size=64, topk=4, lookup_chunk=128, prefill_chunk=2048)
+    rng = random.Random(args.seed)
+    code = rng.randint(10000, 99999)
+    needle = f"The secret code for the blue vault is {code}."
+    sentences = haystack(args.sentences, args.seed)
+    at = int(len(sentences) * args.depth)
+    context = " ".join([*sentences[:at], needle, *sentences[at:]])
+    start = context.index(needle)
+    question = "What is the secret code for the blue vault?"
+    n_tokens = engine.count_tokens(context)
+    needle_token = engine.count_tokens(context[:start])
+    print(f"Document: {n_tokens} tokens of filler (the model was trained on 8K). Needle at token {needle_token} "
+          f"({n_tokens - needle_token} tokens before the question), characters {start}-{start + len(needle)}:")
+    print(f"  {needle}")
+    print(f"Mode {engine.config.mode}: local window {engine.config.n_local}, blocks of {engine.config.block_size}, "
+          f"top-{engine.config.topk}.")
+    print(f"Q: {question}\nA: ", end="", flush=True)
+    t0 = time.perf_counter()
+    answer = _stream_answer(engine.stream(context, question, max_new_tokens=24, progress=_ProgressBar()))
+    found = str(code) in answer.text
+    print(f"{'correct' if found else 'WRONG'} (expected {code}); {time.perf_counter() - t0:.1f} s on {engine.device}")
+    hit = any(b.start <= start < b.end or start <= b.start < start + len(needle) for b in answer.blocks[:4])
+    where = "among the top 4" if hit else "not in the top 4"
+    print(f"Looked-up passages (most selected first; the needle's is {where}):")
+    _print_passages(answer, limit=4, mark=(start, start + len(needle)))
+    return 0 if found else 1
+
+
+def _print_passages(answer: Answer, limit: int, mark: tuple[int, int] | None = None) -> None:
+    for span in answer.blocks[:limit]:
+        flag = " <- needle" if mark and span.start < mark[1] and mark[0] < span.end else ""
+        text = " ".join(span.text.split())
+        print(f"  [{span.start:>7}-{span.end:<7}] x{span.hits:<4} {text[:90]}{'...' if len(text) > 90 else ''}{flag}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="quickllama", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log lookups and timings")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ask = sub.add_parser("ask", help="answer a question about a long text file ('-' reads stdin)")
+    ask.add_argument("file")
+    ask.add_argument("question")
+    ask.add_argument("--show-passages", type=int, default=0, metavar="N", help="print the N most looked-up passages")
+    _add_engine_options(ask)
+    ask.set_defaults(run=cmd_ask)
+    demo = sub.add_parser("demo", help="hide a needle in ~12K tokens and find it with the default model")
+    demo.add_argument("--sentences", type=int, default=1400, help="filler sentences (~9 tokens each)")
+    demo.add_argument("--depth", type=float, default=0.2, help="where the needle goes, 0 = start, 1 = end")
+    demo.add_argument("--seed", type=int, default=7)
+    _add_engine_options(demo)
+    demo.set_defaults(run=cmd_demo)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except (QLLMError, OSError) as error:
+        print(f"quickllama: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

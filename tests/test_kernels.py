@@ -1,0 +1,233 @@
+"""Triton kernels against the qllm_runtime references.
+
+Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set here before Triton
+decorates any kernel), so shapes stay small; with CUDA the same tests run compiled, plus LLaMA-3-8B
+shapes marked `gpu`. Kernel outputs start as NaN (see `poison`), so an element never written fails.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip(
+            "Triton was imported before TRITON_INTERPRET=1 could be set: export TRITON_INTERPRET=1",
+            allow_module_level=True,
+        )
+    # before the first `import triton`: Triton fixes compiled vs interpreted for every jit function, its own
+    # library included, when it is decorated
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+import qllm_kernels as qk
+
+from qllm_runtime.attention import attend_reference
+from qllm_runtime.lookup import block_scores_reference, select_blocks
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+LOW_PRECISION = {torch.bfloat16: 2e-2, torch.float16: 5e-3}  # rtol = atol vs the fp32 reference
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Make every float tensor from torch.empty start as NaN while the test runs."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(math.nan) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def _rope_tables(n_pos: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.arange(n_pos, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos().float().to(DEVICE), emb.sin().float().to(DEVICE)
+
+
+def _far_positions(n_far: int, q_start: int, n_q: int, n_local: int, gen: torch.Generator) -> torch.Tensor:
+    """[init | blocks | remainder] positions; the remainder straddles the far threshold of the queries."""
+    n_init, n_rem = n_far // 4, n_far // 3
+    rem_end = q_start + n_q - n_local + 2  # the last two are too recent for every query
+    init = torch.arange(n_init)
+    span = torch.arange(n_init, rem_end - n_rem)
+    blocks = span[torch.randperm(len(span), generator=gen)[: n_far - n_init - n_rem]].sort().values
+    return torch.cat([init, blocks, torch.arange(rem_end - n_rem, rem_end)])
+
+
+def _attention_case(heads, kv_heads, head_dim, n_q, n_loc, n_far, n_local, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    local_start = 3 * n_loc + 4 * n_far + 7
+    q_start = local_start + n_loc - n_q
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+
+    cos, sin = _rope_tables(max(n_local, n_loc) + 3, head_dim)
+    return dict(
+        query=randn(heads, n_q, head_dim), q_start=q_start,
+        local_k=randn(kv_heads, n_loc, head_dim), local_v=randn(kv_heads, n_loc, head_dim),
+        local_start=local_start,
+        far_k=randn(kv_heads, n_far, head_dim), far_v=randn(kv_heads, n_far, head_dim),
+        far_pos=_far_positions(n_far, q_start, n_q, n_local, gen).to(DEVICE),
+        cos=cos, sin=sin, n_local=n_local, scaling=head_dim**-0.5,
+    )  # fmt: skip
+
+
+def _check_attention(case, dtype):
+    out, received = qk.attention(**case)
+    exact = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in case.items()}
+    ref_out, ref_received = attend_reference(**exact)
+    assert out.dtype == dtype and out.shape == ref_out.shape and out.device == DEVICE
+    assert received.dtype == torch.float32 and received.shape == ref_received.shape
+    rtol = LOW_PRECISION.get(dtype, 1e-4)
+    atol = rtol / 10 if dtype == torch.float32 else rtol
+    torch.testing.assert_close(out.float(), ref_out, rtol=rtol, atol=atol)
+    torch.testing.assert_close(received, ref_received, rtol=rtol, atol=atol)
+
+
+ATTENTION_DIMS = ("heads", "kv_heads", "head_dim", "n_q", "n_loc", "n_far", "n_local")
+ATTENTION_SHAPES = [
+    pytest.param(2, 2, 64, 17, 45, 30, 32, id="mha-odd"),
+    pytest.param(6, 2, 64, 9, 70, 21, 40, id="gqa3-tail"),
+    pytest.param(8, 2, 128, 1, 33, 50, 24, id="gqa4-decode-d128"),
+    pytest.param(7, 1, 64, 13, 13, 0, 16, id="gqa7-nofar-rows-cross-heads"),
+    pytest.param(4, 1, 32, 70, 75, 12, 8, id="gqa4-d32-window-shorter-than-group"),
+    pytest.param(2, 2, 32, 70, 75, 6, 39, id="d32-windows-end-on-tile-edges"),
+    pytest.param(3, 3, 128, 5, 37, 66, 37, id="mha-d128-far-tail"),
+]
+
+
+@pytest.mark.parametrize(ATTENTION_DIMS, ATTENTION_SHAPES)
+def test_attention_matches_reference_fp32(poison, heads, kv_heads, head_dim, n_q, n_loc, n_far, n_local):
+    case = _attention_case(heads, kv_heads, head_dim, n_q, n_loc, n_far, n_local, torch.float32)
+    _check_attention(case, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(ATTENTION_DIMS, [(8, 2, 64, 19, 50, 40, 32), (4, 1, 128, 1, 20, 33, 16)])
+def test_attention_matches_reference_low_precision(
+    poison, dtype, heads, kv_heads, head_dim, n_q, n_loc, n_far, n_local
+):
+    case = _attention_case(heads, kv_heads, head_dim, n_q, n_loc, n_far, n_local, dtype, seed=1)
+    _check_attention(case, dtype)
+
+
+def test_attention_strided_views_and_int32_positions(poison):
+    """Inputs as the runtime may hold them (a transposed query view, slices of larger K/V buffers), and
+    bf16 cos/sin tables of arbitrary values, which pin the exact rotation formula of the reference."""
+    case = _attention_case(6, 2, 64, 11, 40, 27, 30, torch.float32, seed=2)
+    gen = torch.Generator().manual_seed(3)
+    shape = case["cos"].shape
+    case["cos"], case["sin"] = (torch.rand(shape, generator=gen).to(DEVICE, torch.bfloat16) for _ in "cs")
+    case["query"] = case["query"].transpose(0, 1).contiguous().transpose(0, 1)
+    for name in ("local_k", "local_v", "far_k", "far_v"):
+        t = case[name]
+        buffer = torch.full((t.shape[0], t.shape[1] + 9, t.shape[2]), math.inf, device=DEVICE)
+        buffer[:, 3 : 3 + t.shape[1]] = t
+        case[name] = buffer[:, 3 : 3 + t.shape[1]]
+    case["far_pos"] = case["far_pos"].int()
+    _check_attention(case, torch.float32)
+
+
+def _bad(case, **changes):
+    return {**case, **changes}
+
+
+def test_attention_rejects_bad_inputs():
+    case = _attention_case(4, 2, 64, 3, 10, 5, 8, torch.float32)
+    q, lk = case["query"], case["local_k"]
+    head_dim_inputs = ("query", "local_k", "local_v", "far_k", "far_v", "cos", "sin")
+    bad_cases = {
+        "must have the query dtype": _bad(case, local_k=lk.half()),
+        "multiple of kv_heads": _bad(case, query=torch.randn(3, 3, 64, device=DEVICE)),
+        "local keys must end with the queries": _bad(case, q_start=case["q_start"] + 1),
+        "head_dim must be one of": _bad(case, **{name: case[name][..., :48] for name in head_dim_inputs}),
+        "contiguous last dim": _bad(case, query=q.transpose(1, 2).contiguous().transpose(1, 2)),
+        "RoPE tables longer": _bad(case, cos=case["cos"][:8], sin=case["sin"][:8]),
+        "far_pos must have shape": _bad(case, far_pos=case["far_pos"][:-1]),
+        "far_pos must be int64": _bad(case, far_pos=case["far_pos"].float()),
+    }
+    for message, bad in bad_cases.items():
+        with pytest.raises(ValueError, match=message):
+            qk.attention(**bad)
+
+
+BLOCK_SHAPES = [
+    # n_groups, heads, head_dim, n_blocks, topk
+    pytest.param(1, 4, 64, 1, 4, id="decode-one-block"),
+    pytest.param(3, 2, 128, 37, 8, id="tail"),
+    pytest.param(20, 3, 64, 70, 5, id="many-groups"),
+    pytest.param(5, 1, 32, 130, 130, id="topk-all"),
+]
+
+
+@pytest.mark.parametrize(("n_groups", "heads", "head_dim", "n_blocks", "topk"), BLOCK_SHAPES)
+@pytest.mark.parametrize(
+    ("q_dtype", "k_dtype"),
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)],
+    ids=["fp32", "bf16", "fp16-fp32"],
+)
+@pytest.mark.parametrize("beta", [None, 0.0, 4.0], ids=["no-question", "beta0", "beta4"])
+def test_block_score_matches_reference(
+    poison, n_groups, heads, head_dim, n_blocks, topk, q_dtype, k_dtype, beta
+):
+    gen = torch.Generator().manual_seed(n_blocks)
+    group_queries = torch.randn(n_groups, heads, head_dim, generator=gen).to(DEVICE, q_dtype)
+    repr_keys = torch.randn(n_blocks, heads, head_dim, generator=gen).to(DEVICE, k_dtype)
+    question = None if beta is None else torch.randn(n_blocks, generator=gen).to(DEVICE)
+    scores, indices = qk.block_score(group_queries, repr_keys, question, beta or 0.0, topk)
+
+    ref = block_scores_reference(group_queries, repr_keys, question, beta or 0.0)
+    assert scores.dtype == torch.float32 and scores.shape == (n_groups, n_blocks) and scores.device == DEVICE
+    assert indices.dtype == torch.int64 and indices.shape == (n_groups, min(topk, n_blocks))
+    torch.testing.assert_close(scores, ref, rtol=1e-4, atol=1e-4)
+    # tie-robust top-k check: the chosen blocks carry the reference's best scores, best first
+    ref_top = ref.gather(1, select_blocks(ref, topk))
+    torch.testing.assert_close(ref.gather(1, indices), ref_top, rtol=1e-4, atol=1e-4)
+
+
+def test_block_score_empty_and_bad_inputs():
+    gq, rk = torch.randn(2, 4, 32, device=DEVICE), torch.randn(9, 4, 32, device=DEVICE)
+    scores, indices = qk.block_score(gq, rk[:0], None, 0.0, 3)
+    assert scores.shape == (2, 0) and indices.shape == (2, 0)
+    with pytest.raises(ValueError, match="does not match"):
+        qk.block_score(gq, rk[:, :3], None, 0.0, 2)
+    with pytest.raises(ValueError, match="question_scores must be"):
+        qk.block_score(gq, rk, torch.zeros(8, device=DEVICE), 1.0, 2)
+    with pytest.raises(ValueError, match="topk must be"):
+        qk.block_score(gq, rk, None, 0.0, 0)
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        qk.block_score(gq.double(), rk, None, 0.0, 2)
+
+
+def test_triton_available():
+    assert qk.triton_available(DEVICE)
+    assert not qk.triton_available("meta")
+
+
+@pytest.mark.gpu  # skipped without CUDA by conftest
+@pytest.mark.parametrize("n_q", [1, 512])
+def test_attention_llama3_shapes(poison, n_q):
+    case = _attention_case(32, 8, 128, n_q, 1024 + n_q - 1, 1200, 1024, torch.bfloat16)
+    _check_attention(case, torch.bfloat16)
+
+
+@pytest.mark.gpu  # skipped without CUDA by conftest
+@pytest.mark.parametrize("n_groups", [1, 200])
+def test_block_score_llama3_shapes(poison, n_groups):
+    group_queries = torch.randn(n_groups, 32, 128, device=DEVICE, dtype=torch.bfloat16)
+    repr_keys = torch.randn(800, 32, 128, device=DEVICE, dtype=torch.bfloat16)
+    question = torch.randn(800, device=DEVICE)
+    scores, _ = qk.block_score(group_queries, repr_keys, question, 4.0, 8)
+    ref = block_scores_reference(group_queries, repr_keys, question, 4.0)
+    torch.testing.assert_close(scores, ref, rtol=1e-3, atol=1e-2)

@@ -1,0 +1,161 @@
+"""Properties of the method on a tiny random Llama: exact-once attention, β = 0 is InfLLM, memory restore."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+import qllm_runtime.engine as engine_module
+from qllm_runtime import QLLMConfig, QLLMEngine
+from qllm_runtime.attention import attend_reference
+from qllm_runtime.memory import ModelMemory, reference_scorer
+
+from .conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def llama(tokenizer):
+    return tiny_model("llama", len(tokenizer)), tokenizer
+
+
+class AttendedPositions:
+    """Wraps the reference attention and records, per layer call order, which key positions each query saw."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, dict[int, Counter]] = {}  # layer -> query position -> attended key counts
+        self.layer = -1
+
+    def ops(self, device):
+        return self.attend, reference_scorer
+
+    def wrap(self, layer_attend):
+        def attend(memory, layer_idx, *args):
+            self.layer = layer_idx
+            return layer_attend(memory, layer_idx, *args)
+
+        return attend
+
+    def attend(self, query, q_start, local_k, local_v, local_start, far_k, far_v, far_pos, cos, sin, n_local,
+               scaling):
+        record = self.seen.setdefault(self.layer, {})
+        for q in range(q_start, q_start + query.shape[1]):
+            counts = record.setdefault(q, Counter())
+            counts.update(k for k in range(local_start, local_start + local_k.shape[1]) if 0 <= q - k < n_local)
+            counts.update(k for k in far_pos.tolist() if q - k >= n_local)
+        return attend_reference(query, q_start, local_k, local_v, local_start, far_k, far_v, far_pos, cos, sin,
+                                n_local, scaling)
+
+
+def run_recorded(model, tokenizer, config: QLLMConfig, ids: list[int], decode: int, monkeypatch):
+    recorder = AttendedPositions()
+    monkeypatch.setattr(engine_module, "attention_ops", recorder.ops)
+    monkeypatch.setattr(ModelMemory, "attend", recorder.wrap(ModelMemory.attend))
+    engine = QLLMEngine(model, tokenizer, config)
+    session = engine._new_session(len(ids))
+    session.feed(ids)
+    for token in ids[:decode]:
+        session.feed([token])
+    layers = [session.memory.layers[i] for i in sorted(session.memory.layers)]
+    return recorder, layers
+
+
+WINDOWS = [  # n_init, n_local, block_size, lookup_chunk, prefill_chunk
+    (4, 32, 8, 16, 64),
+    (8, 20, 7, 5, 33),
+    (0, 16, 4, 16, 16),
+    (16, 24, 8, 40, 40),
+    (3, 9, 5, 1, 7),
+]
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=lambda w: "init{}-local{}-bs{}-lookup{}-prefill{}".format(*w))
+@pytest.mark.parametrize("topk", [1000, 2])
+def test_every_key_attended_exactly_once(llama, window, topk, monkeypatch):
+    model, tokenizer = llama
+    n_init, n_local, block_size, lookup_chunk, prefill_chunk = window
+    config = QLLMConfig(n_init=n_init, n_local=n_local, block_size=block_size, topk=topk, repr_topk=1,
+                        lookup_chunk=lookup_chunk, prefill_chunk=prefill_chunk)
+    ids = torch.randint(0, len(tokenizer), (157,), generator=torch.Generator().manual_seed(3)).tolist()
+    recorder, layers = run_recorded(model, tokenizer, config, ids, decode=12, monkeypatch=monkeypatch)
+    total = len(ids) + 12
+    assert len(recorder.seen) == len(layers) == model.config.num_hidden_layers
+    for record in recorder.seen.values():
+        assert sorted(record) == list(range(total))  # every query ran once
+        for q, counts in record.items():
+            twice = [k for k, c in counts.items() if c > 1]
+            assert not twice, f"query {q} attended keys twice: {twice}"
+            missing = set(range(q + 1)) - set(counts)
+            if topk >= 1000:
+                assert not missing, f"query {q} missed keys {sorted(missing)}"
+                continue
+            assert all(k <= q for k in counts)
+            # only whole blocks may be left out, and never the window or init
+            assert all(k >= n_init and q - k >= n_local for k in missing)
+            blocks_missing = Counter((k - n_init) // block_size for k in missing)
+            assert all(n == block_size for n in blocks_missing.values())
+    assert all(layer.n_blocks > 2 for layer in layers)
+
+
+def test_infllm_is_qllm_with_zero_question_weight(llama):
+    model, tokenizer = llama
+    windows = dict(n_init=4, n_local=32, block_size=8, topk=2, lookup_chunk=16, prefill_chunk=64)
+    context = " ".join(f"Fact {i}: the box {i} holds {i * 7 % 13} coins." for i in range(40))
+    infllm = QLLMEngine(model, tokenizer, QLLMConfig(mode="infllm", **windows)).ask(context, "Box 7?", max_new_tokens=8)
+    zero = QLLMEngine(model, tokenizer, QLLMConfig(mode="qllm", question_weight=0, **windows)).ask(
+        context, "Box 7?", max_new_tokens=8
+    )
+    assert (infllm.text, infllm.blocks) == (zero.text, zero.blocks)
+    heavy = QLLMEngine(model, tokenizer, QLLMConfig(mode="qllm", question_weight=1e4, **windows)).ask(
+        context, "Box 7?", max_new_tokens=8
+    )
+    assert heavy.blocks != infllm.blocks  # the question term does move the lookups
+
+
+def test_read_once_ask_twice_restores_memory(llama):
+    model, tokenizer = llama
+    config = QLLMConfig(n_init=4, n_local=32, block_size=8, topk=2, lookup_chunk=16, prefill_chunk=64)
+    engine = QLLMEngine(model, tokenizer, config)
+    context = " ".join(f"Sentence number {i} is here." for i in range(60))
+    memory = engine.read(context)
+    before = memory.session.snapshot()
+    n_blocks = {i: layer.n_blocks for i, layer in memory.session.memory.layers.items()}
+    first = memory.ask("Which sentence?", max_new_tokens=40)
+    second = memory.ask("Which sentence?", max_new_tokens=40)
+    assert first == second or (first.text, first.blocks, first.usage) == (second.text, second.blocks, second.usage)
+    assert first.usage.cached_tokens == memory.n_tokens
+    after = memory.session.snapshot()
+    for i, layer in memory.session.memory.layers.items():
+        assert layer.n_blocks == n_blocks[i]
+        assert layer.question_vector is None
+        for name in ("tail_k", "tail_v", "tail_scores"):
+            assert torch.equal(getattr(before[i], name), getattr(after[i], name))
+    # a different question in between does not change the answer to the first one
+    memory.ask("Something else entirely?", max_new_tokens=20)
+    assert memory.ask("Which sentence?", max_new_tokens=40).text == first.text
+
+
+def test_read_once_equals_single_shot_without_question_bias(llama):
+    model, tokenizer = llama
+    config = QLLMConfig(mode="infllm", n_init=4, n_local=32, block_size=8, topk=2, lookup_chunk=16,
+                        prefill_chunk=64)
+    engine = QLLMEngine(model, tokenizer, config)
+    context = " ".join(f"Line {i} says {i * 3}." for i in range(50))
+    single = engine.ask(context, "What does line 9 say?", max_new_tokens=10)
+    reread = engine.read(context).ask("What does line 9 say?", max_new_tokens=10)
+    assert (single.text, single.blocks) == (reread.text, reread.blocks)
+
+
+def test_offloaded_blocks_give_the_same_answer(llama):
+    """CPU offload with a small LRU cache must not change the result."""
+    model, tokenizer = llama
+    windows = dict(n_init=4, n_local=32, block_size=8, topk=3, lookup_chunk=16, prefill_chunk=64)
+    context = " ".join(f"Item {i} costs {i * 11 % 17} euros." for i in range(50))
+    pooled = QLLMEngine(model, tokenizer, QLLMConfig(offload="device", **windows))
+    offloaded = QLLMEngine(model, tokenizer, QLLMConfig(offload="cpu", max_cached_blocks=3, **windows))
+    mixed = QLLMEngine(model, tokenizer, QLLMConfig(offload="auto", device_pool_gb=1e-5, **windows))
+    expected = pooled.ask(context, "Item 4?", max_new_tokens=10)
+    for engine in (offloaded, mixed):
+        got = engine.ask(context, "Item 4?", max_new_tokens=10)
+        assert (got.text, got.blocks) == (expected.text, expected.blocks)
