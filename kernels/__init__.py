@@ -6,7 +6,7 @@ imported; `triton_available(device)` says which devices they can run on.
 """
 
 from ._common import triton_available
-from .attention import attention
+from .attention import attention, supports_head_dim
 from .block_score import block_score
 
-__all__ = ["attention", "block_score", "triton_available"]
+__all__ = ["attention", "block_score", "supports_head_dim", "triton_available"]

@@ -29,6 +29,11 @@ _LOG2E = 1.4426950408889634
 _HEAD_DIMS = (32, 64, 128)
 
 
+def supports_head_dim(head_dim: int) -> bool:
+    """Whether `attention` takes this head_dim."""
+    return head_dim in _HEAD_DIMS
+
+
 @triton.jit
 def _load_rope(X, Cos, Sin, offs_x, pos, mask, stride_cosn, stride_sinn, HALF: tl.constexpr):
     """The vectors at X + offs_x (rows,), each rotated to its position in `pos`: halves (rows, HALF), fp32."""

@@ -48,21 +48,22 @@ class BlockStore:
         return len(self._host_k)
 
     def add(self, k: Tensor, v: Tensor) -> None:
-        """Append one block. k, v: (kv_heads, block_size, head_dim)."""
-        index = self.n_blocks
-        if index < self.device_limit:
-            if index == self._pool_k.shape[0]:
-                self._grow_pool(min(self.device_limit, 2 * index))
-            self._pool_k[index] = k
-            self._pool_v[index] = v
-        else:
+        """Append blocks. k, v: (count, kv_heads, block_size, head_dim)."""
+        first, count = self.n_blocks, k.shape[0]
+        pooled = max(0, min(count, self.device_limit - first))
+        if pooled:
+            if first + pooled > self._pool_k.shape[0]:
+                self._grow_pool(min(self.device_limit, max(2 * self._pool_k.shape[0], first + pooled)))
+            self._pool_k[first : first + pooled] = k[:pooled]
+            self._pool_v[first : first + pooled] = v[:pooled]
+        for i in range(pooled, count):
             host_k = torch.empty(self.shape, dtype=self.dtype, pin_memory=self._pin)
             host_v = torch.empty(self.shape, dtype=self.dtype, pin_memory=self._pin)
-            host_k.copy_(k)
-            host_v.copy_(v)
+            host_k.copy_(k[i])
+            host_v.copy_(v[i])
             self._host_k.append(host_k)
             self._host_v.append(host_v)
-        self.n_blocks += 1
+        self.n_blocks += count
 
     def truncate(self, n_blocks: int) -> None:
         """Forget blocks n_blocks.. (restoring a memory after a question)."""

@@ -304,7 +304,7 @@ class QLLMEngine:
         cfg = self.config
         if cfg.mode == "full":
             return FullSession(self.model, cfg.prefill_chunk, self.device)
-        attend, score = attention_ops(self.device)
+        attend, score = attention_ops(self.device, self._head_dim)
         memory = ModelMemory(cfg, self._rope, self._placement(n_tokens), attend, score)
         return MemorySession(self.model, memory, self.device)
 

@@ -88,6 +88,7 @@ class LayerMemory:
         self.question_scores = torch.zeros(n_repr, dtype=torch.float32, device=device)
         self.question_vector: Tensor | None = None  # (heads, head_dim), far-rotated
         self.hits: Tensor | None = None  # (n_repr,) selections per block while counting
+        self._positions = torch.arange(capacity, device=device)
 
     @property
     def n_blocks(self) -> int:
@@ -149,7 +150,7 @@ class LayerMemory:
         if n_init_far:
             far_k.append(self.init_k[:, :n_init_far])
             far_v.append(self.init_v[:, :n_init_far])
-            far_pos.append(torch.arange(n_init_far, device=self.device))
+            far_pos.append(self._arange(0, n_init_far))
 
         if cfg.uses_blocks and self.n_blocks and cfg.topk:
             far_q = apply_rope(query.float().mean(dim=1), cos[cfg.n_local].float(), sin[cfg.n_local].float())
@@ -162,7 +163,7 @@ class LayerMemory:
             block_k, block_v = self.store.gather(picked)
             far_k.append(block_k)
             far_v.append(block_v)
-            offsets = torch.arange(cfg.block_size, device=self.device)
+            offsets = self._arange(0, cfg.block_size)
             far_pos.append((cfg.n_init + picked[:, None] * cfg.block_size + offsets).flatten())
 
         if cfg.uses_blocks:
@@ -171,7 +172,7 @@ class LayerMemory:
                 r0, r1 = rem_start - self.tail_start, far_end - self.tail_start
                 far_k.append(self.tail_k[:, r0:r1])
                 far_v.append(self.tail_v[:, r0:r1])
-                far_pos.append(torch.arange(rem_start, far_end, device=self.device))
+                far_pos.append(self._arange(rem_start, far_end))
 
         if far_k:
             fk, fv, fp = torch.cat(far_k, dim=1), torch.cat(far_v, dim=1), torch.cat(far_pos)
@@ -185,6 +186,12 @@ class LayerMemory:
         self.tail_scores[:, lo:hi] += received
         return out
 
+    def _arange(self, start: int, end: int) -> Tensor:
+        """Positions start .. end-1 on the device, sliced from a cached arange (no allocation per call)."""
+        if end > self._positions.shape[0]:
+            self._positions = torch.arange(max(end, 2 * self._positions.shape[0]), device=self.device)
+        return self._positions[start:end]
+
     # ---- bookkeeping -----------------------------------------------------------------------------
     def _retire(self, processed: int) -> None:
         """Move final tokens (every local query of theirs has run) out of the tail."""
@@ -195,30 +202,32 @@ class LayerMemory:
             new_start = min(cfg.n_init, max(new_start, final_end))
         if new_start >= cfg.n_init:
             if cfg.uses_blocks:
-                while new_start + cfg.block_size <= final_end:
-                    self._make_block(new_start - self.tail_start)
-                    new_start += cfg.block_size
+                n_new = max(0, (final_end - new_start) // cfg.block_size)
+                if n_new:
+                    self._make_blocks(new_start - self.tail_start, n_new)
+                    new_start += n_new * cfg.block_size
             else:  # streaming: tokens that leave the window are dropped
                 new_start = max(new_start, final_end)
         self._tail_drop(new_start - self.tail_start)
 
-    def _make_block(self, offset: int) -> None:
-        """Turn tail[offset : offset + block_size] into block number n_blocks."""
+    def _make_blocks(self, offset: int, count: int) -> None:
+        """Turn tail[offset : offset + count * block_size] into `count` new blocks."""
         cfg = self.config
-        sl = slice(offset, offset + cfg.block_size)
-        keys, values = self.tail_k[:, sl], self.tail_v[:, sl]
-        # representative key per query head: mean of its repr_topk most-attended keys
-        top = self.tail_scores[:, sl].topk(cfg.repr_topk, dim=-1).indices  # (heads, r)
-        per_head = keys.repeat_interleave(self.heads // self.kv_heads, dim=0)  # (heads, bs, d)
-        chosen = per_head.gather(1, top[..., None].expand(-1, -1, self.head_dim))
-        rep = chosen.float().mean(dim=1)  # (heads, d)
-        index = self.n_blocks
-        if index == self.repr_keys.shape[0]:
-            self._grow_repr(2 * index)
-        self.repr_keys[index] = rep.to(self.dtype)
+        sl = slice(offset, offset + count * cfg.block_size)
+        keys = self.tail_k[:, sl].unflatten(1, (count, cfg.block_size))  # (kv_heads, count, bs, d)
+        values = self.tail_v[:, sl].unflatten(1, (count, cfg.block_size))
+        # representative key per (block, query head): mean of the head's repr_topk most-attended keys
+        top = self.tail_scores[:, sl].unflatten(1, (count, cfg.block_size)).topk(cfg.repr_topk, dim=-1).indices
+        per_head = keys.repeat_interleave(self.heads // self.kv_heads, dim=0)  # (heads, count, bs, d)
+        chosen = per_head.gather(2, top[..., None].expand(-1, -1, -1, self.head_dim))  # (heads, count, r, d)
+        rep = chosen.float().mean(dim=2).transpose(0, 1)  # (count, heads, d)
+        first = self.n_blocks
+        if first + count > self.repr_keys.shape[0]:
+            self._grow_repr(max(2 * self.repr_keys.shape[0], first + count))
+        self.repr_keys[first : first + count] = rep.to(self.dtype)
         if self.question_vector is not None:
-            self.question_scores[index] = question_scores_reference(self.question_vector, rep[None])[0]
-        self.store.add(keys, values)
+            self.question_scores[first : first + count] = question_scores_reference(self.question_vector, rep)
+        self.store.add(keys.transpose(0, 1), values.transpose(0, 1))
 
     def _tail_append(self, key: Tensor, value: Tensor) -> None:
         n, length = key.shape[1], self.tail_len

@@ -15,13 +15,14 @@ def _triton_scorer(group_queries: Tensor, repr_keys: Tensor, qs: Tensor | None, 
     return block_score(group_queries, repr_keys, qs, beta, k)[1]
 
 
-def attention_ops(device: torch.device) -> tuple[AttendFn, ScoreFn]:
-    """(attend, score) for tensors on `device`. The PyTorch references are the CPU path and the spec."""
+def attention_ops(device: torch.device, head_dim: int) -> tuple[AttendFn, ScoreFn]:
+    """(attend, score) for tensors on `device`. The PyTorch references are the CPU path and the spec;
+    shapes the kernels do not take (head_dim outside 32/64/128) use them too."""
     if device.type == "cuda":
         try:
-            from qllm_kernels import attention, triton_available
+            from qllm_kernels import attention, supports_head_dim, triton_available
         except ImportError:  # no Triton: the reference path is correct, only slower
             return attend_reference, reference_scorer
-        if triton_available(device):
+        if triton_available(device) and supports_head_dim(head_dim):
             return attention, _triton_scorer
     return attend_reference, reference_scorer

@@ -44,12 +44,12 @@ def tokenizer(default_model):
     return default_model[1]
 
 
-def tiny_model(arch: str, vocab_size: int, seed: int = 0):
+def tiny_model(arch: str, vocab_size: int, seed: int = 0, hidden_size: int = 64):
     """A randomly initialised model of a real architecture, small enough for exact CPU checks."""
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
     )
     configs = {

@@ -27,7 +27,7 @@ class AttendedPositions:
         self.seen: dict[int, dict[int, Counter]] = {}  # layer -> query position -> attended key counts
         self.layer = -1
 
-    def ops(self, device):
+    def ops(self, device, head_dim):
         return self.attend, reference_scorer
 
     def wrap(self, layer_attend):

@@ -1,0 +1,187 @@
+"""GPU speed and memory of the engine against stock SDPA full attention, on a LLaMA-3-8B-shaped model.
+
+    python -m benchmarks.gpu_speed --lengths 32768 100000 --profile-length 32768
+
+Random bf16 weights of the real shape (speed and memory only, never accuracy). Full attention is one
+forward of the stock model (SDPA) with a DynamicCache, then single-token decode steps. QuickLLaMA reads
+the same tokens through its block memory (chunked prefill), then decodes. Each length reports prefill
+seconds, decode ms/token and peak GPU memory, and the ratios against full attention measured in the same
+run; `--profile-length` adds a breakdown of GPU time by stage (linear layers, attention kernel, lookup,
+copies, other) and the host time the GPU sat idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+QLLM_WINDOWS = dict(n_init=128, n_local=1024, block_size=128, topk=8, repr_topk=4, lookup_chunk=512,
+                    prefill_chunk=8192, question_weight=4.0)
+
+
+def llama3_8b(layers: int):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=4096, num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8,
+                         intermediate_size=14336, vocab_size=128256, rope_theta=500000.0,
+                         max_position_embeddings=131072)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    return model.eval()
+
+
+def word_tokenizer():
+    """A one-word tokenizer: the engine needs one, the benchmark feeds token ids directly."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>")
+
+
+def timed(fn):
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def run_full(model, ids: list[int], decode_steps: int) -> dict:
+    from transformers import DynamicCache
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    cache = DynamicCache(config=model.config)
+    x = torch.tensor([ids], device="cuda")
+    with torch.inference_mode():
+        _, prefill = timed(lambda: model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1))
+        steps = []
+        for i in range(decode_steps):
+            token = torch.tensor([[ids[i]]], device="cuda")
+            pos = torch.tensor([[len(ids) + i]], device="cuda")
+            _, dt = timed(lambda t=token, p=pos: model(input_ids=t, position_ids=p, past_key_values=cache,
+                                                      use_cache=True, logits_to_keep=1))
+            steps.append(dt)
+    del cache
+    return {"prefill_s": prefill, "decode_ms": 1000 * statistics.median(steps),
+            "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def run_qllm(engine, ids: list[int], decode_steps: int) -> dict:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    session = engine._new_session(len(ids) + decode_steps)
+    heads, head_dim = engine.model.config.num_attention_heads, engine._head_dim
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    session.set_question({i: torch.randn(heads, head_dim, device="cuda", generator=generator)
+                          for i in range(engine._n_layers)})
+    _, prefill = timed(lambda: session.feed(ids))
+    steps = [timed(lambda t=t: session.feed([t]))[1] for t in ids[:decode_steps]]
+    layer = next(iter(session.memory.layers.values()))
+    result = {"prefill_s": prefill, "decode_ms": 1000 * statistics.median(steps),
+              "peak_gb": torch.cuda.max_memory_allocated() / 2**30,
+              "blocks_per_layer": layer.n_blocks, "offloaded_per_layer": layer.store.offloaded}
+    del session
+    return result
+
+
+STAGES = [  # (stage, substrings of CUDA kernel names), first match wins
+    ("attention kernel", ("_attn", "_received", "attention_kernel", "_local_far")),
+    ("lookup (score, top-k)", ("block_score", "_score", "topk", "sort", "radix")),
+    ("linear layers (GEMM)", ("gemm", "cutlass", "xmma", "nvjet", "sm90", "cublas")),
+    ("copies / gathers", ("copy", "memcpy", "index", "gather", "scatter", "cat", "elementwise_kernel_with_index")),
+]
+
+
+def profile_breakdown(engine, ids: list[int]) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    session = engine._new_session(len(ids))
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        _, wall = timed(lambda: session.feed(ids))
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        gpu_us = getattr(event, "self_device_time_total", 0) or getattr(event, "self_cuda_time_total", 0)
+        if gpu_us <= 0 or event.key.startswith("aten::") or event.key.startswith("cuda"):
+            continue
+        name = event.key.lower()
+        stage = next((s for s, keys in STAGES if any(k in name for k in keys)), "other kernels")
+        totals[stage] = totals.get(stage, 0.0) + gpu_us / 1e6
+    busy = sum(totals.values())
+    return {"wall_s": wall, "gpu_busy_s": busy, "gpu_idle_s": max(wall - busy, 0.0), "stages_s": totals}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 100000])
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--offload-gb", type=float, default=2.0, help="device pool budget of the offload variant")
+    parser.add_argument("--offload-lengths", type=int, nargs="*", default=[100000])
+    parser.add_argument("--profile-length", type=int, default=0)
+    parser.add_argument("--no-full", action="store_true")
+    parser.add_argument("--out", default="gpu_speed.json")
+    args = parser.parse_args()
+
+    from qllm_runtime import QLLMConfig, QLLMEngine
+
+    model = llama3_8b(args.layers)
+    tokenizer = word_tokenizer()
+    device_pool = QLLMEngine(model, tokenizer, QLLMConfig(offload="device", **QLLM_WINDOWS))
+    offloaded = QLLMEngine(model, tokenizer, QLLMConfig(offload="auto", device_pool_gb=args.offload_gb,
+                                                        **QLLM_WINDOWS))
+    rng = torch.Generator().manual_seed(0)
+    warm = torch.randint(0, 128000, (4096,), generator=rng).tolist()
+    run_qllm(device_pool, warm, 2)
+    run_qllm(offloaded, warm, 2)
+    if not args.no_full:
+        run_full(model, warm, 2)
+    rows = []
+    for length in args.lengths:
+        ids = torch.randint(0, 128000, (length,), generator=rng).tolist()
+        row = {"tokens": length}
+        if not args.no_full:
+            try:
+                row["full"] = run_full(model, ids, args.decode_steps)
+            except torch.cuda.OutOfMemoryError:
+                row["full"] = {"error": "out of memory"}
+        row["qllm"] = run_qllm(device_pool, ids, args.decode_steps)
+        if length in args.offload_lengths:
+            row["qllm_offload"] = run_qllm(offloaded, ids, args.decode_steps)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "config": QLLM_WINDOWS,
+              "rows": rows}
+    if args.profile_length:
+        ids = torch.randint(0, 128000, (args.profile_length,), generator=rng).tolist()
+        report["profile"] = {"tokens": args.profile_length, **profile_breakdown(device_pool, ids)}
+        print(json.dumps(report["profile"]), flush=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"\n{report['device']}, torch {report['torch']}, LLaMA-3-8B shape ({args.layers} layers), bf16")
+    print("| tokens | method | prefill s | decode ms/tok | peak GB | prefill vs full | decode vs full |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        full = row.get("full", {})
+        for method in ("full", "qllm", "qllm_offload"):
+            r = row.get(method)
+            if not r:
+                continue
+            if "error" in r:
+                print(f"| {row['tokens']} | {method} | {r['error']} | | | | |")
+                continue
+            ratio = (f"{r['prefill_s'] / full['prefill_s']:.2f}× | {r['decode_ms'] / full['decode_ms']:.2f}×"
+                     if "prefill_s" in full else "– | –")
+            print(f"| {row['tokens']} | {method} | {r['prefill_s']:.2f} | {r['decode_ms']:.1f} | {r['peak_gb']:.1f} "
+                  f"| {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
