@@ -1,0 +1,488 @@
+"""LangChain chat model over QLLMEngine: the question picks which memory blocks each layer looks up."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import re
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from operator import itemgetter
+from typing import Any, Literal
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
+from langchain_core.language_models.chat_models import generate_from_stream
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    ChatMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
+from langchain_core.messages.tool import tool_call_chunk
+from langchain_core.output_parsers import (
+    JsonOutputKeyToolsParser,
+    JsonOutputParser,
+    PydanticOutputParser,
+    PydanticToolsParser,
+)
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
+from pydantic import ConfigDict, Field, PrivateAttr
+
+from qllm_runtime import Answer, AnswerStream, InvalidInputError, Memory, QLLMConfig, QLLMEngine
+
+from .tools import (
+    ParsedToolCall,
+    parse_tool_calls,
+    template_renders_tools,
+    tool_messages_for_template,
+    tools_system_prompt,
+)
+
+__all__ = ["ChatQLLM", "QLLMChatModel"]
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_LOAD_LOCK = threading.Lock()
+_TEXT_ONLY = ("image", "audio", "video", "file")
+
+
+@functools.cache
+def _shared_engine(source: str | None, device: str | None) -> QLLMEngine:
+    """One loaded model per (source, device) and process; engines with other configs share it."""
+    if source is None:
+        return QLLMEngine.default(device=device)
+    return QLLMEngine.from_pretrained(source, device=device)
+
+
+class ChatQLLM(BaseChatModel):
+    """A local Hugging Face model with Q-LLM block memory, as a LangChain chat model.
+
+    The model reads long context into per-layer memory blocks; the question decides which blocks
+    each layer attends to. How a call's messages are split:
+
+    * **question**: the text of the last `HumanMessage` (its `text` blocks);
+    * **context** (read into memory): everything before it — system messages, earlier turns, tool
+      results — plus any document blocks (`{"type": "text-plain", "text": ...}`) of that last
+      `HumanMessage`. Messages after it (the agent loop's tool calls and results) follow the question.
+
+    A document read once (`memory = chat.load_engine().read(text)`) can be reused: pass `memory=`
+    at construction or bind it per call (`chat.bind(memory=memory)`); each call then encodes only
+    its question and answer. With a memory, the call's other messages and document blocks are folded,
+    in order, into the question turn (as "Assistant: ..." and "Tool result of name(...): ..." lines).
+
+    Tools: templates that render `tools` (Qwen, Hermes, Llama-3.1) get them natively; for the others
+    the tools are described in the system prompt. Calls are parsed from Hermes `<tool_call>`, Llama-3.1
+    and plain JSON. On templates without tools (the embedded model), a forced call (`tool_choice`
+    "any" or a name) and structured output with a flat schema are filled in one short answer per
+    argument, so even a 135M model returns well-formed calls and objects.
+
+    Construction is instant and offline: the model (`model`: a local directory, hub id or `.gguf`
+    file; default: the embedded SmolLM2-135M-Instruct) loads on first use, once per process. Or pass an
+    `engine`. `response_metadata["passages"]` lists the looked-up context spans; `usage_metadata`
+    reports memory hits as `input_token_details["cache_read"]`.
+
+    Example:
+        ```python
+        from langchain_core.messages import HumanMessage
+        from qllm_integrations import ChatQLLM
+
+        chat = ChatQLLM(max_tokens=64)
+        doc = {"type": "text-plain", "text": long_text, "mime_type": "text/plain"}
+        chat.invoke([HumanMessage([doc, {"type": "text", "text": "Who wrote the letter?"}])])
+        ```
+    """
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    model_name: str | None = Field(default=None, alias="model")
+    """What to load (local directory, hub id or `.gguf` file; None: the embedded default); with
+    `engine` or `memory` only the name reported in metadata."""
+    engine: QLLMEngine | None = Field(default=None, exclude=True)
+    """Use this engine instead of loading a model."""
+    config: QLLMConfig | None = None
+    """Engine settings (windows, block size, top-k, mode); None: the engine's own."""
+    memory: Memory | None = Field(default=None, exclude=True)
+    """A document read once with `engine.read(...)`, used by every call (see the class docstring)."""
+    device: str | None = None
+    """Where to load the model (default: CUDA if available, else CPU)."""
+    max_tokens: int = 256
+    """Maximum number of generated tokens."""
+    temperature: float = 0.0
+    """0 is greedy decoding."""
+    stop: list[str] | None = None
+    """Strings that end the answer (not included in it)."""
+    streaming: bool = False
+    """Whether `invoke` streams internally (token callbacks)."""
+
+    _engine: QLLMEngine | None = PrivateAttr(default=None)
+
+    @property
+    def _llm_type(self) -> str:
+        return "qllm"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model_name": self._label(), "config": self.config, "max_tokens": self.max_tokens,
+                "temperature": self.temperature, "stop": self.stop}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(
+            ls_provider="qllm", ls_model_name=kwargs.get("model") or self._label(), ls_model_type="chat",
+            ls_temperature=kwargs.get("temperature", self.temperature),
+            ls_max_tokens=kwargs.get("max_tokens", self.max_tokens),
+        )
+        if stop or self.stop:
+            params["ls_stop"] = stop or self.stop
+        return params
+
+    def _label(self) -> str:
+        if self.model_name:
+            return self.model_name
+        engine = self.engine or (self.memory.engine if self.memory is not None else None)
+        if engine is not None:
+            path = str(getattr(engine.model, "name_or_path", "") or DEFAULT_MODEL_NAME)
+            return path.rstrip("/").rsplit("/", 1)[-1]
+        return DEFAULT_MODEL_NAME
+
+    def load_engine(self) -> QLLMEngine:
+        """The engine, loading the model on first use (e.g. to `read` a document once)."""
+        if self._engine is None:
+            with _LOAD_LOCK:
+                if self._engine is None:
+                    base = self.engine or (self.memory.engine if self.memory is not None else None)
+                    if base is None:
+                        base = _shared_engine(self.model_name, self.device)
+                    if self.config is not None and self.config != base.config:
+                        base = QLLMEngine(base.model, base.tokenizer, self.config)
+                    self._engine = base
+        return self._engine
+
+    # ---- generation ----------------------------------------------------------------------------------
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
+
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None,
+                **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        tool_choice, response_format = kwargs.pop("tool_choice", None), kwargs.pop("response_format", None)
+        tools = _active_tools(kwargs.pop("tools", None), tool_choice)
+        forced = bool(tools) and tool_choice not in (None, "auto")
+        schema = _response_schema(response_format)
+        if (forced or _is_flat(schema)) and not template_renders_tools(self.load_engine().tokenizer):
+            yield self._guided(messages, tools if forced else [], schema, **kwargs)
+            return
+        instructions = _instructions(tools, forced, response_format)
+        stream = self._start(messages, stop, tools, instructions, **kwargs)
+        text = ""
+        try:
+            for delta in stream:
+                text += delta
+                if tools:  # a tool call is only known once the answer is complete
+                    continue
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
+                if run_manager:
+                    run_manager.on_llm_new_token(delta, chunk=chunk)
+                yield chunk
+        finally:
+            stream.close()
+        calls: list[ParsedToolCall] = []
+        if tools:
+            text, calls = parse_tool_calls(text, {t["function"]["name"] for t in tools})
+        assert stream.answer is not None  # the loop ran to the end
+        yield self._last_chunk([stream.answer], text if tools else "", calls)
+
+    def _guided(self, messages: list[BaseMessage], tools: list[dict], schema: dict | None,
+                **kwargs: Any) -> ChatGenerationChunk:
+        """A forced tool call or a JSON answer from a model whose template knows no tools: the model
+        gives one short answer per argument (field), which is parsed to its JSON type and assembled."""
+        answers: list[Answer] = []
+
+        def ask(instruction: str) -> str:
+            stream = self._start(messages, ["\n"], [], [instruction], **kwargs)
+            answers.append(stream.result())
+            return answers[-1].text.strip()
+
+        intro = ""
+        if tools:
+            names = [t["function"]["name"] for t in tools]
+            if len(tools) > 1:
+                reply = ask(f"Which tool fits best: {', '.join(names)}? Reply with only its name.")
+                tools = [next((t for t, n in zip(tools, names, strict=True) if n in reply), tools[0])]
+            function = tools[0]["function"]
+            schema = function.get("parameters") or {}
+            intro = f"To call the tool {function['name']} ({function.get('description', '')}), "
+        arguments: dict[str, Any] = {}
+        for key, prop in (schema or {}).get("properties", {}).items():
+            known = "".join(f"{k}: {json.dumps(v, ensure_ascii=False)}\n" for k, v in arguments.items())
+            about = prop.get("description") or prop.get("title") or key
+            reply = ask(f"{known}{intro}give {key} ({about}). Reply with only the {_kind(prop)}.")
+            value = _coerce(reply, prop)
+            if value is not None:
+                arguments[key] = value
+        if tools:
+            call = ParsedToolCall(tools[0]["function"]["name"], arguments, f"call_{uuid.uuid4().hex[:24]}")
+            return self._last_chunk(answers, "", [call])
+        return self._last_chunk(answers, json.dumps(arguments, ensure_ascii=False), [])
+
+    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                         **kwargs: Any) -> ChatResult:
+        return await asyncio.to_thread(self._generate, messages, stop, None, **kwargs)
+
+    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        """`_stream` in a worker thread; chunks come back through a queue so the event loop never waits."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[ChatGenerationChunk | BaseException | None] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def pump() -> None:
+            chunks = self._stream(messages, stop, None, **kwargs)
+            try:
+                for chunk in chunks:
+                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
+                    if cancelled.is_set():
+                        break
+            except Exception as e:
+                loop.call_soon_threadsafe(queue.put_nowait, e)
+            finally:
+                chunks.close()
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        worker = asyncio.ensure_future(asyncio.to_thread(pump))
+        try:
+            while (item := await queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                if run_manager and item.text:
+                    await run_manager.on_llm_new_token(item.text, chunk=item)
+                yield item
+        finally:
+            cancelled.set()
+            await worker
+
+    def _start(self, messages: list[BaseMessage], stop: list[str] | None, tools: list[dict],
+               instructions: list[str], **kwargs: Any) -> AnswerStream:
+        """Start one answer: split the messages into context and question, then read and generate."""
+        engine = self.load_engine()
+        generation = {"max_new_tokens": kwargs.get("max_tokens", self.max_tokens),
+                      "temperature": kwargs.get("temperature", self.temperature),
+                      "stop": stop if stop is not None else self.stop}
+        context, question, documents, rest = _split(messages)
+        memory = kwargs.get("memory", self.memory)
+        if memory is not None:
+            turns = tool_messages_for_template([*context, *rest], renders_tools=False)
+            folded = [tools_system_prompt(tools) if tools else "", *map(_fold, turns), *documents, question,
+                      *instructions]
+            return memory.stream("\n\n".join(p for p in folded if p), **generation)
+        renders = template_renders_tools(engine.tokenizer)
+        turns = tool_messages_for_template([*context, *rest], renders)
+        if tools and not renders:
+            turns = _with_system(turns, tools_system_prompt(tools))
+        n_before = len(turns) - len(rest)
+        ask = [*turns[:n_before], *({"role": "user", "content": d} for d in documents),
+               {"role": "user", "content": "\n\n".join([question, *instructions])}, *turns[n_before:]]
+        return engine.stream_chat(ask, question=question, tools=tools if renders and tools else None,
+                                  **generation)
+
+    def _last_chunk(self, answers: list[Answer], text: str,
+                    calls: list[ParsedToolCall]) -> ChatGenerationChunk:
+        """The closing chunk: remaining text, tool calls, usage (summed over answers) and metadata."""
+        usage = [a.usage for a in answers]
+        message = AIMessageChunk(
+            content=text,
+            tool_call_chunks=[tool_call_chunk(name=c.name, args=json.dumps(c.arguments, ensure_ascii=False),
+                                              id=c.id, index=i) for i, c in enumerate(calls)],
+            usage_metadata={
+                "input_tokens": sum(u.input_tokens for u in usage),
+                "output_tokens": sum(u.generated_tokens for u in usage),
+                "total_tokens": sum(u.total_tokens for u in usage),
+                "input_token_details": {"cache_read": sum(u.cached_tokens for u in usage)},
+            },
+            response_metadata={
+                "model_name": self._label(),
+                "finish_reason": "tool_calls" if calls else answers[-1].finish_reason,
+                "passages": [{"start": b.start, "end": b.end, "text": b.text, "hits": b.hits}
+                             for a in answers[:1] for b in a.blocks],
+            },
+            chunk_position="last",
+        )
+        return ChatGenerationChunk(message=message)
+
+    # ---- tools and structured output ----------------------------------------------------------------
+    def bind_tools(self, tools: Sequence[dict[str, Any] | type | Callable | BaseTool], *,
+                   tool_choice: str | bool | dict | None = None,
+                   **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools (any form `convert_to_openai_tool` takes). `tool_choice`: "auto", "none",
+        "any"/"required"/True (some tool), a tool name, or {"type": "function", "function": {"name"}}."""
+        formatted = [convert_to_openai_tool(t) for t in tools]
+        names = [t["function"]["name"] for t in formatted]
+        if isinstance(tool_choice, dict):
+            tool_choice = tool_choice.get("function", {}).get("name")
+        if tool_choice is True or tool_choice == "required":
+            tool_choice = "any"
+        if tool_choice not in (None, False, "auto", "none", "any", *names):
+            raise ValueError(f"tool_choice {tool_choice!r} is not auto, none, any or a tool name: {names}")
+        return self.bind(tools=formatted, tool_choice=tool_choice or None, **kwargs)
+
+    def with_structured_output(
+        self, schema: dict | type, *, include_raw: bool = False,
+        method: Literal["function_calling", "json_mode", "json_schema"] = "json_schema",
+        strict: bool | None = None, **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, Any]:
+        """Answers parsed into `schema` (pydantic class, TypedDict or JSON schema).
+
+        `json_schema` (default) and `json_mode` prompt for a JSON object and parse it; `function_calling`
+        forces a call of a tool made from the schema. `strict` is accepted; parsing always validates.
+        """
+        if kwargs:
+            raise ValueError(f"unsupported arguments: {sorted(kwargs)}")
+        is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        trace = {"ls_structured_output_format": {"kwargs": {"method": method, "strict": strict},
+                                                 "schema": schema}}
+        if method == "function_calling":
+            tool = convert_to_openai_tool(schema)
+            name = tool["function"]["name"]
+            llm = self.bind_tools([schema], tool_choice=name, **trace)
+            parser: Runnable = (PydanticToolsParser(tools=[schema], first_tool_only=True) if is_pydantic
+                                else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True))
+        elif method in ("json_mode", "json_schema"):
+            json_schema = convert_to_json_schema(schema)
+            response_format: dict[str, Any] = {"type": "json_schema", "json_schema": {"schema": json_schema}}
+            if method == "json_mode":  # the schema is not shown; a model that cannot write JSON fills it
+                response_format = {"type": "json_object", "schema": json_schema}
+            llm = self.bind(response_format=response_format, **trace)
+            parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
+        else:
+            raise ValueError(f"method must be function_calling, json_mode or json_schema, got {method!r}")
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        fallback = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks([fallback], exception_key="parsing_error")
+
+
+QLLMChatModel = ChatQLLM
+
+
+def _active_tools(tools: list[dict] | None, tool_choice: str | None) -> list[dict]:
+    """The bound tools the model may call: those named by tool_choice, none for "none"."""
+    if not tools or tool_choice == "none":
+        return []
+    if tool_choice not in (None, "auto", "any"):
+        return [t for t in tools if t["function"]["name"] == tool_choice]
+    return tools
+
+
+def _instructions(tools: list[dict], forced: bool, response_format: dict | None) -> list[str]:
+    """Format instructions appended to the question turn (the lookups use the bare question)."""
+    if forced:
+        which = tools[0]["function"]["name"] if len(tools) == 1 else "one of the tools"
+        return [f"Call {which}: reply with only the JSON tool call."]
+    if response_format and response_format["type"] == "json_schema":
+        schema = json.dumps(_response_schema(response_format))
+        return [f"Reply with only a JSON object that matches this JSON schema: {schema}"]
+    return ["Reply with only a JSON object."] if response_format else []
+
+
+def _response_schema(response_format: dict | None) -> dict | None:
+    response_format = response_format or {}
+    return response_format.get("json_schema", {}).get("schema") or response_format.get("schema")
+
+
+def _kind(prop: dict) -> str | None:
+    """"integer", "number", "boolean", "string" or "one of ..." for a flat property, else None."""
+    if "enum" in prop:
+        return "one of " + ", ".join(map(str, prop["enum"]))
+    types = [prop.get("type")] + [p.get("type") for p in prop.get("anyOf", [])]
+    kinds = [t for t in types if t in ("integer", "number", "boolean", "string")]
+    return kinds[0] if kinds else None
+
+
+def _is_flat(schema: dict | None) -> bool:
+    """An object schema whose properties are all strings, numbers, booleans or enums (maybe optional)."""
+    props = (schema or {}).get("properties")
+    return bool(props) and all(_kind(p) for p in props.values())
+
+
+def _coerce(text: str, prop: dict) -> Any:
+    """A short answer as the property's JSON value; None when it holds none."""
+    if "enum" in prop:
+        return next((v for v in prop["enum"] if str(v).lower() in text.lower()), None)
+    kind = _kind(prop)
+    if kind in ("integer", "number"):
+        match = re.search(r"-?\d+(?:\.\d+)?" if kind == "number" else r"-?\d+", text)
+        return (float if kind == "number" else int)(match.group()) if match else None
+    if kind == "boolean":
+        word = re.search(r"\b(yes|true|no|false)\b", text.lower())
+        return word.group() in ("yes", "true") if word else None
+    return text.strip("\"'` ") or None
+
+
+def _split(messages: list[BaseMessage]) -> tuple[list[dict], str, list[str], list[dict]]:
+    """(context messages, question, document texts, messages after the question) as template dicts."""
+    humans = [i for i, m in enumerate(messages) if isinstance(m, HumanMessage)]
+    last = humans[-1] if humans else len(messages) - 1
+    blocks = _blocks(messages[last])
+    question = "\n".join(b["text"] for b in blocks if b["type"] == "text")
+    documents = [_document(b) for b in blocks if b["type"] == "text-plain"]
+    if not question.strip():
+        raise InvalidInputError("the last human message has no text: nothing to use as the question")
+    return ([_to_dict(m) for m in messages[:last]], question, documents,
+            [_to_dict(m) for m in messages[last + 1 :]])
+
+
+def _blocks(message: BaseMessage) -> list[dict]:
+    blocks = [dict(b) for b in message.content_blocks]
+    for b in blocks:
+        if b["type"] in _TEXT_ONLY or (b["type"] == "text-plain" and "text" not in b):
+            raise InvalidInputError(f"ChatQLLM reads text only, got a {b['type']!r} block with no text")
+    return [b for b in blocks if b["type"] in ("text", "text-plain")]
+
+
+def _document(block: dict) -> str:
+    return f"{block['title']}\n\n{block['text']}" if block.get("title") else block["text"]
+
+
+def _to_dict(message: BaseMessage) -> dict:
+    content = "\n\n".join(b["text"] if b["type"] == "text" else _document(b) for b in _blocks(message))
+    if isinstance(message, SystemMessage):
+        return {"role": "system", "content": content}
+    if isinstance(message, HumanMessage):
+        return {"role": "user", "content": content}
+    if isinstance(message, AIMessage):
+        out: dict[str, Any] = {"role": "assistant", "content": content}
+        if message.tool_calls:
+            out["tool_calls"] = [{"id": c["id"], "type": "function",
+                                  "function": {"name": c["name"], "arguments": c["args"]}}
+                                 for c in message.tool_calls]
+        return out
+    if isinstance(message, ToolMessage):
+        return {"role": "tool", "content": content, "tool_call_id": message.tool_call_id,
+                "name": message.name}
+    if isinstance(message, ChatMessage):
+        return {"role": message.role, "content": content}
+    raise InvalidInputError(f"unsupported message type {type(message).__name__}")
+
+
+def _fold(message: dict) -> str:
+    """A template message as a line of the question turn (memory calls)."""
+    return f"Assistant: {message['content']}" if message["role"] == "assistant" else message["content"]
+
+
+def _with_system(messages: list[dict], text: str) -> list[dict]:
+    """`text` added to the leading system message (or as a new one)."""
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": f"{messages[0]['content']}\n\n{text}"}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]

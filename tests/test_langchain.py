@@ -1,0 +1,257 @@
+"""ChatQLLM beyond the standard suites: the question/context split, memory reuse, concurrency, tool
+parsing, an LCEL chain over a document longer than the model's window, and an agent tool over a document."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("langchain_core")
+
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.tools import tool
+
+import qllm_integrations
+import qllm_integrations.langchain as lc_adapter
+import qllm_integrations.tools as tool_logic
+from qllm_integrations import ChatQLLM, QLLMChatModel
+from qllm_integrations.tools import (
+    ParsedToolCall,
+    parse_tool_calls,
+    template_renders_tools,
+    tool_messages_for_template,
+    tools_system_prompt,
+)
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+FACT = "The secret launch code of the red rocket is 58291."
+QUESTION = "What is the secret launch code of the red rocket?"
+
+
+def haystack(tokenizer, n_tokens: int, fact_at: float) -> str:
+    """Filler of about `n_tokens` tokens with FACT at relative position `fact_at`."""
+    per = len(tokenizer(FILLER, add_special_tokens=False).input_ids)
+    n = n_tokens // per
+    return FILLER * int(n * fact_at) + FACT + " " + FILLER * (n - int(n * fact_at))
+
+
+@pytest.fixture(scope="module")
+def chat(default_engine) -> ChatQLLM:
+    return ChatQLLM(engine=default_engine, max_tokens=16)
+
+
+# ---- public surface, offline --------------------------------------------------------------------------
+def test_exports_pinned() -> None:
+    assert lc_adapter.__all__ == ["ChatQLLM", "QLLMChatModel"]
+    assert tool_logic.__all__ == ["ParsedToolCall", "parse_tool_calls", "template_renders_tools",
+                                  "tool_messages_for_template", "tools_system_prompt"]
+    assert set(lc_adapter.__all__ + tool_logic.__all__) <= set(qllm_integrations.__all__)
+    assert QLLMChatModel is ChatQLLM
+
+
+def test_runtime_and_package_import_no_framework() -> None:
+    code = ("import sys, qllm_runtime, qllm_integrations; "
+            "assert not any(m.split('.')[0] in ('langchain', 'langchain_core') for m in sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_construction_is_lazy() -> None:
+    start = time.perf_counter()
+    model = ChatQLLM(model="/nonexistent/model/dir", temperature=0.2, stop=["\n"])
+    assert time.perf_counter() - start < 0.5
+    assert model._get_ls_params() == {"ls_provider": "qllm", "ls_model_name": "/nonexistent/model/dir",
+                                      "ls_model_type": "chat", "ls_temperature": 0.2, "ls_max_tokens": 256,
+                                      "ls_stop": ["\n"]}
+    with pytest.raises(FileNotFoundError, match="not found"):
+        model.invoke("hi")
+
+
+def test_bind_tools_validates_tool_choice() -> None:
+    @tool
+    def lookup(term: str) -> str:
+        """Look a term up."""
+        return term
+
+    bound = ChatQLLM().bind_tools([lookup], tool_choice={"type": "function", "function": {"name": "lookup"}})
+    assert bound.kwargs["tool_choice"] == "lookup"
+    assert bound.kwargs["tools"][0]["function"]["name"] == "lookup"
+    with pytest.raises(ValueError, match="not auto, none, any or a tool name"):
+        ChatQLLM().bind_tools([lookup], tool_choice="search")
+
+
+# ---- tool-call parsing (shared with the LlamaIndex adapter) --------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "content", "calls"),
+    [
+        ('Sure.<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}\n</tool_call>',
+         "Sure.", [("weather", {"city": "Oslo"})]),
+        ('<tool_call>[{"name": "a", "arguments": {}}, '
+         '{"name": "weather", "arguments": "{\\"city\\": \\"X\\"}"}]</tool_call>',
+         "", [("a", {}), ("weather", {"city": "X"})]),
+        ('<|python_tag|>{"name": "weather", "parameters": {"city": "Oslo"}}', "",
+         [("weather", {"city": "Oslo"})]),
+        ('Calling {"name": "weather", "arguments": {"city": "Oslo"}} now', "Calling  now",
+         [("weather", {"city": "Oslo"})]),
+        ('```json\n{"type": "function", "function": {"name": "a", "arguments": {"x": 1}}}\n```', "",
+         [("a", {"x": 1})]),
+        ('{"name": "Rex", "age": 3}', '{"name": "Rex", "age": 3}', []),  # plain JSON stays content
+        ('<tool_call>{"name": "a", "arguments": {"x"', '<tool_call>{"name": "a", "arguments": {"x"', []),
+        ("no call {here", "no call {here", []),
+    ],
+)
+def test_parse_tool_calls(text: str, content: str, calls: list) -> None:
+    rest, parsed = parse_tool_calls(text)
+    assert rest == content
+    assert [(c.name, c.arguments) for c in parsed] == calls
+    assert all(c.id.startswith("call_") for c in parsed)
+
+
+def test_parse_tool_calls_with_known_names() -> None:
+    assert parse_tool_calls('{"name": "weather"}', {"weather"})[1][0].arguments == {}
+    assert parse_tool_calls('{"name": "other", "arguments": {}}', {"weather"})[1] == []
+    call = parse_tool_calls('{"id": "c1", "name": "weather", "arguments": {}}')[1][0]
+    assert call == ParsedToolCall("weather", {}, "c1")
+
+
+def test_tool_messages_for_templates(tokenizer) -> None:
+    messages = [
+        {"role": "user", "content": "1 + 2?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}]},
+        {"role": "tool", "content": "3", "tool_call_id": "c1"},
+    ]
+    assert not template_renders_tools(tokenizer)  # SmolLM2's ChatML template has no tools
+    assert tool_messages_for_template(messages, renders_tools=False) == [
+        {"role": "user", "content": "1 + 2?"},
+        {"role": "user", "content": 'Tool result of add({"a": 1, "b": 2}): 3'},
+    ]
+    hermes = copy.copy(tokenizer)
+    hermes.chat_template = (
+        "{% if tools %}<tools>{{ tools | tojson }}</tools>{% endif %}{% for m in messages %}"
+        "{{ m.role }}: {{ m.content }}{% for c in m.tool_calls or [] %}<tool_call>{{ c.function | tojson }}"
+        "</tool_call>{% endfor %}\n{% endfor %}"
+    )
+    assert template_renders_tools(hermes)
+    assert tool_messages_for_template(messages, renders_tools=True) == messages
+    rendered = hermes.apply_chat_template(messages, tokenize=False)
+    assert '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>' in rendered
+    assert "tool: 3" in rendered
+    assert '"name": "add"' in tools_system_prompt([{"type": "function", "function": {"name": "add"}}])
+
+
+# ---- the embedded model ------------------------------------------------------------------------------
+def test_document_block_is_context_and_question_drives_lookup(chat, tokenizer) -> None:
+    document = {"type": "text-plain", "mime_type": "text/plain", "text": haystack(tokenizer, 1200, 0.3)}
+    message = HumanMessage([document, {"type": "text", "text": QUESTION}])
+    result = chat.invoke([message])
+    assert "58291" in result.text
+    passages = result.response_metadata["passages"]
+    assert passages and any("58291" in p["text"] for p in passages)
+    assert result.usage_metadata["input_tokens"] > 1200
+    assert result.response_metadata["finish_reason"] in ("stop", "length")
+
+
+def test_memory_is_read_once_and_reused(chat, default_engine, tokenizer) -> None:
+    memory = default_engine.read(haystack(tokenizer, 1200, 0.6))
+    reader = chat.bind(memory=memory)
+    first = reader.invoke(QUESTION)
+    assert "58291" in first.text
+    assert first.usage_metadata["input_token_details"]["cache_read"] == memory.n_tokens
+    assert first.usage_metadata["input_tokens"] < memory.n_tokens + 40  # only the question was encoded
+    again = ChatQLLM(engine=default_engine, memory=memory, max_tokens=16).invoke([HumanMessage(QUESTION)])
+    assert again.text == first.text  # asking leaves the memory unchanged
+
+
+def test_stop_strings_and_real_streaming(chat) -> None:
+    prompt = "Describe the sea in one sentence."
+    chunks = list(chat.stream(prompt))
+    text = "".join(c.text for c in chunks)
+    assert len(chunks) > 4 and chunks[-1].chunk_position == "last"
+    assert sum(c.usage_metadata["output_tokens"] for c in chunks if c.usage_metadata) > 4
+    stop = text.split()[2]
+    stopped = chat.invoke(prompt, stop=[stop])
+    assert stopped.text == text[: text.index(stop)]
+    assert stopped.response_metadata["finish_reason"] == "stop"
+
+
+async def test_async_calls_queue_without_blocking_the_loop(chat) -> None:
+    chat = chat.bind(max_tokens=8)
+    prompts = ["Name a color.", "Name a fruit."]
+    expected = [chat.invoke(p).text for p in prompts]
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    streamed = "".join([c.text async for c in chat.astream(prompts[0])])
+    together = await asyncio.gather(*(chat.ainvoke(p) for p in prompts))
+    ticker.cancel()
+    assert streamed == expected[0]
+    assert [m.text for m in together] == expected
+    assert ticks > 20  # the event loop kept running while the model generated
+
+
+def test_tool_calls_round_trip(chat) -> None:
+    @tool
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    adder = chat.bind_tools([add], tool_choice="add")
+    call = adder.invoke("What is 12 plus 30?")
+    assert call.tool_calls and call.tool_calls[0]["name"] == "add"
+    assert set(call.tool_calls[0]["args"]) <= {"a", "b"}
+    history = [SystemMessage("You add numbers."), HumanMessage("What is 12 plus 30?"), call,
+               add.invoke(call.tool_calls[0] | {"args": {"a": 12, "b": 30}})]
+    assert isinstance(history[-1], ToolMessage)
+    assert isinstance(chat.bind_tools([add]).invoke(history), AIMessage)
+
+
+def test_lcel_chain_beyond_the_native_window(chat, tokenizer) -> None:
+    document = haystack(tokenizer, 9000, 0.1)
+    assert len(tokenizer(document).input_ids) > 8192
+    prompt = ChatPromptTemplate.from_messages([("system", "Answer from this document.\n\n{document}"),
+                                               ("human", "{question}")])
+    chain = prompt | chat | StrOutputParser()
+    assert "58291" in chain.invoke({"document": document, "question": QUESTION})
+
+
+def test_agent_tool_over_a_read_document(chat, default_engine, tokenizer) -> None:
+    agents = pytest.importorskip("langchain.agents")
+    from langchain.agents.middleware import wrap_model_call
+
+    memory = default_engine.read(haystack(tokenizer, 1200, 0.5))
+    asked: list[str] = []
+
+    @tool(parse_docstring=True)
+    def ask_document(question: str) -> str:
+        """Ask the rocket manual a question.
+
+        Args:
+            question: The question to ask about the rocket manual.
+        """
+        asked.append(question)
+        return memory.ask(question, max_new_tokens=24).text
+
+    @wrap_model_call
+    def one_tool_call(request, handler):  # a 135M model calls tools only when made to, and then loops
+        answered = any(isinstance(m, ToolMessage) for m in request.messages)
+        return handler(request.override(tool_choice="none" if answered else "any"))
+
+    agent = agents.create_agent(chat, [ask_document], middleware=[one_tool_call])
+    messages = agent.invoke({"messages": [HumanMessage(QUESTION)]})["messages"]
+    kinds = [type(m).__name__ for m in messages]
+    assert kinds == ["HumanMessage", "AIMessage", "ToolMessage", "AIMessage"]
+    assert messages[1].tool_calls[0]["name"] == "ask_document" and asked
+    assert messages[2].content and isinstance(messages[-1], AIMessage) and messages[-1].text

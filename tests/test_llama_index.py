@@ -1,0 +1,246 @@
+"""LlamaIndex adapters on the embedded model: QLLM, QLLMIndex, its query engine, retriever and tools."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("llama_index.core")
+
+from llama_index.core import Document, StorageContext, SummaryIndex
+from llama_index.core.agent.workflow import FunctionAgent, ReActAgent, ToolCallResult
+from llama_index.core.base.llms.types import ChatMessage, ToolCallBlock
+
+import qllm_integrations.llama_index as li
+from qllm_integrations.llama_index import QLLM, QLLMIndex, document_tools
+from qllm_runtime import ModelNotFoundError, QLLMEngine
+
+NEEDLE = "The secret password for the blue vault is 4172."
+NEEDLE_QUESTION = "What is the secret password for the blue vault?"
+ORCHARD = Document(
+    text="The orchard at Millbrook grows apples and pears. The head gardener of the orchard is named "
+    "Tobias Fenwick. He has worked there for twelve years.",
+    metadata={"title": "Millbrook orchard"},
+)
+HARBOUR = Document(text="The harbour of Kelby has a red lighthouse. The keeper of the Kelby lighthouse is named "
+                   "Mara Quill.")
+GARDENER_QUESTION = "Who is the head gardener of the Millbrook orchard?"
+
+
+def filler(n_paragraphs: int, seed: int = 0) -> list[str]:
+    """Seeded synthetic paragraphs of varied everyday sentences."""
+    rng = random.Random(seed)
+    who = ["The baker", "A gardener", "The old sailor", "My neighbour", "The teacher", "A young painter",
+           "The mayor", "The librarian", "A fisherman", "The doctor"]
+    did = ["walked to", "looked at", "talked about", "painted", "visited", "cleaned", "repaired", "described"]
+    what = ["the quiet harbour", "a red bicycle", "the village market", "an old bridge", "the green valley",
+            "a wooden boat", "the town hall", "a small garden", "the stone chapel", "a noisy cafe"]
+    when = ["in the morning", "after lunch", "before the rain started", "with great care", "on a sunny day",
+            "while humming a song", "for the third time", "without saying a word"]
+    return [" ".join(f"{rng.choice(who)} {rng.choice(did)} {rng.choice(what)} {rng.choice(when)}." for _ in range(8))
+            for _ in range(n_paragraphs)]
+
+
+class CountingEngine(QLLMEngine):
+    """The test engine over the same model, recording what each call is asked."""
+
+    def __init__(self, engine: QLLMEngine) -> None:
+        super().__init__(engine.model, engine.tokenizer, engine.config)
+        self.asked: list[tuple[object, str | None]] = []
+
+    def stream(self, context, question, *args, **kwargs):
+        self.asked.append((context, question))
+        return super().stream(context, question, *args, **kwargs)
+
+    def stream_chat(self, messages, question=None, **kwargs):
+        self.asked.append((messages, question))
+        return super().stream_chat(messages, question, **kwargs)
+
+
+def read_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("read ")]
+
+
+# ---- a document beyond the model's window, read once ------------------------------------------------
+@pytest.fixture(scope="module")
+def needle_index(default_engine):
+    paragraphs = filler(100)
+    paragraphs.insert(3, NEEDLE)
+    return QLLMIndex.from_documents([Document(text="\n\n".join(paragraphs))], engine=default_engine)
+
+
+@pytest.fixture(scope="module")
+def needle_response(needle_index):
+    return needle_index.as_query_engine(max_new_tokens=16).query(NEEDLE_QUESTION)
+
+
+def test_query_engine_finds_a_needle_beyond_the_native_window(needle_index, needle_response, default_engine):
+    assert needle_index.memory.n_tokens > default_engine.model.config.max_position_embeddings
+    assert "4172" in needle_response.response
+    scores = [n.score for n in needle_response.source_nodes]
+    assert scores == sorted(scores, reverse=True) and all(s > 0 for s in scores)
+    assert any(NEEDLE in n.node.get_content() for n in needle_response.source_nodes)
+
+
+def test_streaming_gives_the_same_answer_from_the_same_memory(needle_index, needle_response, caplog):
+    with caplog.at_level(logging.INFO, logger="quickllama"):
+        streaming = needle_index.as_query_engine(streaming=True, max_new_tokens=16).query(NEEDLE_QUESTION)
+        assert streaming.source_nodes == []  # known once the answer is complete
+        text = "".join(streaming.response_gen)
+    assert text == needle_response.response
+    assert [n.node_id for n in streaming.source_nodes] == [n.node_id for n in needle_response.source_nodes]
+    assert read_lines(caplog) == []
+
+
+def test_retriever_returns_the_looked_up_nodes(needle_index):
+    nodes = needle_index.as_retriever().retrieve(NEEDLE_QUESTION)
+    assert any(NEEDLE in n.node.get_content() for n in nodes)
+
+
+# ---- short documents ----------------------------------------------------------------------------------
+async def test_summary_index_compact_mode_is_one_call_with_the_question_apart(default_engine, caplog):
+    engine = CountingEngine(default_engine)
+    llm = QLLM(engine=engine, max_new_tokens=24)
+    index = SummaryIndex.from_documents([ORCHARD, HARBOUR])
+    with caplog.at_level(logging.INFO, logger="quickllama"):
+        response = index.as_query_engine(llm=llm).query(GARDENER_QUESTION)
+    assert len(engine.asked) == 1
+    context, question = engine.asked[0]
+    assert question == GARDENER_QUESTION
+    assert ORCHARD.text in context and HARBOUR.text in context and GARDENER_QUESTION not in context
+    assert sum(r.getMessage().startswith("answered:") for r in caplog.records) == 1
+    assert "Tobias" in response.response
+
+    streaming = index.as_query_engine(llm=llm, streaming=True)
+    assert "".join(streaming.query(GARDENER_QUESTION).response_gen) == response.response
+    assert (await index.as_query_engine(llm=llm).aquery(GARDENER_QUESTION)).response == response.response
+    deltas = [d async for d in (await streaming.aquery(GARDENER_QUESTION)).async_response_gen()]
+    assert "".join(deltas) == response.response
+    assert engine.asked == [(context, question)] * 4
+
+
+def test_persisted_index_loads_and_answers_the_same(default_engine, tmp_path):
+    index = QLLMIndex.from_documents([ORCHARD, HARBOUR], engine=default_engine)
+    index.storage_context.persist(persist_dir=str(tmp_path))
+    loaded = QLLMIndex.from_storage(StorageContext.from_defaults(persist_dir=str(tmp_path)), engine=default_engine)
+    assert loaded.index_struct.nodes == index.index_struct.nodes
+    assert set(loaded.ref_doc_info) == {ORCHARD.doc_id, HARBOUR.doc_id}
+    before = index.as_query_engine(max_new_tokens=12).query(GARDENER_QUESTION)
+    after = loaded.as_query_engine(max_new_tokens=12).query(GARDENER_QUESTION)
+    assert after.response == before.response
+
+
+def test_inserting_a_document_extends_the_memory(default_engine, caplog):
+    index = QLLMIndex.from_documents([ORCHARD], engine=default_engine)
+    n_tokens = index.memory.n_tokens
+    question = "Who keeps the Kelby lighthouse?"
+    with caplog.at_level(logging.INFO, logger="quickllama"):
+        index.insert(HARBOUR)
+        inserted = index.as_query_engine(max_new_tokens=12).query(question)
+    assert read_lines(caplog) == []
+    assert index.memory.n_tokens > n_tokens and index.memory.context.endswith(HARBOUR.text)
+    at_once = QLLMIndex.from_documents([ORCHARD, HARBOUR], engine=default_engine)
+    assert at_once.memory.context == index.memory.context
+    assert at_once.as_query_engine(max_new_tokens=12).query(question).response == inserted.response
+
+
+# ---- the LLM --------------------------------------------------------------------------------------
+def test_metadata_advertises_the_memory_capacity(default_engine):
+    metadata = QLLM(engine=default_engine).metadata
+    assert metadata.context_window == default_engine.context_capacity
+    assert metadata.context_window > default_engine.model.config.max_position_embeddings
+    assert metadata.is_chat_model and metadata.is_function_calling_model
+
+
+def test_model_loads_on_first_use():
+    llm = QLLM(model_name="/nonexistent/model")  # constructing loads nothing
+    with pytest.raises(ModelNotFoundError):
+        _ = llm.metadata
+
+
+async def test_sync_and_async_calls_agree_without_blocking_the_loop(default_engine):
+    llm = QLLM(engine=default_engine, max_new_tokens=12)
+    prompt = "What colour is the sky on a clear day?"
+    messages = [ChatMessage(role="user", content=prompt)]
+    text = llm.complete(prompt).text
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.005)
+
+    ticker = asyncio.create_task(tick())
+    texts = [
+        (await llm.acomplete(prompt)).text,
+        (await llm.achat(messages)).message.content,
+        "".join([r.delta async for r in await llm.astream_complete(prompt)]),
+        "".join([r.delta async for r in await llm.astream_chat(messages)]),
+    ]
+    ticker.cancel()
+    assert ticks > 20
+    texts += [
+        llm.chat(messages).message.content,
+        "".join(r.delta for r in llm.stream_complete(prompt)),
+        "".join(r.delta for r in llm.stream_chat(messages)),
+    ]
+    assert text and texts == [text] * 7
+
+
+# ---- agents ---------------------------------------------------------------------------------------
+def one_shot(tool_name: str) -> list[ChatMessage]:
+    """An earlier exchange that shows a small model how a tool call looks."""
+    example = "When was the Millbrook orchard founded?"
+    return [
+        ChatMessage(role="user", content=example),
+        ChatMessage(role="assistant", blocks=[ToolCallBlock(tool_call_id="call_0", tool_name=tool_name,
+                                                            tool_kwargs={"input": example})]),
+        ChatMessage(role="tool", content="The orchard was founded in 1887.",
+                    additional_kwargs={"tool_call_id": "call_0"}),
+    ]
+
+
+async def test_function_agent_calls_the_document_tool(default_engine):
+    tools = document_tools([ORCHARD], engine=default_engine, return_direct=True, max_new_tokens=24)
+    name = tools[0].metadata.name
+    agent = FunctionAgent(tools=tools, llm=QLLM(engine=default_engine, max_new_tokens=48), initial_tool_choice=name)
+    handler = agent.run(GARDENER_QUESTION, chat_history=one_shot(name))
+    results = [e async for e in handler.stream_events() if isinstance(e, ToolCallResult)]
+    response = await handler
+    assert [r.tool_name for r in results] == [name]
+    assert "Tobias Fenwick" in results[0].tool_output.content
+    assert str(response) == results[0].tool_output.content
+
+
+async def test_react_agent_answers_from_the_tool(default_engine):
+    tools = document_tools([ORCHARD], engine=default_engine, max_new_tokens=24)
+    name = tools[0].metadata.name
+    history = [
+        ChatMessage(role="user", content="When was the Millbrook orchard founded?"),
+        ChatMessage(role="assistant", content="Thought: I need to use a tool to help me answer the question.\n"
+                    f'Action: {name}\nAction Input: {{"input": "When was the Millbrook orchard founded?"}}'),
+        ChatMessage(role="user", content="Observation: The orchard was founded in 1887."),
+        ChatMessage(role="assistant", content="Thought: I can answer without using any more tools.\n"
+                    "Answer: The orchard was founded in 1887."),
+    ]
+    agent = ReActAgent(tools=tools, llm=QLLM(engine=default_engine, max_new_tokens=64))
+    handler = agent.run(GARDENER_QUESTION, chat_history=history)
+    results = [e async for e in handler.stream_events() if isinstance(e, ToolCallResult)]
+    response = await handler
+    assert [r.tool_name for r in results] == [name]
+    assert "Tobias" in str(response)
+
+
+# ---- the module -----------------------------------------------------------------------------------
+def test_exports_and_lazy_package_import():
+    assert li.__all__ == ["QLLM", "QLLMIndex", "QLLMQueryEngine", "QLLMRetriever", "document_tools"]
+    code = ("import sys, qllm_integrations; "
+            "assert not [m for m in sys.modules if m.startswith(('llama_index', 'langchain'))]; "
+            "from qllm_integrations import QLLMIndex; assert QLLMIndex.__module__ == 'qllm_integrations.llama_index'")
+    subprocess.run([sys.executable, "-c", code], check=True)
