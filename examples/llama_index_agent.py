@@ -62,7 +62,8 @@ def main() -> None:
         ChatMessage(role="user", content=EXAMPLE),
         ChatMessage(role="assistant", blocks=[ToolCallBlock(tool_call_id="call_0", tool_name="millbrook_orchard",
                                                             tool_kwargs={"input": EXAMPLE})]),
-        ChatMessage(role="tool", content="The orchard was founded in 1887.", additional_kwargs={"tool_call_id": "call_0"}),
+        ChatMessage(role="tool", content="The orchard was founded in 1887.",
+                    additional_kwargs={"tool_call_id": "call_0"}),
     ]
     agent = FunctionAgent(tools=tools, llm=llm, initial_tool_choice="millbrook_orchard")
     asyncio.run(run(agent, "Who is the head gardener of the Millbrook orchard?", one_shot))

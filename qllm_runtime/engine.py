@@ -112,9 +112,10 @@ class AnswerStream(Iterator[str]):
         self._gen.close()
 
     def result(self) -> Answer:
-        """Consume the rest of the stream and return the Answer."""
-        for _ in self:
-            pass
+        """Consume the rest of the stream (if any) and return the Answer."""
+        if self.answer is None:
+            for _ in self:
+                pass
         assert self.answer is not None
         return self.answer
 
