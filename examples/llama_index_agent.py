@@ -1,10 +1,12 @@
-"""Agents that call one query-engine tool per long document (each a QLLMIndex, read on first use).
+"""Agents with one query-engine tool per document (each document its own QLLMIndex, read on first use).
 
 A `FunctionAgent` needs a function-calling LLM: `QLLM` is one (tool schemas go to the chat template, or
 to the system prompt when the template ignores them, and calls are parsed from the reply). A
-`ReActAgent` works with any LLM. The embedded 135M model does not call tools by itself: here each agent
-gets a one-shot example of a call in its chat history, and the FunctionAgent's first step names the tool
-(`initial_tool_choice`). Larger instruct models with tool-aware templates (Qwen2.5, Llama-3.1) need neither.
+`ReActAgent` works with any LLM. The embedded 135M model is too small to pick among tools or to call
+one unprompted, so here each agent gets one tool and a one-shot example of a call in its chat history,
+the FunctionAgent's first step names the tool (`initial_tool_choice`) and returns its answer directly.
+Larger instruct models with tool-aware templates (Qwen2.5, Llama-3.1) take the whole list and need none
+of this. For answers from documents beyond the model's window, see llama_index_query_engine.py.
 
 Run: python examples/llama_index_agent.py   (embedded SmolLM2-135M-Instruct, CPU is fine)
 """
@@ -12,29 +14,41 @@ Run: python examples/llama_index_agent.py   (embedded SmolLM2-135M-Instruct, CPU
 from __future__ import annotations
 
 import asyncio
-import random
+import json
 
 from llama_index.core import Document
 from llama_index.core.agent.workflow import FunctionAgent, ReActAgent, ToolCallResult
-from llama_index.core.base.llms.types import ChatMessage, ToolCallBlock
+from llama_index.core.base.llms.types import ChatMessage
 
 from qllm_integrations.llama_index import QLLM, document_tools
 from qllm_runtime import QLLMConfig, QLLMEngine
 
-EXAMPLE = "When was the orchard founded?"
+DOCUMENTS = [
+    Document(text="The orchard at Millbrook grows apples and pears. The head gardener of the orchard is named "
+             "Tobias Fenwick. He has worked there for twelve years.", metadata={"title": "Millbrook orchard"}),
+    Document(text="The harbour of Kelby has a red lighthouse. The keeper of the Kelby lighthouse is named "
+             "Mara Quill.", metadata={"title": "Kelby harbour"}),
+]
+QUESTION = "Who is the head gardener of the Millbrook orchard?"
+EXAMPLE = "When was the Millbrook orchard founded?"
 
 
-def chronicle(fact: str, n_paragraphs: int, seed: int) -> str:
-    """Seeded paragraphs of everyday sentences with one fact near the start."""
-    rng = random.Random(seed)
-    who = ["The baker", "A gardener", "The old sailor", "My neighbour", "The teacher", "The mayor"]
-    did = ["walked to", "looked at", "talked about", "painted", "visited", "cleaned", "repaired"]
-    what = ["the quiet harbour", "a red bicycle", "the village market", "an old bridge", "a wooden boat",
-            "the town hall", "a small garden", "the stone chapel"]
-    when = ["in the morning", "after lunch", "before the rain started", "on a sunny day", "without a word"]
-    paragraphs = [" ".join(f"{rng.choice(who)} {rng.choice(did)} {rng.choice(what)} {rng.choice(when)}."
-                           for _ in range(8)) for _ in range(n_paragraphs)]
-    return "\n\n".join([*paragraphs[:2], fact, *paragraphs[2:]])
+def function_example(tool: str) -> list[ChatMessage]:
+    """An earlier turn in which the assistant wrote a JSON call of `tool` (for FunctionAgent)."""
+    call = json.dumps({"name": tool, "arguments": {"input": EXAMPLE}})
+    return [ChatMessage(role="user", content=EXAMPLE), ChatMessage(role="assistant", content=call)]
+
+
+def react_example(tool: str) -> list[ChatMessage]:
+    """An earlier exchange in the ReAct format, calling `tool`."""
+    return [
+        ChatMessage(role="user", content=EXAMPLE),
+        ChatMessage(role="assistant", content="Thought: I need to use a tool to help me answer the question.\n"
+                    f'Action: {tool}\nAction Input: {{"input": "{EXAMPLE}"}}'),
+        ChatMessage(role="user", content="Observation: The orchard was founded in 1887."),
+        ChatMessage(role="assistant", content="Thought: I can answer without using any more tools.\n"
+                    "Answer: The orchard was founded in 1887."),
+    ]
 
 
 async def run(agent: FunctionAgent | ReActAgent, question: str, history: list[ChatMessage]) -> None:
@@ -46,39 +60,18 @@ async def run(agent: FunctionAgent | ReActAgent, question: str, history: list[Ch
 
 
 def main() -> None:
-    documents = [
-        Document(text=chronicle("The head gardener of the orchard is named Tobias Fenwick.", 30, seed=1),
-                 metadata={"title": "Millbrook orchard", "description": "The chronicle of the Millbrook orchard."}),
-        Document(text=chronicle("The keeper of the Kelby lighthouse is named Mara Quill.", 30, seed=2),
-                 metadata={"title": "Kelby harbour", "description": "The chronicle of the Kelby harbour."}),
-    ]
     engine = QLLMEngine.default(QLLMConfig(n_init=16, n_local=256, block_size=64, topk=4, lookup_chunk=128))
     llm = QLLM(engine=engine, max_new_tokens=64)
-    print("tools:", ", ".join(f"{engine.count_tokens(d.text)} tokens" for d in documents), "\n")
+    orchard, harbour = document_tools(DOCUMENTS, engine=engine, max_new_tokens=24)
+    print(f"tools: {orchard.metadata.name}, {harbour.metadata.name}\n")
 
-    print("FunctionAgent (the tool's answer is returned directly):")
-    tools = document_tools(documents, engine=engine, return_direct=True, max_new_tokens=24)
-    one_shot = [
-        ChatMessage(role="user", content=EXAMPLE),
-        ChatMessage(role="assistant", blocks=[ToolCallBlock(tool_call_id="call_0", tool_name="millbrook_orchard",
-                                                            tool_kwargs={"input": EXAMPLE})]),
-        ChatMessage(role="tool", content="The orchard was founded in 1887.",
-                    additional_kwargs={"tool_call_id": "call_0"}),
-    ]
-    agent = FunctionAgent(tools=tools, llm=llm, initial_tool_choice="millbrook_orchard")
-    asyncio.run(run(agent, "Who is the head gardener of the Millbrook orchard?", one_shot))
+    print("FunctionAgent (returns the tool's answer):")
+    orchard_direct, _ = document_tools(DOCUMENTS, engine=engine, return_direct=True, max_new_tokens=24)
+    agent = FunctionAgent(tools=[orchard_direct], llm=llm, initial_tool_choice=orchard.metadata.name)
+    asyncio.run(run(agent, QUESTION, function_example(orchard.metadata.name)))
 
-    print("ReActAgent (the model reads the tool's answer and replies):")
-    tools = document_tools(documents, engine=engine, max_new_tokens=24)
-    one_shot = [
-        ChatMessage(role="user", content=EXAMPLE),
-        ChatMessage(role="assistant", content="Thought: I need to use a tool to help me answer the question.\n"
-                    f'Action: millbrook_orchard\nAction Input: {{"input": "{EXAMPLE}"}}'),
-        ChatMessage(role="user", content="Observation: The orchard was founded in 1887."),
-        ChatMessage(role="assistant", content="Thought: I can answer without using any more tools.\n"
-                    "Answer: The orchard was founded in 1887."),
-    ]
-    asyncio.run(run(ReActAgent(tools=tools, llm=llm), "Who is the keeper of the Kelby lighthouse?", one_shot))
+    print("ReActAgent (reads the tool's answer and replies):")
+    asyncio.run(run(ReActAgent(tools=[orchard], llm=llm), QUESTION, react_example(orchard.metadata.name)))
 
 
 if __name__ == "__main__":

@@ -57,7 +57,14 @@ try:
     from llama_index.core.prompts import BasePromptTemplate
     from llama_index.core.query_engine import CustomQueryEngine
     from llama_index.core.retrievers import BaseRetriever
-    from llama_index.core.schema import Document, MetadataMode, NodeWithScore, QueryBundle, TransformComponent
+    from llama_index.core.schema import (
+        BaseNode,
+        Document,
+        MetadataMode,
+        NodeWithScore,
+        QueryBundle,
+        TransformComponent,
+    )
     from llama_index.core.storage import StorageContext
     from llama_index.core.tools import QueryEngineTool
     from llama_index.core.types import TokenAsyncGen, TokenGen
@@ -402,7 +409,9 @@ class QLLMIndex(SummaryIndex):
 
     Nodes are kept in the docstore like a `SummaryIndex` (so `storage_context.persist()` keeps them); the
     memory is read on the first query (again after loading) from the node texts joined in order, and
-    inserted nodes extend it. `engine`: a `QLLMEngine`, default the embedded model.
+    inserted nodes extend it. Nodes are citation units, not retrieval units: unless `transformations` are
+    given, documents are split into sentence chunks of 256 tokens without overlap. `engine`: a
+    `QLLMEngine`, default the embedded model.
     """
 
     def __init__(self, *args: Any, engine: QLLMEngine | None = None,
@@ -450,7 +459,7 @@ class QLLMIndex(SummaryIndex):
                 self._memory = self.engine.read(NODE_SEPARATOR.join(texts))
             return self._memory
 
-    def _insert(self, nodes: Sequence[Any], **insert_kwargs: Any) -> None:
+    def _insert(self, nodes: Sequence[BaseNode], **insert_kwargs: Any) -> None:
         super()._insert(nodes, **insert_kwargs)
         with self._read_lock:
             if self._memory is not None:

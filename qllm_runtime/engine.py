@@ -301,7 +301,7 @@ class QLLMEngine:
         """Per-layer question vectors from a standalone forward of (chat header + question)."""
         if self.config.beta == 0.0:
             return None
-        ids, start, end = self.prompts.question_probe(question)
+        ids, start, end = self.prompts.question_probe(question, max_tokens=self.config.n_local)
         probe = QuestionProbe(self._rope, start, end, self.config.n_local)
         hook.run_model(self.model, torch.tensor([ids], device=self.device), probe)
         return probe.vectors

@@ -137,14 +137,15 @@ class PromptBuilder:
         question = check_text(question, "question") if question is not None else content
         return PromptParts(self.context_tokens("", head), self.encode(content + tail), question)
 
-    def question_probe(self, question: str) -> tuple[list[int], int, int]:
-        """Ids of (chat header + question) and the [start, end) span of the question's tokens."""
+    def question_probe(self, question: str, max_tokens: int) -> tuple[list[int], int, int]:
+        """Ids of (chat header + question) and the [start, end) span of the question's tokens; a question
+        longer than `max_tokens` keeps its end (where the ask usually is), so the probe stays short."""
         if self.has_template:
             head, _ = self._split_user_turn([{"role": "user", "content": _SENTINEL}], generation_prompt=False)
         else:
             head = "Question: "
         head_ids = self._start(head) + self.encode(head)
-        q_ids = self.encode(question)
+        q_ids = self.encode(question)[-max_tokens:]
         return head_ids + q_ids, len(head_ids), len(head_ids) + len(q_ids)
 
     def stop_token_ids(self, generation_config) -> set[int]:

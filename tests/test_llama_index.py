@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import subprocess
@@ -14,7 +15,7 @@ pytest.importorskip("llama_index.core")
 
 from llama_index.core import Document, StorageContext, SummaryIndex
 from llama_index.core.agent.workflow import FunctionAgent, ReActAgent, ToolCallResult
-from llama_index.core.base.llms.types import ChatMessage, ToolCallBlock
+from llama_index.core.base.llms.types import ChatMessage
 
 import qllm_integrations.llama_index as li
 from qllm_integrations.llama_index import QLLM, QLLMIndex, document_tools
@@ -124,15 +125,17 @@ async def test_summary_index_compact_mode_is_one_call_with_the_question_apart(de
     assert engine.asked == [(context, question)] * 4
 
 
-def test_persisted_index_loads_and_answers_the_same(default_engine, tmp_path):
+async def test_persisted_index_loads_and_answers_the_same(default_engine, tmp_path):
     index = QLLMIndex.from_documents([ORCHARD, HARBOUR], engine=default_engine)
     index.storage_context.persist(persist_dir=str(tmp_path))
     loaded = QLLMIndex.from_storage(StorageContext.from_defaults(persist_dir=str(tmp_path)), engine=default_engine)
     assert loaded.index_struct.nodes == index.index_struct.nodes
     assert set(loaded.ref_doc_info) == {ORCHARD.doc_id, HARBOUR.doc_id}
     before = index.as_query_engine(max_new_tokens=12).query(GARDENER_QUESTION)
-    after = loaded.as_query_engine(max_new_tokens=12).query(GARDENER_QUESTION)
+    after = await loaded.as_query_engine(max_new_tokens=12).aquery(GARDENER_QUESTION)
+    streamed = await loaded.as_query_engine(streaming=True, max_new_tokens=12).aquery(GARDENER_QUESTION)
     assert after.response == before.response
+    assert "".join([d async for d in streamed.async_response_gen()]) == before.response
 
 
 def test_inserting_a_document_extends_the_memory(default_engine, caplog):
@@ -195,15 +198,10 @@ async def test_sync_and_async_calls_agree_without_blocking_the_loop(default_engi
 
 # ---- agents ---------------------------------------------------------------------------------------
 def one_shot(tool_name: str) -> list[ChatMessage]:
-    """An earlier exchange that shows a small model how a tool call looks."""
+    """An earlier exchange that shows a small model what a tool call looks like."""
     example = "When was the Millbrook orchard founded?"
-    return [
-        ChatMessage(role="user", content=example),
-        ChatMessage(role="assistant", blocks=[ToolCallBlock(tool_call_id="call_0", tool_name=tool_name,
-                                                            tool_kwargs={"input": example})]),
-        ChatMessage(role="tool", content="The orchard was founded in 1887.",
-                    additional_kwargs={"tool_call_id": "call_0"}),
-    ]
+    call = json.dumps({"name": tool_name, "arguments": {"input": example}})
+    return [ChatMessage(role="user", content=example), ChatMessage(role="assistant", content=call)]
 
 
 async def test_function_agent_calls_the_document_tool(default_engine):
