@@ -3,7 +3,8 @@
     quickllama-bench --preset small                       # CPU, embedded model, ~10 minutes
     quickllama-bench --preset full --device cuda          # GPU box: 4K-128K
     quickllama-bench --tasks niah --lengths 4K,8K --methods qllm,infllm --sweep question_weight=0,1,4
-    quickllama-bench plot results/DIR                     # NIAH heat-map from a results.json
+    quickllama-bench --preset full --device cuda --jobs 8 # 8 worker processes share the GPU (small models)
+    quickllama-bench report results/A results/B --out results/AB   # merge runs: summary and heat-maps
 """
 
 from __future__ import annotations
@@ -11,13 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from benchmarks import report
+
 if TYPE_CHECKING:
+    from benchmarks.runner import Method
     from benchmarks.tasks import Task
     from qllm_runtime import QLLMConfig, QLLMEngine
 
@@ -30,7 +35,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "depths": [0.5],
     },
     "full": {
-        "tasks": ["passkey", "niah", "kv", "squad", *(f"babilong-qa{n}" for n in range(1, 6))],
+        "tasks": ["passkey", "niah", "niah-word", "kv", "squad", *(f"babilong-qa{n}" for n in range(1, 6))],
         "lengths": [4096, 16384, 32768, 65536, 131072],
         "methods": ["full", "streaming", "infllm", "qllm", "qllm-read"],
         "samples": 3,
@@ -98,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="QLLMConfig values to sweep, e.g. --sweep question_weight=0,1,4")
     p.add_argument("--book", help="plain-text book for BABILong filler (default: the Paul Graham essays)")
     p.add_argument("--out", type=Path, help="results folder (default: results/<preset>-<time>)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="worker processes, each running one (length, task, method) at a time on the same "
+                   "device; a small model leaves the GPU idle between its kernels, so 4-8 finish sooner")
     return p
 
 
@@ -134,12 +142,6 @@ def _say(start: float, text: str) -> None:
     print(f"[{time.perf_counter() - start:7.1f}s] {text}", file=sys.stderr, flush=True)
 
 
-def _write(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1), encoding="utf-8")
-    tmp.replace(out / "results.json")
-
-
 def run(argv: Sequence[str] | None = None, engine: QLLMEngine | None = None) -> int:
     """Run the benchmark; returns 1 if any sample failed, else 0.
 
@@ -153,12 +155,14 @@ def run(argv: Sequence[str] | None = None, engine: QLLMEngine | None = None) -> 
     samples = args.samples if args.samples is not None else preset["samples"]
     depths = args.depths or preset["depths"]
 
-    from benchmarks import data, report
+    from benchmarks import data
     from benchmarks.runner import Runner, expand_methods
     from benchmarks.tasks import generate
     from qllm_runtime import QLLMConfig
 
     sets = _key_values(args.set, "--set")
+    if args.jobs < 1:
+        raise SystemExit(f"quickllama-bench: --jobs takes a count of 1 or more, got {args.jobs}")
     if any(len(v) > 1 for v in sets.values()):
         raise SystemExit("quickllama-bench: --set takes one value per key; use --sweep to try several")
     try:
@@ -171,6 +175,10 @@ def run(argv: Sequence[str] | None = None, engine: QLLMEngine | None = None) -> 
         raise SystemExit(f"quickllama-bench: {e}") from e
     out = args.out or Path("results") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
+
+    if args.jobs > 1:
+        units = [(n, t.name, m) for n in sorted(lengths, reverse=True) for t in tasks for m in methods]
+        return _run_workers(list(sys.argv[1:] if argv is None else argv), units, args.jobs, out)
 
     import torch
     import transformers
@@ -199,42 +207,140 @@ def run(argv: Sequence[str] | None = None, engine: QLLMEngine | None = None) -> 
                      for s in generate(task, counter, length, seed, samples, depths, args.questions)]
             _say(start, f"{task.name} @ {length}: {len(batch)} contexts in {time.perf_counter() - t0:.1f}s")
             for method in methods:
-                new = list(runner.run(method, task, batch))
-                rows += new
+                new = []
+                for row in runner.run(method, task, batch):  # written row by row: a stopped run keeps them
+                    new.append(row)
+                    rows.append(row)
+                    meta["wall_s"] = time.perf_counter() - start
+                    report.write(out, meta, rows, maps=False)
                 ok = [r["score"] for r in new if r["error"] is None]
                 _say(start, f"  {method.label:<24} score {sum(ok):g}/{len(ok)}  errors {len(new) - len(ok)}")
-                meta["wall_s"] = time.perf_counter() - start
-                _write(out, meta, rows)
-    summary = report.summarize(rows)
-    (out / "summary.md").write_text(summary, encoding="utf-8")
-    print(summary)
-    heatmap = report.plot_niah(rows, out / "niah_heatmap.png")
-    print(f"wrote {out / 'results.json'}, {out / 'summary.md'}" + (f", {heatmap}" if heatmap else "")
-          + f" in {meta['wall_s']:.0f}s")
+    meta["complete"] = True
+    return _finish(out, meta, rows)
+
+
+def _finish(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> int:
+    """Write the results, print the summary and what was written; 1 if any row failed."""
+    written = report.write(out, meta, rows)
+    print(report.summarize(rows) if rows else "no results")
+    print("wrote " + ", ".join(map(str, written)) + (f" in {meta['wall_s']:.0f}s" if "wall_s" in meta else ""))
     errors = [r["error"] for r in rows if r["error"]]
     if errors:
         print(f"{len(errors)} rows failed; first: {errors[0]}", file=sys.stderr)
     return int(bool(errors))
 
 
-def plot(argv: Sequence[str]) -> int:
-    """`quickllama-bench plot DIR`: draw DIR/niah_heatmap.png from DIR/results.json."""
-    from benchmarks import report
+def _merged(parts: Sequence[Path]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The metas and rows of several results.json files (missing ones skipped); a row of a later file
+    replaces an earlier row of the same question, sample, length, task and method (a re-run)."""
+    metas, rows = [], {}
+    for path in parts:
+        if path.is_file():
+            result = json.loads(path.read_text(encoding="utf-8"))
+            metas.append(result["meta"])
+            for r in result["rows"]:
+                rows[r["task"], r["length"], r["seed"], r["sample"], r["query"], r["method"]] = r
+    return {"merged": metas}, list(rows.values())
 
-    parser = argparse.ArgumentParser(prog="quickllama-bench plot", description=plot.__doc__)
-    parser.add_argument("results", type=Path, help="a results folder (or its results.json)")
+
+def _complete(path: Path, argv: Sequence[str]) -> bool:
+    """Whether `path` holds the results of a finished run of the command line `argv`."""
+    if not path.is_file():
+        return False
+    meta = json.loads(path.read_text(encoding="utf-8"))["meta"]
+    return meta.get("complete", False) and meta["argv"] == list(argv)
+
+
+def _without_sweeps(argv: Sequence[str]) -> list[str]:
+    """`argv` less its --sweep options."""
+    out: list[str] = []
+    skip = False
+    for token in argv:
+        if not skip and token != "--sweep" and not token.startswith("--sweep="):
+            out.append(token)
+        skip = token == "--sweep" and not skip
+    return out
+
+
+def _run_workers(argv: list[str], units: list[tuple[int, str, Method]], jobs: int, out: Path) -> int:
+    """Run each (length, task, method) in its own process, `jobs` at a time, longest first; merge as they go.
+
+    Workers re-read this command line with their unit appended (the last value of an option wins; a
+    swept method gets its one combination as its sweep).
+    Stopping the parent (Ctrl-C, SIGTERM) stops the workers and still writes what finished; the same
+    command with the same --out later skips the units that completed with the same options.
+    """
+    import signal
+    import subprocess
+
+    def stop(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # `timeout` signals the whole group: once is enough
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    start = time.perf_counter()
+    parts = out / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    pending, running, results = [], {}, []
+    base_argv = _without_sweeps(argv)
+    for length, task, method in units:
+        part = parts / re.sub(r"[^A-Za-z0-9._-]+", "_", f"{length}-{task}-{method.label}").strip("_")
+        sweeps = [x for k, v in method.overrides for x in ("--sweep", f"{k}={v}")]
+        worker_argv = [*base_argv, "--jobs", "1", "--tasks", task, "--lengths", str(length),
+                       "--methods", method.kind, *sweeps, "--out", str(part)]
+        if _complete(part / "results.json", worker_argv):
+            results.append(part / "results.json")
+        else:
+            pending.append((part, worker_argv))
+    _say(start, f"{len(units)} units: {len(results)} already complete, {len(pending)} to run, {jobs} at a time")
+    merged_at = 0.0
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                part, worker_argv = pending.pop(0)
+                part.mkdir(exist_ok=True)
+                results.append(part / "results.json")
+                cmd = [sys.executable, "-m", "benchmarks.cli", *worker_argv]
+                with open(part / "log.txt", "w", encoding="utf-8") as log:
+                    running[subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)] = part.name
+                _say(start, f"started {part.name} ({len(pending)} waiting)")
+            time.sleep(1)
+            finished = [p for p in running if p.poll() is not None]
+            for proc in finished:
+                _say(start, f"finished {running.pop(proc)} (exit {proc.returncode})")
+            if finished or time.perf_counter() - merged_at > 30:  # keep a current merge on disk
+                meta, rows = _merged(results)
+                meta["wall_s"] = merged_at = time.perf_counter() - start
+                report.write(out, meta, rows, maps=False)
+    except KeyboardInterrupt:
+        for proc in running:
+            proc.terminate()
+        for proc in running:
+            proc.wait()
+        _say(start, f"stopped; {len(running)} units cut short, {len(pending)} not started")
+    meta, rows = _merged(results)
+    meta["wall_s"] = time.perf_counter() - start
+    return _finish(out, meta, rows)
+
+
+def report_command(argv: Sequence[str]) -> int:
+    """`quickllama-bench report DIR [DIR ...] [--out DIR]`: merge results; write the summary and heat-maps."""
+    parser = argparse.ArgumentParser(prog="quickllama-bench report", description=report_command.__doc__)
+    parser.add_argument("results", type=Path, nargs="+", help="results folders (or their results.json)")
+    parser.add_argument("--out", type=Path, help="where to write (default: the only input folder)")
     args = parser.parse_args(argv)
-    path = args.results / "results.json" if args.results.is_dir() else args.results
-    rows = json.loads(path.read_text(encoding="utf-8"))["rows"]
-    png = report.plot_niah(rows, path.parent / "niah_heatmap.png")
-    print(png or f"no NIAH rows in {path}")
-    return 0 if png else 1
+    paths = [p / "results.json" if p.is_dir() else p for p in args.results]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing or (args.out is None and len(paths) > 1):
+        parser.error(f"no results.json at {', '.join(missing)}" if missing else "several inputs need --out")
+    meta, rows = _merged(paths)
+    return _finish(args.out or paths[0].parent, meta if len(paths) > 1 else meta["merged"][0], rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: `quickllama-bench [options]` runs, `quickllama-bench plot DIR` draws."""
+    """Entry point: `quickllama-bench [options]` runs, `quickllama-bench report DIR...` summarises."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    return plot(argv[1:]) if argv[:1] == ["plot"] else run(argv)
+    return report_command(argv[1:]) if argv[:1] == ["report"] else run(argv)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -66,9 +67,9 @@ def summarize(rows: Sequence[Row]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def plot_niah(rows: Iterable[Row], path: Path) -> Path | None:
-    """Heat-map of NIAH accuracy, depth × length, one panel per method; None if there are no NIAH rows."""
-    niah = [r for r in rows if r["task"] == "niah" and r["error"] is None]
+def plot_niah(rows: Iterable[Row], path: Path, task: str = "niah") -> Path | None:
+    """Heat-map of `task`'s accuracy, depth × length, one panel per method; None if `task` has no rows."""
+    niah = [r for r in rows if r["task"] == task and r["error"] is None]
     if not niah:
         return None
     import matplotlib
@@ -92,7 +93,7 @@ def plot_niah(rows: Iterable[Row], path: Path) -> Path | None:
             for j, value in enumerate(line):
                 if not math.isnan(value):
                     ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=7)
-        ax.set_title(method, fontsize=9)
+        ax.set_title(f"{task}: {method}" if len(methods) == 1 else method, fontsize=9)
         ax.set_xticks(range(len(lengths)), [_short(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
         ax.set_xlabel("context tokens")
@@ -101,3 +102,16 @@ def plot_niah(rows: Iterable[Row], path: Path) -> Path | None:
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def write(out: Path, meta: dict[str, Any], rows: list[Row], maps: bool = True) -> list[Path]:
+    """`out`/results.json (replaced atomically), summary.md and (`maps`) a heat-map per NIAH task; the paths
+    written."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1), encoding="utf-8")
+    tmp.replace(out / "results.json")
+    (out / "summary.md").write_text(summarize(rows) if rows else "no results yet\n", encoding="utf-8")
+    maps = [plot_niah(rows, out / f"{task}_heatmap.png", task)
+            for task in dict.fromkeys(r["task"] for r in rows) if maps and task.startswith("niah")]
+    return [out / "results.json", out / "summary.md", *(m for m in maps if m)]

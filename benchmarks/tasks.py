@@ -85,21 +85,33 @@ _NOUNS = (
     "river", "saddle", "scarf", "spider", "teapot", "thunder", "tunnel", "violin", "walrus", "willow",
 )
 NIAH_PREFIX = (
-    "Some special magic numbers are hidden within the following text. Make sure to memorize them. "
-    "I will quiz you about the numbers afterwards.\n\n"
+    "Some special magic {kind}s are hidden within the following text. Make sure to memorize them. "
+    "I will quiz you about the {kind}s afterwards.\n\n"
 )
 
 
-def make_niah(
-    counter: data.TokenCounter, length: int, rng: random.Random, depth: float, n_queries: int
-) -> tuple[data.Haystack, list[Query]]:
-    """RULER single needle in the Paul Graham essays: a 7-digit value for a two-word key."""
-    key = f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}"
-    value = str(rng.randrange(1_000_000, 10_000_000))
-    needle = f"One of the special magic numbers for {key} is: {value}."
-    hay = data.build_haystack(counter, data.essays(), length, [(depth, needle)], rng, NIAH_PREFIX)
-    question = f"What is the special magic number for {key} mentioned in the provided text?"
-    return hay, [Query(question, (value,), key, tuple(hay.spans), depth)]
+def _adjective_noun(rng: random.Random) -> str:
+    return f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}"
+
+
+def make_niah(kind: str) -> Maker:
+    """RULER single needle in the Paul Graham essays, keyed by an adjective-noun word; its value is a
+    7-digit number (`kind` "number", RULER's niah_single_2) or another adjective-noun word ("word")."""
+
+    def make(
+        counter: data.TokenCounter, length: int, rng: random.Random, depth: float, n_queries: int
+    ) -> tuple[data.Haystack, list[Query]]:
+        key = _adjective_noun(rng)
+        value = str(rng.randrange(1_000_000, 10_000_000)) if kind == "number" else key
+        while value == key:
+            value = _adjective_noun(rng)
+        needle = f"One of the special magic {kind}s for {key} is: {value}."
+        hay = data.build_haystack(counter, data.essays(), length, [(depth, needle)], rng,
+                                  NIAH_PREFIX.format(kind=kind))
+        question = f"What is the special magic {kind} for {key} mentioned in the provided text?"
+        return hay, [Query(question, (value,), key, tuple(hay.spans), depth)]
+
+    return make
 
 
 KV_PREFIX = "Extract the value corresponding to the specified key in the JSON object below.\n\nJSON data:\n"
@@ -219,7 +231,8 @@ def registry(book: str | None = None) -> dict[str, Task]:
     """Every task by name; `book` is a text file used as BABILong filler instead of the essays."""
     tasks = [
         Task("passkey", make_passkey, _score_with(scoring.first_number), 16),
-        Task("niah", make_niah, _score_with(scoring.contains_all), 32, depth_grid=True),
+        Task("niah", make_niah("number"), _score_with(scoring.contains_all), 32, depth_grid=True),
+        Task("niah-word", make_niah("word"), _score_with(scoring.contains_all), 32, depth_grid=True),
         Task("kv", make_kv, _score_with(scoring.contains_all), 48),
         Task("squad", make_squad, _score_with(scoring.contains_any), 32),
     ]

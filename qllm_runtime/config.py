@@ -28,6 +28,10 @@ class QLLMConfig(BaseModel):
     lookup_chunk: int = Field(512, ge=1, description="prefill queries that share one lookup (at most prefill_chunk)")
     prefill_chunk: int = Field(4096, ge=1, description="tokens per model forward while reading")
     question_weight: float = Field(4.0, ge=0.0, description="beta: weight of the question term in lookup")
+    question_topk: int | None = Field(
+        None, ge=1, description="question tokens pooled per head into the question vector: the most-attended "
+        "ones, as Q-LLM's code does (4); None = the mean over every question token"
+    )
     offload: Offload = Field("auto", description="block placement: device pool, CPU + device LRU cache, or auto")
     device_pool_gb: float | None = Field(
         None, gt=0, description="auto: bytes of blocks (all layers) kept on the device before offloading; "

@@ -302,7 +302,7 @@ class QLLMEngine:
         if self.config.beta == 0.0:
             return None
         ids, start, end = self.prompts.question_probe(question, max_tokens=self.config.n_local)
-        probe = QuestionProbe(self._rope, start, end, self.config.n_local)
+        probe = QuestionProbe(self._rope, start, end, self.config.n_local, self.config.question_topk)
         hook.run_model(self.model, torch.tensor([ids], device=self.device), probe)
         return probe.vectors
 

@@ -43,14 +43,18 @@ def test_haystack_refuses_a_budget_too_small(counter):
 
 @needs_lce
 @pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.75, 1.0])
-def test_niah_needle_sits_at_the_asked_depth(counter, depth):
-    task = tasks.registry()["niah"]
+@pytest.mark.parametrize("name,kind", [("niah", "number"), ("niah-word", "word")])
+def test_niah_needle_sits_at_the_asked_depth(counter, depth, name, kind):
+    task = tasks.registry()[name]
     sample, = tasks.generate(task, counter, 2048, seed=0, n_samples=1, depths=[depth])
     query, = sample.queries
     assert abs(sample.context_tokens - 2048) <= 2
     start, end = query.evidence[0]
-    assert query.answers[0] in sample.context[start:end]
-    prefix_tokens = counter.count(tasks.NIAH_PREFIX)
+    value = query.answers[0]
+    assert value in sample.context[start:end] and sample.context.count(value) == 1
+    assert value.isdigit() == (kind == "number") and value != query.subject
+    assert f"special magic {kind} for {query.subject}" in query.question
+    prefix_tokens = counter.count(tasks.NIAH_PREFIX.format(kind=kind))
     before = counter.count(sample.context[:start]) - prefix_tokens
     assert before / (sample.context_tokens - prefix_tokens) == pytest.approx(depth, abs=0.05)
 
@@ -155,7 +159,8 @@ def _rows() -> list[dict]:
     for method in ("full", "qllm"):
         for length in (1024, 4096):
             for depth in (0.0, 1.0):
-                rows.append({"task": "niah", "method": method, "length": length, "depth": depth,
+                rows.append({"task": "niah", "method": method, "length": length, "depth": depth, "seed": 0,
+                             "sample": int(depth), "query": 0,
                              "score": float(method == "qllm" or depth == 1.0), "error": None, "wall_s": 1.0,
                              "read_s": None, "questions": 1,
                              "evidence_recall": 1.0 if method == "qllm" else None})
@@ -170,6 +175,27 @@ def test_summary_and_heatmap(tmp_path):
     assert "| full | 50 (1 err) | 50 |" in text and "| qllm | 100 | 100 |" in text
     assert report.plot_niah(rows, tmp_path / "map.png").stat().st_size > 1000
     assert report.plot_niah([{**r, "task": "kv"} for r in rows], tmp_path / "none.png") is None
+    written = report.write(tmp_path / "w", {}, [*rows, *({**r, "task": "niah-word"} for r in rows)])
+    assert [p.name for p in written] == ["results.json", "summary.md", "niah_heatmap.png", "niah-word_heatmap.png"]
+
+
+def test_report_merges_runs(tmp_path, capsys):
+    rows = _rows()
+    report.write(tmp_path / "a", {"run": "a"}, rows[:4], maps=False)
+    report.write(tmp_path / "b", {"run": "b"}, rows[4:], maps=False)
+    assert cli.main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ab")]) == 0
+    merged = json.loads((tmp_path / "ab" / "results.json").read_text())
+    assert merged["rows"] == rows and [m["run"] for m in merged["meta"]["merged"]] == ["a", "b"]
+    assert "| qllm | 100 | 100 |" in capsys.readouterr().out
+    rerun = {**rows[0], "score": 1.0 - rows[0]["score"]}
+    report.write(tmp_path / "c", {"run": "c"}, [rerun], maps=False)
+    assert cli.main(["report", *(str(tmp_path / x) for x in "abc"), "--out", str(tmp_path / "abc")]) == 0
+    merged = json.loads((tmp_path / "abc" / "results.json").read_text())["rows"]
+    assert merged == [rerun, *rows[1:]]  # a re-run replaces the row of the same question and method
+    with pytest.raises(SystemExit):
+        cli.main(["report", str(tmp_path / "a"), str(tmp_path / "b")])  # several inputs need --out
+    with pytest.raises(SystemExit):
+        cli.main(["report", str(tmp_path / "missing")])
 
 
 @pytest.fixture
@@ -195,5 +221,26 @@ def test_cli_smoke(default_engine, one_thread, tmp_path: Path):
     assert all(r["error"] is None and r["score"] in (0.0, 1.0) and r["wall_s"] > 0 for r in rows)
     assert rows[1]["blocks"] > 0 and rows[1]["evidence_recall"] is not None
     assert result["meta"]["base_config"]["n_local"] == default_engine.config.n_local
-    assert "niah: accuracy" in (out / "summary.md").read_text()
-    assert cli.main(["plot", str(out)]) == 0 and (out / "niah_heatmap.png").is_file()
+    assert "niah: accuracy" in (out / "summary.md").read_text() and (out / "niah_heatmap.png").is_file()
+    (out / "niah_heatmap.png").unlink()
+    assert cli.main(["report", str(out)]) == 0 and (out / "niah_heatmap.png").is_file()
+
+
+@pytest.mark.slow
+def test_cli_worker_processes(tmp_path: Path):
+    """--jobs: one process per (length, task, method and swept values), merged as they finish; a re-run
+    skips what completed."""
+    out = tmp_path / "jobs"
+    argv = ["--tasks", "passkey", "--lengths", "600", "--methods", "full,streaming", "--samples", "1",
+            "--threads", "1", "--jobs", "2", "--sweep", "n_local=256,320", "--out", str(out)]
+    assert cli.run(argv) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    labels = ["full", "streaming[n_local=256]", "streaming[n_local=320]"]
+    assert sorted(r["method"] for r in rows) == labels
+    assert all(r["error"] is None and r["length"] == 600 for r in rows)
+    parts = sorted(p.name for p in (out / "parts").iterdir())
+    assert parts == ["600-passkey-full", "600-passkey-streaming_n_local_256", "600-passkey-streaming_n_local_320"]
+    logs = {p: (out / "parts" / p / "log.txt").stat().st_mtime_ns for p in parts}
+    assert cli.run(argv) == 0  # nothing left to run
+    assert {p: (out / "parts" / p / "log.txt").stat().st_mtime_ns for p in parts} == logs
+    assert json.loads((out / "results.json").read_text())["rows"] == rows

@@ -11,6 +11,7 @@ import qllm_runtime.engine as engine_module
 from qllm_runtime import QLLMConfig, QLLMEngine
 from qllm_runtime.attention import attend_reference
 from qllm_runtime.memory import ModelMemory, reference_scorer
+from qllm_runtime.rope import RotaryTables
 
 from .conftest import tiny_model
 
@@ -159,3 +160,33 @@ def test_offloaded_blocks_give_the_same_answer(llama):
     for engine in (offloaded, mixed):
         got = engine.ask(context, "Item 4?", max_new_tokens=10)
         assert (got.text, got.blocks) == (expected.text, expected.blocks)
+
+
+def test_question_vector_pools_the_most_attended_question_tokens(llama):
+    """question_topk=k averages, per head, the k question tokens that received the most attention (per
+    query that could see them); k >= the question's length is the plain mean (question_topk=None)."""
+    from qllm_runtime.attention import apply_rope
+    from qllm_runtime.question import QuestionProbe
+
+    model, _ = llama
+    rope = RotaryTables(model, torch.device("cpu"))
+    torch.manual_seed(0)
+    heads, kv_heads, n, d, start, end, n_local = 4, 2, 12, 16, 3, 10, 32
+    query, key, value = torch.randn(heads, n, d), torch.randn(kv_heads, n, d), torch.randn(kv_heads, n, d)
+    pooled = {}
+    for topk in (None, end - start, 2):
+        probe = QuestionProbe(rope, start, end, n_local, topk)
+        out = probe.attend(0, query, key, value, d**-0.5)
+        pooled[topk] = probe.vectors[0]
+    cos, sin = rope.get(n_local + 1)
+    assert out.shape == (n, heads, d)
+    torch.testing.assert_close(pooled[None], apply_rope(query[:, start:end].mean(1), cos[n_local], sin[n_local]))
+    torch.testing.assert_close(pooled[end - start], pooled[None])
+    # recompute the received attention by hand and check the two picked tokens per head
+    q, k = apply_rope(query, cos[:n], sin[:n]), apply_rope(key, cos[:n], sin[:n]).repeat_interleave(2, dim=0)
+    probs = (q @ k.transpose(1, 2) * d**-0.5).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), -torch.inf)
+    received = probs.softmax(-1).sum(1) / torch.arange(n, 0, -1)
+    top = received[:, start:end].topk(2).indices + start
+    expected = torch.stack([query[h, top[h]].mean(0) for h in range(heads)])
+    torch.testing.assert_close(pooled[2], apply_rope(expected, cos[n_local], sin[n_local]))
+    assert not torch.allclose(pooled[2], pooled[None])
