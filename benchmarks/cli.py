@@ -146,7 +146,7 @@ def run(argv: Sequence[str] | None = None, engine: QLLMEngine | None = None) -> 
     """Run the benchmark; returns 1 if any sample failed, else 0.
 
     `engine`: an already loaded QLLMEngine whose model and tokenizer to use, and whose config --set
-    amends (--model, --device and --dtype are then ignored).
+    amends (--model, --device and --dtype are then ignored; with --jobs above 1 each worker loads its own).
     """
     args = build_parser().parse_args(argv)
     preset = PRESETS[args.preset]
