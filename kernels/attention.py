@@ -1,9 +1,13 @@
 """Fused attention over [local window | init | selected blocks | remainder] with one softmax.
 
 The spec is `qllm_runtime.attention.attend_reference`. Keys arrive un-rotated. Local keys and queries are
-rotated in-kernel to their positions relative to the start of the local buffer (relative RoPE); every
-far key stays raw and the query is rotated once to position `n_local`, so far keys sit at distance
-`n_local`. Masks use absolute positions: local iff 0 <= q - k < n_local, far iff q - k >= n_local.
+rotated in-kernel to their positions relative to the start of the local buffer (relative RoPE). Far keys
+take one of two position schemes (`ORDERED`, a constexpr, so each compiles its own kernel):
+- shared (`far_origin=None`): far keys stay raw and the query is rotated once to position `n_local`, so
+  every far key sits at distance `n_local`;
+- ordered: far key j sits at virtual position `far_origin + j`; queries are rotated per row to
+  `q - far_origin + shift` and far keys per tile to `j + shift` (`shift` >= 0 keeps table rows valid).
+Masks use real absolute positions in both: local iff 0 <= q - k < n_local, far iff q - k >= n_local.
 
 Two launches:
 1. `_attn_fwd_kernel`, grid (row tiles, kv_heads): the rows of a tile are (query head of the kv head's
@@ -72,8 +76,9 @@ def _attn_fwd_kernel(
     stride_klh, stride_kln, stride_vlh, stride_vln,
     stride_kfh, stride_kfn, stride_vfh, stride_vfn,
     stride_cosn, stride_sinn, stride_om, stride_oh, stride_lseh,
-    n_q, n_loc, n_far, q_rel_start, q_start, n_local, group, qk_scale,
+    n_q, n_loc, n_far, q_rel_start, q_start, n_local, q_far_start, k_far_start, group, qk_scale,
     HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ORDERED: tl.constexpr,
 ):  # fmt: skip
     HALF: tl.constexpr = HEAD_DIM // 2
     pid_m = tl.program_id(0)
@@ -90,7 +95,7 @@ def _attn_fwd_kernel(
     offs_q = head * stride_qh + offs_m * stride_qm
 
     ql1, ql2 = _load_rope(Q, Cos, Sin, offs_q, q_rel, row_ok, stride_cosn, stride_sinn, HALF)
-    far_rel = tl.zeros_like(offs_m) + n_local
+    far_rel = tl.maximum(q_far_start + offs_m, 0) if ORDERED else tl.zeros_like(offs_m) + n_local
     qf1, qf2 = _load_rope(Q, Cos, Sin, offs_q, far_rel, row_ok, stride_cosn, stride_sinn, HALF)
     ql1, ql2, qf1, qf2 = ql1.to(DOT_DTYPE), ql2.to(DOT_DTYPE), qf1.to(DOT_DTYPE), qf2.to(DOT_DTYPE)
 
@@ -114,14 +119,20 @@ def _attn_fwd_kernel(
         v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0).to(DOT_DTYPE)
         m_i, l_i, acc = _softmax_step(s * qk_scale, visible, v, m_i, l_i, acc)
 
-    # far keys (init, selected blocks, remainder): raw keys, any order, seen iff q_pos - pos >= n_local
+    # far keys (init, selected blocks, remainder), seen iff q_pos - pos >= n_local: shared, raw keys in any
+    # order; ordered, key j rotated to k_far_start + j
     offs_h = tl.arange(0, HALF)
     for start_n in range(0, n_far, BLOCK_N):
         offs_k = start_n + offs_n
         key_ok = offs_k < n_far
-        k_ptrs = K_far + kv_head * stride_kfh + offs_k[None, :] * stride_kfn + offs_h[:, None]
-        k1_t = tl.load(k_ptrs, mask=key_ok[None, :], other=0.0).to(DOT_DTYPE)
-        k2_t = tl.load(k_ptrs + HALF, mask=key_ok[None, :], other=0.0).to(DOT_DTYPE)
+        if ORDERED:
+            offs_kf = kv_head * stride_kfh + offs_k * stride_kfn
+            k1, k2 = _load_rope(K_far, Cos, Sin, offs_kf, k_far_start + offs_k, key_ok, stride_cosn, stride_sinn, HALF)
+            k1_t, k2_t = tl.trans(k1.to(DOT_DTYPE)), tl.trans(k2.to(DOT_DTYPE))
+        else:
+            k_ptrs = K_far + kv_head * stride_kfh + offs_k[None, :] * stride_kfn + offs_h[:, None]
+            k1_t = tl.load(k_ptrs, mask=key_ok[None, :], other=0.0).to(DOT_DTYPE)
+            k2_t = tl.load(k_ptrs + HALF, mask=key_ok[None, :], other=0.0).to(DOT_DTYPE)
         s = tl.dot(qf1, k1_t, input_precision="ieee")
         s += tl.dot(qf2, k2_t, input_precision="ieee")
         pos = tl.load(Far_pos + offs_k, mask=key_ok, other=0)
@@ -189,14 +200,20 @@ def attention(
     sin: Tensor,
     n_local: int,
     scaling: float,
+    *,
+    far_origin: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One lookup group's attention; arguments and results as `qllm_runtime.attention.attend_reference`.
 
     query: (heads, n_q, head_dim), raw; absolute positions q_start .. q_start + n_q - 1.
     local_k, local_v: (kv_heads, n_loc, head_dim), raw; positions local_start .. q_start + n_q - 1.
-    far_k, far_v: (kv_heads, n_far, head_dim), raw, any order; n_far may be 0.
+    far_k, far_v: (kv_heads, n_far, head_dim), raw; any order if shared, ascending far_pos if ordered;
+        n_far may be 0.
     far_pos: (n_far,) int64 (or int32) absolute positions of the far keys.
-    cos, sin: (n_pos, head_dim) RoPE tables, n_pos > max(n_local, n_loc - 1).
+    cos, sin: (n_pos, head_dim) RoPE tables, n_pos > max(n_local, n_loc - 1); ordered: also
+        > q_start + n_q - 1 - far_origin + s and n_far - 1 + s, s = max(far_origin - q_start, 0).
+    far_origin: None for shared far positions; an int for ordered ones: far key j at virtual position
+        far_origin + j (the caller guarantees far_pos[j] <= far_origin + j).
     query, local and far K/V share one dtype (fp16/bf16/fp32); head_dim in (32, 64, 128); the last dim
     of every tensor contiguous.
 
@@ -229,8 +246,17 @@ def attention(
             f"local keys must end with the queries: local_start ({local_start}) <= q_start ({q_start}) and "
             f"local_start + n_loc ({local_start + n_loc}) == q_start + n_q ({q_start + n_q}), n_q >= 1"
         )
-    if n_local < 1 or n_pos <= max(n_local, n_loc - 1):
-        need = max(n_local, n_loc - 1)
+    if far_origin is not None and (isinstance(far_origin, bool) or not isinstance(far_origin, int)):
+        raise TypeError(f"far_origin must be None or an int, got {type(far_origin).__name__}")
+    need = max(n_local, n_loc - 1)
+    q_far_start = k_far_start = 0  # unused when shared
+    if far_origin is not None:
+        # <rope(q, q_pos), rope(k_j, far_origin + j)> = <rope(q, q_pos - far_origin + s), rope(k_j, j + s)>;
+        # the shift s keeps both table rows non-negative
+        k_far_start = 0
+        q_far_start = q_start - far_origin + k_far_start
+        need = max(need, q_far_start + n_q - 1, k_far_start + n_far - 1)
+    if n_local < 1 or n_pos <= need:
         raise ValueError(f"need n_local >= 1 and RoPE tables longer than {need} positions, got {n_pos}")
     for name in ("local_k", "local_v", "far_k", "far_v"):
         if named[name].dtype != query.dtype:
@@ -261,8 +287,8 @@ def attention(
         local_k.stride(0), local_k.stride(1), local_v.stride(0), local_v.stride(1),
         far_k.stride(0), far_k.stride(1), far_v.stride(0), far_v.stride(1),
         cos.stride(0), sin.stride(0), out.stride(0), out.stride(1), lse.stride(0),
-        n_q, n_loc, n_far, q_rel_start, q_start, n_local, group, qk_scale,
-        BLOCK_M=block_m, **meta,
+        n_q, n_loc, n_far, q_rel_start, q_start, n_local, q_far_start, k_far_start, group, qk_scale,
+        BLOCK_M=block_m, ORDERED=far_origin is not None, **meta,
     )  # fmt: skip
     block_m = min(64, max(16, triton.next_power_of_2(n_q)))
     _received_kernel[(triton.cdiv(n_loc, block_n), heads)](

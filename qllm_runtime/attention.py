@@ -1,11 +1,15 @@
 """Reference attention over [local window | init | selected blocks | remainder] with one softmax.
 
 This is the specification of the fused Triton kernel (`qllm_kernels.attention`) and the CPU path.
-Keys arrive un-rotated. Local keys are attended with relative RoPE; every non-local ("far") key is
-attended as if it sat exactly `n_local` positions before the query: the query is rotated once to
-position `n_local` and far keys stay raw. A key at absolute position k is seen by a query at q
-locally iff 0 <= q - k < n_local, and through the far part iff q - k >= n_local, so every key is
-attended exactly once.
+Keys arrive un-rotated. Local keys are attended with relative RoPE. Non-local ("far") keys get one of two
+position schemes:
+- shared (`far_origin=None`): every far key sits exactly `n_local` positions before the query: the query
+  is rotated once to position `n_local` and far keys stay raw;
+- ordered (`far_origin` an int): far key j, passed in document order, sits at virtual position
+  `far_origin + j` and the query at its real position; by RoPE's relativity both are rotated relative to
+  `far_origin`, far keys per slot.
+Masks always use real positions: a key at k is seen by a query at q locally iff 0 <= q - k < n_local and
+through the far part iff q - k >= n_local, so every key is attended exactly once.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ def attend_reference(
     sin: Tensor,
     n_local: int,
     scaling: float,
+    *,
+    far_origin: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One lookup group's attention.
 
@@ -46,7 +52,10 @@ def attend_reference(
     far_k, far_v: (kv_heads, n_far, head_dim), raw: init tokens, selected blocks, remainder.
     far_pos: (n_far,) int64 absolute positions of the far keys.
     cos, sin: (n_pos, head_dim) RoPE tables for positions 0 .. n_pos - 1 (n_pos > max(n_local,
-        q_start + n_q - 1 - local_start)), without any attention scaling folded in.
+        q_start + n_q - 1 - local_start); ordered: also > q_start + n_q - 1 - far_origin + s and n_far - 1 + s,
+        s = max(far_origin - q_start, 0)), without any attention scaling folded in.
+    far_origin: None for shared far positions; else ordered: far keys in ascending far_pos, far key j at
+        virtual position far_origin + j, with far_pos[j] <= far_origin + j.
 
     Returns out: (n_q, heads, head_dim) in the query dtype, and received: (heads, n_loc) float32,
     the softmax probability each local key received, summed over the group's queries.
@@ -65,10 +74,20 @@ def attend_reference(
     local_logits = (q_local @ k_local.transpose(1, 2)).view(kv_heads, group, n_q, n_loc)
     local_logits.masked_fill_(~((dist >= 0) & (dist < n_local)), float("-inf"))
 
-    q_far = apply_rope(q, cos[n_local], sin[n_local])
+    n_far = far_k.shape[1]
+    if far_origin is None:
+        q_far = apply_rope(q, cos[n_local], sin[n_local])
+        k_far = far_k.float()
+    else:
+        # <rope(q, q_pos), rope(k_j, far_origin + j)> = <rope(q, q_pos - far_origin + s), rope(k_j, j + s)>;
+        # the shift s keeps both table rows non-negative
+        shift = max(far_origin - q_start, 0)
+        q_far_pos = torch.arange(q_start - far_origin + shift, q_start - far_origin + shift + n_q, device=device)
+        q_far = apply_rope(q.view(kv_heads, group, n_q, head_dim), cos[q_far_pos], sin[q_far_pos]).flatten(1, 2)
+        k_far = apply_rope(far_k.float(), cos[shift : shift + n_far], sin[shift : shift + n_far])
     q_pos = torch.arange(q_start, q_start + n_q, device=device)
     far_hidden = (q_pos[:, None] - far_pos[None, :].to(device)) < n_local  # (n_q, n_far)
-    far_logits = (q_far @ far_k.float().transpose(1, 2)).view(kv_heads, group, n_q, -1)
+    far_logits = (q_far @ k_far.transpose(1, 2)).view(kv_heads, group, n_q, n_far)
     far_logits.masked_fill_(far_hidden, float("-inf"))
 
     probs = torch.softmax(torch.cat([local_logits, far_logits], dim=-1) * scaling, dim=-1)

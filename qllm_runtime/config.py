@@ -4,22 +4,29 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Mode = Literal["qllm", "infllm", "streaming", "full"]
+from .policies import POLICIES
+
+FarPositions = Literal["shared", "ordered"]
 Offload = Literal["auto", "device", "cpu"]
 
 
 class QLLMConfig(BaseModel):
     """How the engine reads and looks up context.
 
-    Window sizes are in tokens. `mode`: `qllm` (question-aware lookup), `infllm` (the same with
-    question_weight 0), `streaming` (init + local window only), `full` (ordinary attention).
+    Window sizes are in tokens. `mode` names a registered lookup policy (`qllm_runtime.policies`): `qllm`
+    (question-aware lookup), `infllm` (the same with question_weight 0), `streaming` (init + local window
+    only), `random` (random blocks, a control), or `full` (ordinary attention, no block memory).
+    `far_positions`: where far keys (init, looked-up blocks, remainder) sit for RoPE: `shared` = all at
+    distance n_local from the query (InfLLM / Q-LLM); `ordered` = in document order at consecutive
+    positions just before the local window (with every block looked up this is full attention).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
-    mode: Mode = "qllm"
+    mode: str = "qllm"
+    far_positions: FarPositions = "shared"
     n_init: int = Field(128, ge=0, description="attention-sink tokens at the start, always attended")
     n_local: int = Field(512, ge=1, description="sliding window of recent tokens, ordinary RoPE")
     block_size: int = Field(64, ge=1, description="tokens per memory block")
@@ -40,17 +47,15 @@ class QLLMConfig(BaseModel):
     max_cached_blocks: int = Field(32, ge=1, description="per-layer device LRU cache size for offloaded blocks")
     max_context_tokens: int = Field(1 << 20, ge=1, description="capacity advertised to frameworks")
 
+    @field_validator("mode")
+    @classmethod
+    def _known_mode(cls, mode: str) -> str:
+        if mode != "full" and mode not in POLICIES:
+            raise ValueError(f"unknown mode {mode!r}: choose one of {sorted([*POLICIES, 'full'])}")
+        return mode
+
     @model_validator(mode="after")
     def _check_consistency(self) -> QLLMConfig:
         if self.repr_topk > self.block_size:
             raise ValueError(f"repr_topk ({self.repr_topk}) must be <= block_size ({self.block_size})")
         return self
-
-    @property
-    def beta(self) -> float:
-        """The question weight actually used: 0 unless mode is `qllm`."""
-        return self.question_weight if self.mode == "qllm" else 0.0
-
-    @property
-    def uses_blocks(self) -> bool:
-        return self.mode in ("qllm", "infllm")

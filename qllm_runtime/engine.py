@@ -22,7 +22,8 @@ from .errors import InvalidInputError, UnsupportedModelError
 from .generation import Sampler, TextAssembler
 from .loading import DEFAULT_NAME, default_gguf_path, load
 from .memory import ModelMemory, Placement
-from .ops import attention_ops
+from .ops import attention_op
+from .policies import POLICIES, make_policy
 from .prompt import ContextTokens, PromptBuilder, PromptParts, check_text
 from .question import QuestionProbe
 from .rope import RotaryTables
@@ -299,7 +300,8 @@ class QLLMEngine:
 
     def _question_vectors(self, question: str) -> dict[int, Tensor] | None:
         """Per-layer question vectors from a standalone forward of (chat header + question)."""
-        if self.config.beta == 0.0:
+        mode = self.config.mode
+        if mode == "full" or not POLICIES[mode].uses_question(self.config):
             return None
         ids, start, end = self.prompts.question_probe(question, max_tokens=self.config.n_local)
         probe = QuestionProbe(self._rope, start, end, self.config.n_local, self.config.question_topk)
@@ -310,8 +312,8 @@ class QLLMEngine:
         cfg = self.config
         if cfg.mode == "full":
             return FullSession(self.model, cfg.prefill_chunk, self.device)
-        attend, score = attention_ops(self.device, self._head_dim)
-        memory = ModelMemory(cfg, self._rope, self._placement(n_tokens), attend, score)
+        attend = attention_op(self.device, self._head_dim)
+        memory = ModelMemory(cfg, self._rope, self._placement(n_tokens), attend, make_policy(cfg, self.device))
         return MemorySession(self.model, memory, self.device)
 
     def _placement(self, n_tokens: int) -> Placement:

@@ -17,3 +17,7 @@ class UnsupportedModelError(QLLMError, TypeError):
 
 class ModelNotFoundError(QLLMError, FileNotFoundError):
     """A model path or the embedded default model is not available."""
+
+
+class InvalidModelFileError(QLLMError, ValueError):
+    """A model file that cannot be read: not a GGUF, cut short, or a damaged cached conversion."""

@@ -7,11 +7,12 @@ Token positions are absolute (0 = first token read). Per layer:
   blocks  positions [n_init + b*block_size, ...)     finished blocks, each with a representative key
 Keys are stored un-rotated. A token is "final" once every query that sees it locally has run; only
 final tokens become blocks, so a selected block is always out of the current queries' windows.
+Which blocks a lookup group attends is the policy's decision (`qllm_runtime.policies`); where the far
+keys sit for RoPE is `QLLMConfig.far_positions`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,15 +21,9 @@ from torch import Tensor
 from .attention import apply_rope
 from .blocks import BlockStore
 from .config import QLLMConfig
-from .lookup import block_scores_reference, question_scores_reference, select_blocks
-
-AttendFn = Callable[..., tuple[Tensor, Tensor]]
-ScoreFn = Callable[[Tensor, Tensor, "Tensor | None", float, int], Tensor]
-
-
-def reference_scorer(group_queries: Tensor, repr_keys: Tensor, qs: Tensor | None, beta: float, k: int) -> Tensor:
-    """Top-k block indices (n_groups, k) from the PyTorch reference scorer."""
-    return select_blocks(block_scores_reference(group_queries, repr_keys, qs, beta), k)
+from .ops import AttendFn
+from .policies import LookupPolicy
+from .rope import RotaryTables
 
 
 @dataclass
@@ -63,13 +58,14 @@ class LayerMemory:
         dtype: torch.dtype,
         device: torch.device,
         placement: Placement,
+        rope: RotaryTables,
         attend: AttendFn,
-        score: ScoreFn,
+        policy: LookupPolicy,
     ) -> None:
         self.config = config
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.dtype, self.device = dtype, device
-        self.attend, self.score = attend, score
+        self.rope, self.attend, self.policy = rope, attend, policy
         self.init_k = torch.empty((kv_heads, config.n_init, head_dim), dtype=dtype, device=device)
         self.init_v = torch.empty_like(self.init_k)
         self.init_len = 0
@@ -85,7 +81,8 @@ class LayerMemory:
         )
         n_repr = max(placement.expected_blocks, 16)
         self.repr_keys = torch.empty((n_repr, heads, head_dim), dtype=dtype, device=device)
-        self.question_scores = torch.zeros(n_repr, dtype=torch.float32, device=device)
+        self.block_terms = torch.zeros(n_repr, dtype=torch.float32, device=device)  # the policy's per-block term
+        self.has_terms = False
         self.question_vector: Tensor | None = None  # (heads, head_dim), far-rotated
         self.hits: Tensor | None = None  # (n_repr,) selections per block while counting
         self._positions = torch.arange(capacity, device=device)
@@ -102,19 +99,21 @@ class LayerMemory:
     def set_question(self, question_vector: Tensor | None) -> None:
         """Bias later lookups towards `question_vector` (heads, head_dim); None removes the bias."""
         self.question_vector = question_vector
-        n = self.n_blocks
-        if question_vector is None:
-            self.question_scores.zero_()
-        elif n:
-            self.question_scores[:n] = question_scores_reference(question_vector, self.repr_keys[:n])
+        self.has_terms = False
+        self._set_terms(0, self.repr_keys[: self.n_blocks])
+
+    def _set_terms(self, first: int, repr_keys: Tensor) -> None:
+        """The policy's per-block terms of blocks first .. first + len(repr_keys) - 1."""
+        terms = self.policy.block_terms(self.question_vector, repr_keys)
+        if terms is not None:
+            self.block_terms[first : first + repr_keys.shape[0]] = terms
+            self.has_terms = True
 
     def count_hits(self, on: bool) -> None:
         self.hits = torch.zeros(self.repr_keys.shape[0], dtype=torch.int64, device=self.device) if on else None
 
     # ---- the step --------------------------------------------------------------------------------
-    def append_and_attend(
-        self, query: Tensor, key: Tensor, value: Tensor, cos: Tensor, sin: Tensor, scaling: float
-    ) -> Tensor:
+    def append_and_attend(self, query: Tensor, key: Tensor, value: Tensor, scaling: float) -> Tensor:
         """Append a chunk and attend its queries.
 
         query: (heads, n, head_dim); key, value: (kv_heads, n, head_dim), all un-rotated, absolute
@@ -132,12 +131,13 @@ class LayerMemory:
         out = torch.empty((n, self.heads, self.head_dim), dtype=query.dtype, device=query.device)
         for g0 in range(0, n, cfg.lookup_chunk):
             g1 = min(n, g0 + cfg.lookup_chunk)
-            out[g0:g1] = self._attend_group(query[:, g0:g1], start + g0, cos, sin, scaling)
+            out[g0:g1] = self._attend_group(query[:, g0:g1], start + g0, scaling)
             self._retire(processed=start + g1)
         return out
 
-    def _attend_group(self, query: Tensor, q_start: int, cos: Tensor, sin: Tensor, scaling: float) -> Tensor:
+    def _attend_group(self, query: Tensor, q_start: int, scaling: float) -> Tensor:
         cfg = self.config
+        uses_blocks = self.policy.uses_blocks
         n_q = query.shape[1]
         q_last = q_start + n_q - 1
         far_end = q_last - cfg.n_local + 1  # keys before this are far for at least the last query
@@ -152,12 +152,13 @@ class LayerMemory:
             far_v.append(self.init_v[:, :n_init_far])
             far_pos.append(self._arange(0, n_init_far))
 
-        if cfg.uses_blocks and self.n_blocks and cfg.topk:
-            far_q = apply_rope(query.float().mean(dim=1), cos[cfg.n_local].float(), sin[cfg.n_local].float())
-            picked = self.score(
-                far_q[None], self.repr_keys[: self.n_blocks], self.question_scores[: self.n_blocks],
-                cfg.beta, min(cfg.topk, self.n_blocks),
-            )[0]
+        cos, sin = self.rope.get(cfg.n_local + 1)
+        if uses_blocks and self.n_blocks and cfg.topk:
+            n = self.n_blocks
+            far_q = apply_rope(query.float().mean(dim=1), cos[cfg.n_local], sin[cfg.n_local])  # (heads, d)
+            terms = self.block_terms[:n] if self.has_terms else None
+            picked = self.policy.select(far_q[None], self.repr_keys[:n], terms, min(cfg.topk, n))[0]
+            picked = picked.sort().values  # document order, which `ordered` far positions rely on
             if self.hits is not None:
                 self.hits.index_add_(0, picked, torch.ones_like(picked))
             block_k, block_v = self.store.gather(picked)
@@ -166,7 +167,7 @@ class LayerMemory:
             offsets = self._arange(0, cfg.block_size)
             far_pos.append((cfg.n_init + picked[:, None] * cfg.block_size + offsets).flatten())
 
-        if cfg.uses_blocks:
+        if uses_blocks:
             rem_start = max(self.tail_start, cfg.n_init)
             if far_end > rem_start:  # remainder: tail tokens out of the window of some query
                 r0, r1 = rem_start - self.tail_start, far_end - self.tail_start
@@ -179,9 +180,12 @@ class LayerMemory:
         else:
             fk = fv = self.tail_k[:, :0]
             fp = torch.empty(0, dtype=torch.int64, device=self.device)
+        # ordered: far keys packed in document order so that the last one sits just before far_end
+        far_origin = far_end - fp.shape[0] if cfg.far_positions == "ordered" else None
+        cos, sin = self.rope.get(cfg.n_local + max(n_q, fp.shape[0]) + 1)
         out, received = self.attend(
             query, q_start, self.tail_k[:, lo:hi], self.tail_v[:, lo:hi], local_start,
-            fk, fv, fp, cos, sin, cfg.n_local, scaling,
+            fk, fv, fp, cos, sin, cfg.n_local, scaling, far_origin=far_origin,
         )
         self.tail_scores[:, lo:hi] += received
         return out
@@ -201,7 +205,7 @@ class LayerMemory:
         if new_start < cfg.n_init:  # init tokens leave the tail once final: they live in init
             new_start = min(cfg.n_init, max(new_start, final_end))
         if new_start >= cfg.n_init:
-            if cfg.uses_blocks:
+            if self.policy.uses_blocks:
                 n_new = max(0, (final_end - new_start) // cfg.block_size)
                 if n_new:
                     self._make_blocks(new_start - self.tail_start, n_new)
@@ -225,8 +229,7 @@ class LayerMemory:
         if first + count > self.repr_keys.shape[0]:
             self._grow_repr(max(2 * self.repr_keys.shape[0], first + count))
         self.repr_keys[first : first + count] = rep.to(self.dtype)
-        if self.question_vector is not None:
-            self.question_scores[first : first + count] = question_scores_reference(self.question_vector, rep)
+        self._set_terms(first, rep)
         self.store.add(keys.transpose(0, 1), values.transpose(0, 1))
 
     def _tail_append(self, key: Tensor, value: Tensor) -> None:
@@ -256,7 +259,7 @@ class LayerMemory:
             setattr(self, name, new)
 
     def _grow_repr(self, capacity: int) -> None:
-        for name in ("repr_keys", "question_scores", "hits"):
+        for name in ("repr_keys", "block_terms", "hits"):
             old = getattr(self, name)
             if old is not None:
                 new = old.new_zeros((capacity, *old.shape[1:]))
@@ -287,10 +290,10 @@ class ModelMemory:
     """The block memories of all attention layers of one model: the attention state of a reading."""
 
     def __init__(
-        self, config: QLLMConfig, rope, placement: Placement, attend: AttendFn, score: ScoreFn
+        self, config: QLLMConfig, rope: RotaryTables, placement: Placement, attend: AttendFn, policy: LookupPolicy
     ) -> None:
         self.config, self.rope, self.placement = config, rope, placement
-        self.attend_fn, self.score_fn = attend, score
+        self.attend_fn, self.policy = attend, policy
         self.layers: dict[int, LayerMemory] = {}
         self._question: dict[int, Tensor] | None = None
         self._counting = False
@@ -305,15 +308,13 @@ class ModelMemory:
             heads, _, head_dim = query.shape
             layer = LayerMemory(
                 self.config, heads, key.shape[0], head_dim, key.dtype, key.device,
-                self.placement, self.attend_fn, self.score_fn,
+                self.placement, self.rope, self.attend_fn, self.policy,
             )
             if self._question is not None:
                 layer.set_question(self._question[layer_idx])
             layer.count_hits(self._counting)
             self.layers[layer_idx] = layer
-        n = query.shape[1]
-        cos, sin = self.rope.get(self.config.n_local + min(n, self.config.lookup_chunk) + 1)
-        return layer.append_and_attend(query, key, value, cos, sin, scaling)
+        return layer.append_and_attend(query, key, value, scaling)
 
     def set_question(self, vectors: dict[int, Tensor] | None) -> None:
         """Per-layer question vectors (heads, head_dim) that bias every later lookup; None: no bias."""

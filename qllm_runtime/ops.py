@@ -1,28 +1,49 @@
-"""Pick the attention and block-scoring implementations for a device: Triton on CUDA, PyTorch elsewhere."""
+"""Which implementation runs: the Triton kernels (`qllm_kernels`) on CUDA, the PyTorch references elsewhere.
+
+The references are the CPU path, the spec and the test oracle. `QUICKLLAMA_KERNELS=0` forces them on CUDA too
+(to compare or debug).
+"""
 
 from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from functools import cache
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
 from .attention import attend_reference
-from .memory import AttendFn, ScoreFn, reference_scorer
+
+log = logging.getLogger("quickllama")
+
+AttendFn = Callable[..., tuple[Tensor, Tensor]]
 
 
-def _triton_scorer(group_queries: Tensor, repr_keys: Tensor, qs: Tensor | None, beta: float, k: int) -> Tensor:
-    from qllm_kernels import block_score
+@cache
+def _import_kernels() -> ModuleType | None:
+    try:
+        import qllm_kernels
+    except ImportError as e:  # said once: the reference path is correct, only slower
+        log.warning("qllm_kernels cannot be imported (%s): CUDA runs the slower PyTorch path; "
+                    "pip install 'quickllama[kernels]'", e)
+        return None
+    return qllm_kernels
 
-    return block_score(group_queries, repr_keys, qs, beta, k)[1]
+
+def kernels(device: torch.device) -> ModuleType | None:
+    """`qllm_kernels` if its kernels should run on `device`, else None."""
+    if device.type != "cuda" or os.environ.get("QUICKLLAMA_KERNELS", "1") == "0":
+        return None
+    module = _import_kernels()
+    return module if module is not None and module.triton_available(device) else None
 
 
-def attention_ops(device: torch.device, head_dim: int) -> tuple[AttendFn, ScoreFn]:
-    """(attend, score) for tensors on `device`. The PyTorch references are the CPU path and the spec;
-    shapes the kernels do not take (head_dim outside 32/64/128) use them too."""
-    if device.type == "cuda":
-        try:
-            from qllm_kernels import attention, supports_head_dim, triton_available
-        except ImportError:  # no Triton: the reference path is correct, only slower
-            return attend_reference, reference_scorer
-        if triton_available(device) and supports_head_dim(head_dim):
-            return attention, _triton_scorer
-    return attend_reference, reference_scorer
+def attention_op(device: torch.device, head_dim: int) -> AttendFn:
+    """The attention for tensors on `device` (head_dim outside the kernel's 32/64/128 uses the reference)."""
+    module = kernels(device)
+    if module is not None and module.supports_head_dim(head_dim):
+        return module.attention
+    return attend_reference

@@ -13,8 +13,12 @@ if not torch.cuda.is_available():  # Triton kernels run in its interpreter on th
 
 from qllm_runtime import QLLMConfig, QLLMEngine
 from qllm_runtime.loading import default_gguf_path, load
+from qllm_runtime.policies import POLICIES
 
 SMALL_WINDOWS = QLLMConfig(n_init=128, n_local=256, block_size=64, topk=8, lookup_chunk=128, prefill_chunk=1024)
+# windows for the tiny models: a few hundred tokens fill several blocks; COVERING holds any test sequence
+TINY_WINDOWS = dict(n_init=4, n_local=32, block_size=8, topk=2, lookup_chunk=16, prefill_chunk=64)
+COVERING = dict(n_init=8, n_local=4096, block_size=16, topk=2, lookup_chunk=16, prefill_chunk=64)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -79,3 +83,19 @@ ARCHS = ["llama", "llama3-scaled", "mistral", "qwen2", "qwen3", "yarn"]
 def tiny(request, tokenizer):
     """(arch, model, tokenizer) for each architecture."""
     return request.param, tiny_model(request.param, len(tokenizer)), tokenizer
+
+
+BLOCK_MODES = sorted(name for name, policy in POLICIES.items() if policy.uses_blocks)
+
+
+def session_logits(engine: QLLMEngine, ids: list[int], decode_steps: int) -> list[torch.Tensor]:
+    """Logits after a chunked read of `ids`, then after each of `decode_steps` single-token steps (feeding
+    ids[0], ids[1], ...), on the CPU in float32. Reaches into the engine: no public call returns logits."""
+    session = engine._new_session(len(ids) + decode_steps)
+    logits = [session.feed(ids)]
+    logits += [session.feed([token]) for token in ids[:decode_steps]]
+    return [out.float().cpu() for out in logits]
+
+
+def random_ids(n: int, vocab_size: int, seed: int = 0) -> list[int]:
+    return torch.randint(0, vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()

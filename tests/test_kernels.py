@@ -27,7 +27,7 @@ pytest.importorskip("triton")
 
 import qllm_kernels as qk
 
-from qllm_runtime.attention import attend_reference
+from qllm_runtime.attention import apply_rope, attend_reference
 from qllm_runtime.lookup import block_scores_reference, select_blocks
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -64,7 +64,9 @@ def _far_positions(n_far: int, q_start: int, n_q: int, n_local: int, gen: torch.
     return torch.cat([init, blocks, torch.arange(rem_end - n_rem, rem_end)])
 
 
-def _attention_case(heads, kv_heads, head_dim, n_q, n_loc, n_far, n_local, dtype, seed=0):
+def _attention_case(heads, kv_heads, head_dim, n_q, n_loc, n_far, n_local, dtype, seed=0, ordered=False):
+    """Inputs of `attention`; ordered: far_origin packs the far keys against the last one (the remainder's end),
+    which lies after q_start when n_q > n_far + n_local - 2, and the RoPE tables are long enough for it."""
     gen = torch.Generator().manual_seed(seed)
     local_start = 3 * n_loc + 4 * n_far + 7
     q_start = local_start + n_loc - n_q
@@ -72,14 +74,15 @@ def _attention_case(heads, kv_heads, head_dim, n_q, n_loc, n_far, n_local, dtype
     def randn(*shape):
         return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
 
-    cos, sin = _rope_tables(max(n_local, n_loc) + 3, head_dim)
+    cos, sin = _rope_tables(max(n_local, n_loc) + n_far + 3, head_dim)
+    far_origin = q_start + n_q - n_local + 2 - n_far if ordered else None
     return dict(
         query=randn(heads, n_q, head_dim), q_start=q_start,
         local_k=randn(kv_heads, n_loc, head_dim), local_v=randn(kv_heads, n_loc, head_dim),
         local_start=local_start,
         far_k=randn(kv_heads, n_far, head_dim), far_v=randn(kv_heads, n_far, head_dim),
         far_pos=_far_positions(n_far, q_start, n_q, n_local, gen).to(DEVICE),
-        cos=cos, sin=sin, n_local=n_local, scaling=head_dim**-0.5,
+        cos=cos, sin=sin, n_local=n_local, scaling=head_dim**-0.5, far_origin=far_origin,
     )  # fmt: skip
 
 
@@ -98,6 +101,7 @@ def _check_attention(case, dtype):
 ATTENTION_DIMS = ("heads", "kv_heads", "head_dim", "n_q", "n_loc", "n_far", "n_local")
 ATTENTION_SHAPES = [
     pytest.param(2, 2, 64, 17, 45, 30, 32, id="mha-odd"),
+    pytest.param(4, 2, 32, 1, 24, 70, 24, id="gqa2-decode-d32-far-tail"),
     pytest.param(6, 2, 64, 9, 70, 21, 40, id="gqa3-tail"),
     pytest.param(8, 2, 128, 1, 33, 50, 24, id="gqa4-decode-d128"),
     pytest.param(7, 1, 64, 13, 13, 0, 16, id="gqa7-nofar-rows-cross-heads"),
@@ -107,25 +111,31 @@ ATTENTION_SHAPES = [
 ]
 
 
+FAR_POSITIONS = pytest.mark.parametrize("ordered", [False, True], ids=["shared", "ordered"])
+
+
+@FAR_POSITIONS
 @pytest.mark.parametrize(ATTENTION_DIMS, ATTENTION_SHAPES)
-def test_attention_matches_reference_fp32(poison, heads, kv_heads, head_dim, n_q, n_loc, n_far, n_local):
-    case = _attention_case(heads, kv_heads, head_dim, n_q, n_loc, n_far, n_local, torch.float32)
+def test_attention_matches_reference_fp32(poison, heads, kv_heads, head_dim, n_q, n_loc, n_far, n_local, ordered):
+    case = _attention_case(heads, kv_heads, head_dim, n_q, n_loc, n_far, n_local, torch.float32, ordered=ordered)
     _check_attention(case, torch.float32)
 
 
+@FAR_POSITIONS
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(ATTENTION_DIMS, [(8, 2, 64, 19, 50, 40, 32), (4, 1, 128, 1, 20, 33, 16)])
 def test_attention_matches_reference_low_precision(
-    poison, dtype, heads, kv_heads, head_dim, n_q, n_loc, n_far, n_local
+    poison, dtype, heads, kv_heads, head_dim, n_q, n_loc, n_far, n_local, ordered
 ):
-    case = _attention_case(heads, kv_heads, head_dim, n_q, n_loc, n_far, n_local, dtype, seed=1)
+    case = _attention_case(heads, kv_heads, head_dim, n_q, n_loc, n_far, n_local, dtype, seed=1, ordered=ordered)
     _check_attention(case, dtype)
 
 
-def test_attention_strided_views_and_int32_positions(poison):
+@FAR_POSITIONS
+def test_attention_strided_views_and_int32_positions(poison, ordered):
     """Inputs as the runtime may hold them (a transposed query view, slices of larger K/V buffers), and
     bf16 cos/sin tables of arbitrary values, which pin the exact rotation formula of the reference."""
-    case = _attention_case(6, 2, 64, 11, 40, 27, 30, torch.float32, seed=2)
+    case = _attention_case(6, 2, 64, 11, 40, 27, 30, torch.float32, seed=2, ordered=ordered)
     gen = torch.Generator().manual_seed(3)
     shape = case["cos"].shape
     case["cos"], case["sin"] = (torch.rand(shape, generator=gen).to(DEVICE, torch.bfloat16) for _ in "cs")
@@ -137,6 +147,101 @@ def test_attention_strided_views_and_int32_positions(poison):
         case[name] = buffer[:, 3 : 3 + t.shape[1]]
     case["far_pos"] = case["far_pos"].int()
     _check_attention(case, torch.float32)
+
+
+def _rope_attention(query, q_pos, k, v, k_pos, visible, cos, sin):
+    """Plain softmax attention with RoPE at absolute positions, GQA by repeating K/V.
+
+    query: (heads, n_q, head_dim) at q_pos (n_q,); k, v: (kv_heads, n_k, head_dim) at k_pos (n_k,);
+    visible: (n_q, n_k) bool. Returns out: (n_q, heads, head_dim) and probs: (heads, n_q, n_k).
+    """
+    group = query.shape[0] // k.shape[0]
+    q = apply_rope(query, cos[q_pos], sin[q_pos])
+    k = apply_rope(k, cos[k_pos], sin[k_pos]).repeat_interleave(group, 0)
+    logits = (q @ k.transpose(1, 2)) * query.shape[-1] ** -0.5
+    probs = logits.masked_fill(~visible, -math.inf).softmax(-1)
+    return (probs @ v.repeat_interleave(group, 0)).transpose(0, 1), probs
+
+
+ATTEND_FNS = pytest.mark.parametrize("attend", [attend_reference, qk.attention], ids=["reference", "kernel"])
+
+
+def _randn(gen, *shape):
+    return torch.randn(*shape, generator=gen).to(DEVICE)
+
+
+@ATTEND_FNS
+def test_ordered_far_keys_all_selected_is_causal_attention(poison, attend):
+    """Far set = every key before far_end in order, far_origin = 0: the memory attends like full attention."""
+    heads, kv_heads, head_dim, n_keys, n_q, n_local = 4, 2, 32, 48, 20, 16
+    q_start, local_start, far_end = n_keys - n_q, n_keys - n_q - n_local + 1, n_keys - n_local
+    gen = torch.Generator().manual_seed(4)
+    query, keys, values = _randn(gen, heads, n_q, head_dim), *(_randn(gen, kv_heads, n_keys, head_dim) for _ in "kv")
+    cos, sin = _rope_tables(n_keys, head_dim)
+    out, received = attend(
+        query, q_start, keys[:, local_start:], values[:, local_start:], local_start,
+        keys[:, :far_end], values[:, :far_end], torch.arange(far_end, device=DEVICE),
+        cos, sin, n_local, head_dim**-0.5, far_origin=0,
+    )  # fmt: skip
+
+    q_pos, k_pos = torch.arange(q_start, n_keys, device=DEVICE), torch.arange(n_keys, device=DEVICE)
+    dist = q_pos[:, None] - k_pos[None, :]
+    full_out, probs = _rope_attention(query, q_pos, keys, values, k_pos, dist >= 0, cos, sin)
+    full_received = (probs * (dist < n_local)).sum(1)[:, local_start:]
+    torch.testing.assert_close(out, full_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(received, full_received, rtol=1e-5, atol=1e-5)
+
+
+@ATTEND_FNS
+@pytest.mark.parametrize(
+    ("n_q", "local_start", "n_local"), [(1, 64, 24), (16, 96, 40)], ids=["decode", "chunk-after-a-gap"]
+)
+def test_ordered_far_keys_packed_is_compacted_attention(poison, attend, n_q, local_start, n_local):
+    """Far keys at 0..3, 40..47, 60..63 packed just before the local buffer (far_origin = local_start - n_far),
+    every query seeing all of them: attention over [far keys | local keys] at consecutive positions."""
+    heads, kv_heads, head_dim, n_loc = 2, 1, 64, n_local
+    far_pos = torch.cat([torch.arange(0, 4), torch.arange(40, 48), torch.arange(60, 64)]).to(DEVICE)
+    n_far, q_start = len(far_pos), local_start + n_loc - n_q
+    assert q_start - 63 >= n_local and local_start + n_loc - 1 - local_start < n_local  # sees every kept key
+    gen = torch.Generator().manual_seed(5)
+    query = _randn(gen, heads, n_q, head_dim)
+    keys, values = (_randn(gen, kv_heads, n_far + n_loc, head_dim) for _ in "kv")  # [far | local]
+    cos, sin = _rope_tables(n_far + n_loc, head_dim)
+    out, _ = attend(
+        query, q_start, keys[:, n_far:], values[:, n_far:], local_start, keys[:, :n_far], values[:, :n_far],
+        far_pos, cos, sin, n_local, head_dim**-0.5, far_origin=local_start - n_far,
+    )  # fmt: skip
+
+    k_pos = torch.arange(n_far + n_loc, device=DEVICE)
+    q_pos = k_pos[-n_q:]
+    compact_out, _ = _rope_attention(query, q_pos, keys, values, k_pos, q_pos[:, None] >= k_pos[None, :], cos, sin)
+    torch.testing.assert_close(out, compact_out, rtol=1e-5, atol=1e-5)
+
+
+@ATTEND_FNS
+def test_ordered_far_origin_after_early_queries(poison, attend):
+    """far_origin > q_start while the early queries see far keys (a chunk longer than the window): the far
+    logit is still <rope(q, q), rope(k_j, far_origin + j)>, computed here with absolute positions."""
+    heads, kv_heads, head_dim, n_q, n_local, local_start, far_origin = 2, 2, 32, 24, 8, 33, 48
+    far_pos = torch.cat([torch.arange(0, 4), torch.arange(30, 36), torch.arange(50, 56)]).to(DEVICE)
+    q_start, n_far, n_loc = 40, len(far_pos), 40 + n_q - local_start
+    gen = torch.Generator().manual_seed(6)
+    query = _randn(gen, heads, n_q, head_dim)
+    keys, values = (_randn(gen, kv_heads, n_far + n_loc, head_dim) for _ in "kv")  # [far | local]
+    cos, sin = _rope_tables(far_origin + n_far, head_dim)
+    out, _ = attend(
+        query, q_start, keys[:, n_far:], values[:, n_far:], local_start, keys[:, :n_far], values[:, :n_far],
+        far_pos, cos, sin, n_local, head_dim**-0.5, far_origin=far_origin,
+    )  # fmt: skip
+
+    q_pos = torch.arange(q_start, q_start + n_q, device=DEVICE)
+    local_pos = torch.arange(local_start, local_start + n_loc, device=DEVICE)
+    k_pos = torch.cat([far_origin + torch.arange(n_far, device=DEVICE), local_pos])
+    real = q_pos[:, None] - torch.cat([far_pos, local_pos])[None, :]
+    visible = torch.cat([real[:, :n_far] >= n_local, (real[:, n_far:] >= 0) & (real[:, n_far:] < n_local)], dim=1)
+    assert visible[0, :n_far].any()  # the first query sees far keys placed after it
+    ref_out, _ = _rope_attention(query, q_pos, keys, values, k_pos, visible, cos, sin)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
 
 
 def _bad(case, **changes):
@@ -160,6 +265,20 @@ def test_attention_rejects_bad_inputs():
     for message, bad in bad_cases.items():
         with pytest.raises(ValueError, match=message):
             qk.attention(**bad)
+
+
+def test_attention_rejects_bad_far_origin():
+    case = _attention_case(4, 2, 64, 3, 10, 5, 8, torch.float32, ordered=True)
+    for far_origin in (True, 3.0, torch.tensor(3)):
+        with pytest.raises(TypeError, match="far_origin must be None or an int"):
+            qk.attention(**_bad(case, far_origin=far_origin))
+    # needed rows: queries at q - far_origin + s, far keys at j + s, s = max(far_origin - q_start, 0)
+    q_start = case["q_start"]
+    for far_origin, need in ((0, q_start + 2), (q_start + 20, 20 + 4)):
+        cos, sin = _rope_tables(need + 1, 64)
+        qk.attention(**_bad(case, cos=cos, sin=sin, far_origin=far_origin))
+        with pytest.raises(ValueError, match=f"RoPE tables longer than {need} positions"):
+            qk.attention(**_bad(case, cos=cos[:need], sin=sin[:need], far_origin=far_origin))
 
 
 BLOCK_SHAPES = [
@@ -216,9 +335,10 @@ def test_triton_available():
 
 
 @pytest.mark.gpu  # skipped without CUDA by conftest
+@FAR_POSITIONS
 @pytest.mark.parametrize("n_q", [1, 512])
-def test_attention_llama3_shapes(poison, n_q):
-    case = _attention_case(32, 8, 128, n_q, 1024 + n_q - 1, 1200, 1024, torch.bfloat16)
+def test_attention_llama3_shapes(poison, n_q, ordered):
+    case = _attention_case(32, 8, 128, n_q, 1024 + n_q - 1, 1200, 1024, torch.bfloat16, ordered=ordered)
     _check_attention(case, torch.bfloat16)
 
 

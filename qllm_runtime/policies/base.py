@@ -1,0 +1,73 @@
+"""The lookup method as one object: a `LookupPolicy` scores a layer's memory blocks for each lookup group and
+picks the far blocks its queries attend; policies register under the `QLLMConfig.mode` that selects them.
+
+Shapes: group_queries (n_groups, heads, head_dim), the mean far-rotated query of each lookup group;
+repr_keys (n_blocks, heads, head_dim), one representative key per block and query head; block_terms
+(n_blocks,) float32, a per-block constant of the policy (e.g. the question term), computed once when a
+block is made (or when the question changes), never per lookup.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..lookup import block_scores_reference, select_blocks
+from ..ops import kernels
+
+if TYPE_CHECKING:
+    from ..config import QLLMConfig
+
+POLICIES: dict[str, type[LookupPolicy]] = {}
+
+
+def register_policy(name: str):
+    """Class decorator: make a policy selectable as `QLLMConfig(mode=name)`."""
+
+    def add(cls: type[LookupPolicy]) -> type[LookupPolicy]:
+        if name in POLICIES or name == "full":
+            raise ValueError(f"lookup policy {name!r} is already registered")
+        cls.name = name
+        POLICIES[name] = cls
+        return cls
+
+    return add
+
+
+class LookupPolicy:
+    """Scores blocks by <group query, representative key> summed over heads, plus `block_terms`; takes top-k.
+
+    Subclasses change the per-block term or the selection. The Triton block scorer is used where it runs
+    (CUDA); the PyTorch reference elsewhere, with the same results.
+    """
+
+    name: ClassVar[str]
+    uses_blocks: ClassVar[bool] = True  # False: init + local window only, nothing is kept or looked up
+
+    def __init__(self, config: QLLMConfig, device: torch.device) -> None:
+        self.config = config
+        self.device = device
+        module = kernels(device)
+        self._kernel = module.block_score if module is not None else None
+
+    @classmethod
+    def uses_question(cls, config: QLLMConfig) -> bool:
+        """Whether `block_terms` depends on a question vector (the engine computes one only then)."""
+        return False
+
+    def block_terms(self, question_vector: Tensor | None, repr_keys: Tensor) -> Tensor | None:
+        """Per-block constant added to every lookup score: (n_blocks,) float32, or None for no term."""
+        return None
+
+    def select(self, group_queries: Tensor, repr_keys: Tensor, block_terms: Tensor | None, k: int) -> Tensor:
+        """Indices (n_groups, k) of the blocks each group attends, k <= n_blocks, on the device."""
+        if self._kernel is not None:
+            return self._kernel(group_queries, repr_keys, block_terms, 1.0, k)[1]
+        return select_blocks(block_scores_reference(group_queries, repr_keys, block_terms, 1.0), k)
+
+
+def make_policy(config: QLLMConfig, device: torch.device) -> LookupPolicy:
+    """The policy `config.mode` names (not `full`, which attends everything and looks nothing up)."""
+    return POLICIES[config.mode](config, device)
