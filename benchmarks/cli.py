@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list: passkey, niah, kv, squad, babilong-qa1..5, babilong (= qa1-qa5)")
     p.add_argument("--lengths", type=lambda s: [parse_length(x) for x in _csv(s)],
                    help="context lengths in tokens of the model's tokenizer, e.g. 4K,16K")
-    p.add_argument("--methods", type=_csv, help="comma list: full, streaming, infllm, qllm, qllm-read")
+    p.add_argument("--methods", type=_csv,
+                   help="comma list: full, qllm-read or a lookup policy (qllm, infllm, streaming, random)")
     p.add_argument("--samples", type=int, help="samples per task, length and seed (NIAH: per depth)")
     p.add_argument("--seed", type=int, nargs="+", default=[0], help="one or more seeds (default: 0)")
     p.add_argument("--depths", type=lambda s: [float(x) / 100 for x in _csv(s)],

@@ -1,6 +1,7 @@
 """Run the methods over generated samples on one shared model: one result row per (method, question).
 
-Methods: `full`, `streaming`, `infllm`, `qllm` call `engine.ask(context, question)` with that mode;
+Methods: `full` and every registered lookup policy (`streaming`, `infllm`, `qllm`, `random`, ...) call
+`engine.ask(context, question)` with that mode;
 `qllm-read` reads the context once with `engine.read` and asks each question of the memory.
 """
 
@@ -17,13 +18,15 @@ import torch
 
 from benchmarks.tasks import Query, Sample, Task
 from qllm_runtime import Answer, QLLMConfig, QLLMEngine
+from qllm_runtime.policies import POLICIES
 
-METHODS = ("full", "streaming", "infllm", "qllm", "qllm-read")
-_MEMORY_KEYS = {"block_size", "topk", "repr_topk", "lookup_chunk", "question_weight", "question_topk", "offload",
-                "device_pool_gb", "max_cached_blocks"}
+METHODS = ("full", *sorted(POLICIES), "qllm-read")  # every registered lookup policy is a method
+_QUESTION_KEYS = {"question_weight", "question_topk", "question_scale"}
+_MEMORY_KEYS = {"block_size", "topk", "repr_topk", "lookup_chunk", "offload", "device_pool_gb", "max_cached_blocks",
+                "pin_question_blocks", *_QUESTION_KEYS}
 # Config keys a method does not read: sweeping them would only repeat identical runs.
 _IGNORED: dict[str, set[str] | None] = {
-    "full": None, "streaming": _MEMORY_KEYS, "infllm": {"question_weight", "question_topk"}
+    "full": None, "streaming": _MEMORY_KEYS, "infllm": _QUESTION_KEYS, "random": _QUESTION_KEYS,
 }
 
 

@@ -95,7 +95,7 @@ def _attn_fwd_kernel(
     offs_q = head * stride_qh + offs_m * stride_qm
 
     ql1, ql2 = _load_rope(Q, Cos, Sin, offs_q, q_rel, row_ok, stride_cosn, stride_sinn, HALF)
-    far_rel = tl.maximum(q_far_start + offs_m, 0) if ORDERED else tl.zeros_like(offs_m) + n_local
+    far_rel = q_far_start + offs_m if ORDERED else tl.zeros_like(offs_m) + n_local
     qf1, qf2 = _load_rope(Q, Cos, Sin, offs_q, far_rel, row_ok, stride_cosn, stride_sinn, HALF)
     ql1, ql2, qf1, qf2 = ql1.to(DOT_DTYPE), ql2.to(DOT_DTYPE), qf1.to(DOT_DTYPE), qf2.to(DOT_DTYPE)
 
@@ -253,7 +253,7 @@ def attention(
     if far_origin is not None:
         # <rope(q, q_pos), rope(k_j, far_origin + j)> = <rope(q, q_pos - far_origin + s), rope(k_j, j + s)>;
         # the shift s keeps both table rows non-negative
-        k_far_start = 0
+        k_far_start = max(far_origin - q_start, 0)
         q_far_start = q_start - far_origin + k_far_start
         need = max(need, q_far_start + n_q - 1, k_far_start + n_far - 1)
     if n_local < 1 or n_pos <= need:

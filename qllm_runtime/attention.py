@@ -82,7 +82,7 @@ def attend_reference(
         # <rope(q, q_pos), rope(k_j, far_origin + j)> = <rope(q, q_pos - far_origin + s), rope(k_j, j + s)>;
         # the shift s keeps both table rows non-negative
         shift = max(far_origin - q_start, 0)
-        q_far_pos = torch.arange(q_start - far_origin + shift, q_start - far_origin + shift + n_q, device=device)
+        q_far_pos = torch.arange(n_q, device=device) + (q_start - far_origin + shift)
         q_far = apply_rope(q.view(kv_heads, group, n_q, head_dim), cos[q_far_pos], sin[q_far_pos]).flatten(1, 2)
         k_far = apply_rope(far_k.float(), cos[shift : shift + n_far], sin[shift : shift + n_far])
     q_pos = torch.arange(q_start, q_start + n_q, device=device)

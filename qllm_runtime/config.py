@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .policies import POLICIES
 
 FarPositions = Literal["shared", "ordered"]
+QuestionScale = Literal["raw", "standardized"]
 Offload = Literal["auto", "device", "cpu"]
 
 
@@ -38,6 +39,14 @@ class QLLMConfig(BaseModel):
     question_topk: int | None = Field(
         None, ge=1, description="question tokens pooled per head into the question vector: the most-attended "
         "ones, as Q-LLM's code does (4); None = the mean over every question token"
+    )
+    question_scale: QuestionScale = Field(
+        "raw", description="how the question term meets the query term: `raw` = score + beta * <u, r_B> (Q-LLM); "
+        "`standardized` = each term standardised over the layer's blocks first, so beta is a ratio of the two"
+    )
+    pin_question_blocks: bool = Field(
+        False, description="while answering, keep attending the blocks the question turn looked up (besides each "
+        "generated token's own picks), so an answer does not lose its evidence mid-copy"
     )
     offload: Offload = Field("auto", description="block placement: device pool, CPU + device LRU cache, or auto")
     device_pool_gb: float | None = Field(

@@ -21,3 +21,11 @@ class ModelNotFoundError(QLLMError, FileNotFoundError):
 
 class InvalidModelFileError(QLLMError, ValueError):
     """A model file that cannot be read: not a GGUF, cut short, or a damaged cached conversion."""
+
+
+class EngineBusyError(QLLMError, RuntimeError):
+    """The model is held by another call (often an unfinished answer stream) for longer than allowed."""
+
+
+class StreamClosedError(QLLMError, RuntimeError):
+    """An answer stream was closed (or failed) before it finished, so it has no Answer."""

@@ -44,6 +44,7 @@ class LayerSnapshot:
     tail_k: Tensor
     tail_v: Tensor
     tail_scores: Tensor
+    pinned: Tensor | None
 
 
 class LayerMemory:
@@ -85,6 +86,7 @@ class LayerMemory:
         self.has_terms = False
         self.question_vector: Tensor | None = None  # (heads, head_dim), far-rotated
         self.hits: Tensor | None = None  # (n_repr,) selections per block while counting
+        self.pinned: Tensor | None = None  # blocks the last multi-token lookup group picked
         self._positions = torch.arange(capacity, device=device)
 
     @property
@@ -152,13 +154,8 @@ class LayerMemory:
             far_v.append(self.init_v[:, :n_init_far])
             far_pos.append(self._arange(0, n_init_far))
 
-        cos, sin = self.rope.get(cfg.n_local + 1)
         if uses_blocks and self.n_blocks and cfg.topk:
-            n = self.n_blocks
-            far_q = apply_rope(query.float().mean(dim=1), cos[cfg.n_local], sin[cfg.n_local])  # (heads, d)
-            terms = self.block_terms[:n] if self.has_terms else None
-            picked = self.policy.select(far_q[None], self.repr_keys[:n], terms, min(cfg.topk, n))[0]
-            picked = picked.sort().values  # document order, which `ordered` far positions rely on
+            picked = self._lookup(query)
             if self.hits is not None:
                 self.hits.index_add_(0, picked, torch.ones_like(picked))
             block_k, block_v = self.store.gather(picked)
@@ -189,6 +186,22 @@ class LayerMemory:
         )
         self.tail_scores[:, lo:hi] += received
         return out
+
+    def _lookup(self, query: Tensor) -> Tensor:
+        """Blocks the group of `query` (heads, n_q, head_dim) attends: indices in document order."""
+        cfg, n = self.config, self.n_blocks
+        if n <= cfg.topk:
+            picked = self._arange(0, n)
+        else:
+            cos, sin = self.rope.get(cfg.n_local + 1)
+            far_q = apply_rope(query.float().mean(dim=1), cos[cfg.n_local], sin[cfg.n_local])  # (heads, head_dim)
+            terms = self.block_terms[:n] if self.has_terms else None
+            picked = self.policy.select(far_q[None], self.repr_keys[:n], terms, cfg.topk)[0]
+        if query.shape[1] > 1:  # a prompt (e.g. the question turn): later single-token steps may keep its picks
+            self.pinned = picked
+        elif cfg.pin_question_blocks and self.pinned is not None:
+            return torch.cat([self.pinned, picked]).unique()  # sorted
+        return picked.sort().values  # document order, which `ordered` far positions rely on
 
     def _arange(self, start: int, end: int) -> Tensor:
         """Positions start .. end-1 on the device, sliced from a cached arange (no allocation per call)."""
@@ -271,7 +284,7 @@ class LayerMemory:
         n = self.tail_len
         return LayerSnapshot(
             self.init_len, self.tail_start, self.seen, self.n_blocks,
-            self.tail_k[:, :n].clone(), self.tail_v[:, :n].clone(), self.tail_scores[:, :n].clone(),
+            self.tail_k[:, :n].clone(), self.tail_v[:, :n].clone(), self.tail_scores[:, :n].clone(), self.pinned,
         )
 
     def restore(self, snap: LayerSnapshot) -> None:
@@ -282,6 +295,7 @@ class LayerMemory:
         self.tail_v[:, :n] = snap.tail_v
         self.tail_scores[:, :n] = snap.tail_scores
         self.store.truncate(snap.n_blocks)
+        self.pinned = snap.pinned
         self.set_question(None)
         self.count_hits(False)
 

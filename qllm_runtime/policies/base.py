@@ -61,11 +61,17 @@ class LookupPolicy:
         """Per-block constant added to every lookup score: (n_blocks,) float32, or None for no term."""
         return None
 
+    def scores(self, group_queries: Tensor, repr_keys: Tensor, block_terms: Tensor | None) -> Tensor:
+        """(n_groups, n_blocks) float32: <group query, representative key> summed over heads, + block_terms."""
+        if self._kernel is not None:
+            return self._kernel(group_queries, repr_keys, block_terms, 1.0, 1)[0]
+        return block_scores_reference(group_queries, repr_keys, block_terms, 1.0)
+
     def select(self, group_queries: Tensor, repr_keys: Tensor, block_terms: Tensor | None, k: int) -> Tensor:
-        """Indices (n_groups, k) of the blocks each group attends, k <= n_blocks, on the device."""
+        """Indices (n_groups, k) of the blocks each group attends, k < n_blocks, on the device."""
         if self._kernel is not None:
             return self._kernel(group_queries, repr_keys, block_terms, 1.0, k)[1]
-        return select_blocks(block_scores_reference(group_queries, repr_keys, block_terms, 1.0), k)
+        return select_blocks(self.scores(group_queries, repr_keys, block_terms), k)
 
 
 def make_policy(config: QLLMConfig, device: torch.device) -> LookupPolicy:

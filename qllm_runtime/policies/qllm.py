@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..lookup import question_scores_reference
+from ..lookup import question_scores_reference, select_blocks
 from .base import LookupPolicy, register_policy
 
 
 @register_policy("qllm")
 class QLLMPolicy(LookupPolicy):
-    """score(B) = InfLLM's score + beta * sum_h < u_h, r_B,h >, with u the layer's question vector
-    (`QLLMConfig.question_weight` = beta; with beta 0 this is exactly InfLLM)."""
+    """score(B) = InfLLM's score + beta * sum_h < u_h, r_B,h >, with u the layer's question vector and beta
+    `QLLMConfig.question_weight` (beta 0 is exactly InfLLM).
+
+    `question_scale="standardized"`: both terms are first standardised over the layer's blocks (zero mean,
+    unit deviation), so beta weighs the two rankings against each other whatever the model's score scales.
+    """
 
     @classmethod
     def uses_question(cls, config) -> bool:
@@ -20,4 +24,17 @@ class QLLMPolicy(LookupPolicy):
     def block_terms(self, question_vector: Tensor | None, repr_keys: Tensor) -> Tensor | None:
         if question_vector is None or not self.uses_question(self.config):
             return None
-        return self.config.question_weight * question_scores_reference(question_vector, repr_keys)
+        terms = question_scores_reference(question_vector, repr_keys)  # (n_blocks,) float32
+        return terms if self.config.question_scale == "standardized" else self.config.question_weight * terms
+
+    def select(self, group_queries: Tensor, repr_keys: Tensor, block_terms: Tensor | None, k: int) -> Tensor:
+        if block_terms is None or self.config.question_scale == "raw":
+            return super().select(group_queries, repr_keys, block_terms, k)
+        scores = _standardize(self.scores(group_queries, repr_keys, None))  # (n_groups, n_blocks)
+        return select_blocks(scores + self.config.question_weight * _standardize(block_terms[None]), k)
+
+
+def _standardize(scores: Tensor) -> Tensor:
+    """Each row to zero mean and unit standard deviation over its blocks."""
+    mean, std = scores.mean(dim=-1, keepdim=True), scores.std(dim=-1, keepdim=True)
+    return (scores - mean) / std.clamp_min(1e-6)
