@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import json
-import re
-import threading
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import closing
 from operator import itemgetter
 from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
-from langchain_core.language_models.chat_models import generate_from_stream
+from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
 from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
@@ -32,35 +28,22 @@ from langchain_core.output_parsers import (
     PydanticToolsParser,
 )
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.runnables import Runnable, RunnableLambda, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, PrivateAttr
 
-from qllm_runtime import Answer, AnswerStream, InvalidInputError, Memory, QLLMConfig, QLLMEngine
+from qllm_runtime import Answer, InvalidInputError, Memory, QLLMConfig, QLLMEngine
 
-from .tools import (
-    ParsedToolCall,
-    parse_tool_calls,
-    template_renders_tools,
-    tool_messages_for_template,
-    tools_system_prompt,
-)
+from .chat import ChatCall, pump
+from .engines import DEFAULT_MODEL_NAME, shared_engine, with_config
+from .structured import describe, forced_call, json_answer, violations
+from .tools import ParsedToolCall, check_tools, parse_tool_calls
 
 __all__ = ["ChatQLLM", "QLLMChatModel"]
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-_LOAD_LOCK = threading.Lock()
 _TEXT_ONLY = ("image", "audio", "video", "file")
-
-
-@functools.cache
-def _shared_engine(source: str | None, device: str | None) -> QLLMEngine:
-    """One loaded model per (source, device) and process; engines with other configs share it."""
-    if source is None:
-        return QLLMEngine.default(device=device)
-    return QLLMEngine.from_pretrained(source, device=device)
 
 
 class ChatQLLM(BaseChatModel):

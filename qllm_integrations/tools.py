@@ -18,6 +18,8 @@ from typing import Any
 
 __all__ = [
     "ParsedToolCall",
+    "check_tools",
+    "forced_call_instruction",
     "parse_tool_calls",
     "template_renders_tools",
     "tool_messages_for_template",
@@ -50,6 +52,31 @@ def tools_system_prompt(tools: list[dict]) -> str:
         "Tool results come back in a message that starts with 'Tool result'. "
         "If no tool is needed, answer normally."
     )
+
+
+def forced_call_instruction(tools: list[dict]) -> str:
+    """The instruction that follows the question when the model must call one of `tools`."""
+    which = tools[0]["function"]["name"] if len(tools) == 1 else "one of the tools"
+    return f"Call {which}: reply with only the JSON tool call."
+
+
+def check_tools(tools: list[dict]) -> None:
+    """Raise ValueError naming the tool and the problem unless every tool is an OpenAI function schema
+    with a name and (if any) object `parameters`."""
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        label = f"tool {name!r}" if isinstance(name, str) and name else f"tool #{i}"
+        if not isinstance(function, dict):
+            raise ValueError(f'{label} is not an OpenAI function schema {{"type": "function", "function": {{...}}}}')
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{label} has no name: give it a non-empty 'name'")
+        parameters = function.get("parameters", {})
+        if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
+            raise ValueError(f"{label}: 'parameters' must be a JSON schema object "
+                             f'({{"type": "object", "properties": {{...}}}}), got {parameters!r:.100}')
+        if not isinstance(parameters.get("properties", {}), dict):
+            raise ValueError(f"{label}: 'parameters.properties' must map argument names to JSON schemas")
 
 
 def template_renders_tools(tokenizer: Any) -> bool:

@@ -33,10 +33,11 @@ def write_gguf(path: Path) -> Path:
 
 def tiny_model_and_tokenizer():
     """A 1-layer random Llama and a 3-word tokenizer: what a conversion returns, in milliseconds."""
-    from tokenizers import Tokenizer, models
+    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     words = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]")
     config = LlamaConfig(vocab_size=3, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1)
@@ -98,6 +99,12 @@ def test_missing_model_file(cache, tmp_path):
 
 def test_a_complete_gguf_passes_the_check(gguf_file):
     loading.check_gguf(gguf_file)
+
+
+def test_a_gguf_without_the_suffix_is_converted(conversions, gguf_file):
+    renamed = gguf_file.rename(gguf_file.with_name("model.bin"))
+    loading.load(renamed, device="cpu")
+    assert conversions == [renamed]
 
 
 def test_conversion_is_cached(conversions, cache, gguf_file):

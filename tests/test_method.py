@@ -188,3 +188,46 @@ def test_question_vector_pools_the_most_attended_question_tokens(llama):
     expected = torch.stack([query[h, top[h]].mean(0) for h in range(heads)])
     torch.testing.assert_close(pooled[2], apply_rope(expected, cos[n_local], sin[n_local]))
     assert not torch.allclose(pooled[2], pooled[None])
+
+
+def test_pinned_question_blocks_stay_attended_while_answering(llama, monkeypatch):
+    """With pin_question_blocks, every generated token attends the blocks its question turn looked up."""
+    model, tokenizer = llama
+    config = QLLMConfig(mode="infllm", pin_question_blocks=True, far_positions="ordered", **TINY_WINDOWS)
+    recorder = AttendedPositions()
+    monkeypatch.setattr(engine_module, "attention_op", recorder.op)
+    monkeypatch.setattr(ModelMemory, "attend", recorder.wrap(ModelMemory.attend))
+    context, turn = random_ids(200, len(tokenizer), seed=4), random_ids(10, len(tokenizer), seed=5)
+    session = QLLMEngine(model, tokenizer, config)._new_session(230)
+    session.feed(context)
+    blocks_end = {i: config.n_init + layer.n_blocks * config.block_size for i, layer in session.memory.layers.items()}
+    session.feed(turn)
+    for token in random_ids(8, len(tokenizer), seed=6):
+        session.feed([token])
+    question_end = len(context) + len(turn) - 1
+    for layer, record in recorder.seen.items():
+        looked_up = {k for k in record[question_end] if config.n_init <= k < blocks_end[layer]}
+        assert looked_up and len(looked_up) < blocks_end[layer] - config.n_init  # a real subset was picked
+        for q in range(question_end + 1, question_end + 9):
+            assert looked_up <= set(record[q]), f"layer {layer}, token {q} dropped the question's blocks"
+
+
+def test_standardized_question_term_is_scale_free():
+    """question_scale='standardized' ranks by z(query term) + beta * z(question term): scaling either term's
+    inputs changes nothing, beta 0 is InfLLM, and a large beta follows the question alone."""
+    from qllm_runtime.policies import POLICIES
+
+    gen = torch.Generator().manual_seed(0)
+    queries, repr_keys = torch.randn(3, 4, 16, generator=gen), torch.randn(40, 4, 16, generator=gen)
+    question = torch.randn(4, 16, generator=gen)
+
+    def picks(beta: float, u: torch.Tensor, mode: str = "qllm") -> torch.Tensor:
+        config = QLLMConfig(mode=mode, question_weight=beta, question_scale="standardized")
+        policy = POLICIES[mode](config, torch.device("cpu"))
+        return policy.select(queries, repr_keys, policy.block_terms(u, repr_keys), 5).sort().values
+
+    assert torch.equal(picks(1.0, question), picks(1.0, 100 * question))
+    assert torch.equal(picks(0.0, question), picks(0.0, question, mode="infllm"))
+    by_question = (repr_keys.flatten(1) @ question.flatten()).topk(5).indices.sort().values
+    assert all(torch.equal(row, by_question) for row in picks(1e6, question))
+    assert not torch.equal(picks(1.0, question), picks(0.0, question))
