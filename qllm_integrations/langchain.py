@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import closing
 from operator import itemgetter
@@ -59,19 +60,21 @@ class ChatQLLM(BaseChatModel):
 
     A document read once (`memory = chat.load_engine().read(text)`) can be reused: pass `memory=`
     at construction or bind it per call (`chat.bind(memory=memory)`); each call then encodes only
-    its question and answer. With a memory, the call's other messages and document blocks are folded,
-    in order, into the question turn (as "Assistant: ..." and "Tool result of name(...): ..." lines).
+    its question and answer. With a memory, the call's other messages and document blocks are folded
+    into the question turn (as "Assistant: ..." and "Tool result of name(...): ..." lines); the bare
+    question still drives the lookups.
 
     Tools: templates that render `tools` (Qwen, Hermes, Llama-3.1) get them natively; for the others
     the tools are described in the system prompt. Calls are parsed from Hermes `<tool_call>`, Llama-3.1
     and plain JSON. On templates without tools (the embedded model), a forced call (`tool_choice`
     "any" or a name) and structured output with a flat schema are filled in one short answer per
-    argument, so even a 135M model returns well-formed calls and objects.
+    argument, so even a 135M model returns well-formed calls and objects. Forced calls and structured
+    output are checked against their JSON schema and asked once more on a violation.
 
     Construction is instant and offline: the model (`model`: a local directory, hub id or `.gguf`
-    file; default: the embedded SmolLM2-135M-Instruct) loads on first use, once per process. Or pass an
-    `engine`. `response_metadata["passages"]` lists the looked-up context spans; `usage_metadata`
-    reports memory hits as `input_token_details["cache_read"]`.
+    file; default: the embedded SmolLM2-135M-Instruct) loads on first use, once per process and shared
+    with the LlamaIndex adapter. Or pass an `engine`. `response_metadata["passages"]` lists the looked-up
+    context spans; `usage_metadata` reports memory hits as `input_token_details["cache_read"]`.
 
     Example:
         ```python
@@ -128,25 +131,15 @@ class ChatQLLM(BaseChatModel):
         return params
 
     def _label(self) -> str:
-        if self.model_name:
-            return self.model_name
         engine = self.engine or (self.memory.engine if self.memory is not None else None)
-        if engine is not None:
-            path = str(getattr(engine.model, "name_or_path", "") or DEFAULT_MODEL_NAME)
-            return path.rstrip("/").rsplit("/", 1)[-1]
-        return DEFAULT_MODEL_NAME
+        return self.model_name or (engine.model_name if engine is not None else DEFAULT_MODEL_NAME)
 
     def load_engine(self) -> QLLMEngine:
         """The engine, loading the model on first use (e.g. to `read` a document once)."""
         if self._engine is None:
-            with _LOAD_LOCK:
-                if self._engine is None:
-                    base = self.engine or (self.memory.engine if self.memory is not None else None)
-                    if base is None:
-                        base = _shared_engine(self.model_name, self.device)
-                    if self.config is not None and self.config != base.config:
-                        base = QLLMEngine(base.model, base.tokenizer, self.config)
-                    self._engine = base
+            base = self.engine or (self.memory.engine if self.memory is not None else None)
+            self._engine = (with_config(base, self.config) if base is not None
+                            else shared_engine(self.model_name, self.config, self.device))
         return self._engine
 
     # ---- generation ----------------------------------------------------------------------------------
@@ -154,20 +147,28 @@ class ChatQLLM(BaseChatModel):
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
 
+    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                         **kwargs: Any) -> ChatResult:
+        return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
+
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         tool_choice, response_format = kwargs.pop("tool_choice", None), kwargs.pop("response_format", None)
         tools = _active_tools(kwargs.pop("tools", None), tool_choice)
-        forced = bool(tools) and tool_choice not in (None, "auto")
-        schema = _response_schema(response_format)
-        if (forced or _is_flat(schema)) and not template_renders_tools(self.load_engine().tokenizer):
-            yield self._guided(messages, tools if forced else [], schema, **kwargs)
+        call = self._call(messages, tools, stop, **kwargs)
+        if tools and tool_choice not in (None, "auto"):
+            found, answers = forced_call(call)
+            yield self._last_chunk(answers, "", [found] if found else [])
             return
-        instructions = _instructions(tools, forced, response_format)
-        stream = self._start(messages, stop, tools, instructions, **kwargs)
+        if response_format:
+            schema = response_format.get("json_schema", {}).get("schema") or response_format.get("schema")
+            text, answers = json_answer(call, schema, show_schema=response_format["type"] == "json_schema")
+            yield self._last_chunk(answers, text, [])
+            return
         text = ""
-        try:
+        with closing(call.stream()) as stream:
             for delta in stream:
                 text += delta
                 if tools:  # a tool call is only known once the answer is complete
@@ -176,108 +177,30 @@ class ChatQLLM(BaseChatModel):
                 if run_manager:
                     run_manager.on_llm_new_token(delta, chunk=chunk)
                 yield chunk
-        finally:
-            stream.close()
         calls: list[ParsedToolCall] = []
         if tools:
             text, calls = parse_tool_calls(text, {t["function"]["name"] for t in tools})
         assert stream.answer is not None  # the loop ran to the end
         yield self._last_chunk([stream.answer], text if tools else "", calls)
 
-    def _guided(self, messages: list[BaseMessage], tools: list[dict], schema: dict | None,
-                **kwargs: Any) -> ChatGenerationChunk:
-        """A forced tool call or a JSON answer from a model whose template knows no tools: the model
-        gives one short answer per argument (field), which is parsed to its JSON type and assembled."""
-        answers: list[Answer] = []
-
-        def ask(instruction: str) -> str:
-            stream = self._start(messages, ["\n"], [], [instruction], **kwargs)
-            answers.append(stream.result())
-            return answers[-1].text.strip()
-
-        intro = ""
-        if tools:
-            names = [t["function"]["name"] for t in tools]
-            if len(tools) > 1:
-                reply = ask(f"Which tool fits best: {', '.join(names)}? Reply with only its name.")
-                tools = [next((t for t, n in zip(tools, names, strict=True) if n in reply), tools[0])]
-            function = tools[0]["function"]
-            schema = function.get("parameters") or {}
-            intro = f"To call the tool {function['name']} ({function.get('description', '')}), "
-        arguments: dict[str, Any] = {}
-        for key, prop in (schema or {}).get("properties", {}).items():
-            known = "".join(f"{k}: {json.dumps(v, ensure_ascii=False)}\n" for k, v in arguments.items())
-            about = prop.get("description") or prop.get("title") or key
-            reply = ask(f"{known}{intro}give {key} ({about}). Reply with only the {_kind(prop)}.")
-            value = _coerce(reply, prop)
-            if value is not None:
-                arguments[key] = value
-        if tools:
-            call = ParsedToolCall(tools[0]["function"]["name"], arguments, f"call_{uuid.uuid4().hex[:24]}")
-            return self._last_chunk(answers, "", [call])
-        return self._last_chunk(answers, json.dumps(arguments, ensure_ascii=False), [])
-
-    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                         run_manager: AsyncCallbackManagerForLLMRun | None = None,
-                         **kwargs: Any) -> ChatResult:
-        return await asyncio.to_thread(self._generate, messages, stop, None, **kwargs)
-
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        """`_stream` in a worker thread; chunks come back through a queue so the event loop never waits."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[ChatGenerationChunk | BaseException | None] = asyncio.Queue()
-        cancelled = threading.Event()
+        async for chunk in pump(self._stream(messages, stop, None, **kwargs)):
+            if run_manager and chunk.text:
+                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
 
-        def pump() -> None:
-            chunks = self._stream(messages, stop, None, **kwargs)
-            try:
-                for chunk in chunks:
-                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
-                    if cancelled.is_set():
-                        break
-            except Exception as e:
-                loop.call_soon_threadsafe(queue.put_nowait, e)
-            finally:
-                chunks.close()
-                loop.call_soon_threadsafe(queue.put_nowait, None)
-
-        worker = asyncio.ensure_future(asyncio.to_thread(pump))
-        try:
-            while (item := await queue.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                if run_manager and item.text:
-                    await run_manager.on_llm_new_token(item.text, chunk=item)
-                yield item
-        finally:
-            cancelled.set()
-            await worker
-
-    def _start(self, messages: list[BaseMessage], stop: list[str] | None, tools: list[dict],
-               instructions: list[str], **kwargs: Any) -> AnswerStream:
-        """Start one answer: split the messages into context and question, then read and generate."""
-        engine = self.load_engine()
+    def _call(self, messages: list[BaseMessage], tools: list[dict], stop: list[str] | None,
+              **kwargs: Any) -> ChatCall:
+        """The messages split around the question, with this call's tools, memory and generation settings."""
+        before, question, after = _split(messages)
+        memory = kwargs.get("memory", self.memory)
         generation = {"max_new_tokens": kwargs.get("max_tokens", self.max_tokens),
                       "temperature": kwargs.get("temperature", self.temperature),
                       "stop": stop if stop is not None else self.stop}
-        context, question, documents, rest = _split(messages)
-        memory = kwargs.get("memory", self.memory)
-        if memory is not None:
-            turns = tool_messages_for_template([*context, *rest], renders_tools=False)
-            folded = [tools_system_prompt(tools) if tools else "", *map(_fold, turns), *documents, question,
-                      *instructions]
-            return memory.stream("\n\n".join(p for p in folded if p), **generation)
-        renders = template_renders_tools(engine.tokenizer)
-        turns = tool_messages_for_template([*context, *rest], renders)
-        if tools and not renders:
-            turns = _with_system(turns, tools_system_prompt(tools))
-        n_before = len(turns) - len(rest)
-        ask = [*turns[:n_before], *({"role": "user", "content": d} for d in documents),
-               {"role": "user", "content": "\n\n".join([question, *instructions])}, *turns[n_before:]]
-        return engine.stream_chat(ask, question=question, tools=tools if renders and tools else None,
-                                  **generation)
+        engine = memory.engine if memory is not None else self.load_engine()
+        return ChatCall(engine, question, before, after, tools, memory, generation)
 
     def _last_chunk(self, answers: list[Answer], text: str,
                     calls: list[ParsedToolCall]) -> ChatGenerationChunk:
@@ -310,6 +233,7 @@ class ChatQLLM(BaseChatModel):
         """Bind tools (any form `convert_to_openai_tool` takes). `tool_choice`: "auto", "none",
         "any"/"required"/True (some tool), a tool name, or {"type": "function", "function": {"name"}}."""
         formatted = [convert_to_openai_tool(t) for t in tools]
+        check_tools(formatted)
         names = [t["function"]["name"] for t in formatted]
         if isinstance(tool_choice, dict):
             tool_choice = tool_choice.get("function", {}).get("name")
@@ -326,22 +250,22 @@ class ChatQLLM(BaseChatModel):
     ) -> Runnable[LanguageModelInput, Any]:
         """Answers parsed into `schema` (pydantic class, TypedDict or JSON schema).
 
-        `json_schema` (default) and `json_mode` prompt for a JSON object and parse it; `function_calling`
-        forces a call of a tool made from the schema. `strict` is accepted; parsing always validates.
+        `json_schema` (default) and `json_mode` prompt for a JSON object; `function_calling` forces a call
+        of a tool made from the schema. `strict` is accepted: answers are always validated, pydantic
+        classes by pydantic, other schemas as JSON schemas; a violation raises OutputParserException.
         """
         if kwargs:
             raise ValueError(f"unsupported arguments: {sorted(kwargs)}")
         is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        json_schema = convert_to_json_schema(schema)
         trace = {"ls_structured_output_format": {"kwargs": {"method": method, "strict": strict},
                                                  "schema": schema}}
         if method == "function_calling":
-            tool = convert_to_openai_tool(schema)
-            name = tool["function"]["name"]
+            name = convert_to_openai_tool(schema)["function"]["name"]
             llm = self.bind_tools([schema], tool_choice=name, **trace)
             parser: Runnable = (PydanticToolsParser(tools=[schema], first_tool_only=True) if is_pydantic
                                 else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True))
         elif method in ("json_mode", "json_schema"):
-            json_schema = convert_to_json_schema(schema)
             response_format: dict[str, Any] = {"type": "json_schema", "json_schema": {"schema": json_schema}}
             if method == "json_mode":  # the schema is not shown; a model that cannot write JSON fills it
                 response_format = {"type": "json_object", "schema": json_schema}
@@ -349,6 +273,8 @@ class ChatQLLM(BaseChatModel):
             parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
         else:
             raise ValueError(f"method must be function_calling, json_mode or json_schema, got {method!r}")
+        if not is_pydantic:
+            parser = parser | RunnableLambda(lambda value: _checked(value, json_schema))
         if not include_raw:
             return llm | parser
         parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
@@ -368,62 +294,26 @@ def _active_tools(tools: list[dict] | None, tool_choice: str | None) -> list[dic
     return tools
 
 
-def _instructions(tools: list[dict], forced: bool, response_format: dict | None) -> list[str]:
-    """Format instructions appended to the question turn (the lookups use the bare question)."""
-    if forced:
-        which = tools[0]["function"]["name"] if len(tools) == 1 else "one of the tools"
-        return [f"Call {which}: reply with only the JSON tool call."]
-    if response_format and response_format["type"] == "json_schema":
-        schema = json.dumps(_response_schema(response_format))
-        return [f"Reply with only a JSON object that matches this JSON schema: {schema}"]
-    return ["Reply with only a JSON object."] if response_format else []
+def _checked(value: Any, schema: dict) -> Any:
+    """`value` if it matches the JSON `schema`, else OutputParserException naming the fields."""
+    found = violations(value, schema)
+    if found:
+        raise OutputParserException(f"the answer does not match the schema: {describe(found)}",
+                                    llm_output=json.dumps(value, ensure_ascii=False))
+    return value
 
 
-def _response_schema(response_format: dict | None) -> dict | None:
-    response_format = response_format or {}
-    return response_format.get("json_schema", {}).get("schema") or response_format.get("schema")
-
-
-def _kind(prop: dict) -> str | None:
-    """"integer", "number", "boolean", "string" or "one of ..." for a flat property, else None."""
-    if "enum" in prop:
-        return "one of " + ", ".join(map(str, prop["enum"]))
-    types = [prop.get("type")] + [p.get("type") for p in prop.get("anyOf", [])]
-    kinds = [t for t in types if t in ("integer", "number", "boolean", "string")]
-    return kinds[0] if kinds else None
-
-
-def _is_flat(schema: dict | None) -> bool:
-    """An object schema whose properties are all strings, numbers, booleans or enums (maybe optional)."""
-    props = (schema or {}).get("properties")
-    return bool(props) and all(_kind(p) for p in props.values())
-
-
-def _coerce(text: str, prop: dict) -> Any:
-    """A short answer as the property's JSON value; None when it holds none."""
-    if "enum" in prop:
-        return next((v for v in prop["enum"] if str(v).lower() in text.lower()), None)
-    kind = _kind(prop)
-    if kind in ("integer", "number"):
-        match = re.search(r"-?\d+(?:\.\d+)?" if kind == "number" else r"-?\d+", text)
-        return (float if kind == "number" else int)(match.group()) if match else None
-    if kind == "boolean":
-        word = re.search(r"\b(yes|true|no|false)\b", text.lower())
-        return word.group() in ("yes", "true") if word else None
-    return text.strip("\"'` ") or None
-
-
-def _split(messages: list[BaseMessage]) -> tuple[list[dict], str, list[str], list[dict]]:
-    """(context messages, question, document texts, messages after the question) as template dicts."""
+def _split(messages: list[BaseMessage]) -> tuple[list[dict], str, list[dict]]:
+    """(template messages before the question turn, with its document blocks as user turns; the question;
+    the messages after it)."""
+    if not messages:
+        raise InvalidInputError("ChatQLLM got no messages: pass at least one message with the question")
     humans = [i for i, m in enumerate(messages) if isinstance(m, HumanMessage)]
     last = humans[-1] if humans else len(messages) - 1
     blocks = _blocks(messages[last])
     question = "\n".join(b["text"] for b in blocks if b["type"] == "text")
-    documents = [_document(b) for b in blocks if b["type"] == "text-plain"]
-    if not question.strip():
-        raise InvalidInputError("the last human message has no text: nothing to use as the question")
-    return ([_to_dict(m) for m in messages[:last]], question, documents,
-            [_to_dict(m) for m in messages[last + 1 :]])
+    documents = [{"role": "user", "content": _document(b)} for b in blocks if b["type"] == "text-plain"]
+    return ([*map(_to_dict, messages[:last]), *documents], question, [*map(_to_dict, messages[last + 1 :])])
 
 
 def _blocks(message: BaseMessage) -> list[dict]:
@@ -457,15 +347,3 @@ def _to_dict(message: BaseMessage) -> dict:
     if isinstance(message, ChatMessage):
         return {"role": message.role, "content": content}
     raise InvalidInputError(f"unsupported message type {type(message).__name__}")
-
-
-def _fold(message: dict) -> str:
-    """A template message as a line of the question turn (memory calls)."""
-    return f"Assistant: {message['content']}" if message["role"] == "assistant" else message["content"]
-
-
-def _with_system(messages: list[dict], text: str) -> list[dict]:
-    """`text` added to the leading system message (or as a new one)."""
-    if messages and messages[0]["role"] == "system":
-        return [{**messages[0], "content": f"{messages[0]['content']}\n\n{text}"}, *messages[1:]]
-    return [{"role": "system", "content": text}, *messages]

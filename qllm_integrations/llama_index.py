@@ -18,20 +18,20 @@ packs every node into one QA prompt; `QLLM.predict` then passes that prompt's `c
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import re
 import threading
 from bisect import bisect_right
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import closing
-from dataclasses import replace
 from operator import itemgetter
-from typing import Any
+from typing import Any, TypeVar
 
-from qllm_runtime import Answer, AnswerStream, BlockSpan, Memory, QLLMConfig, QLLMEngine
+from qllm_runtime import Answer, BlockSpan, Memory, QLLMConfig, QLLMEngine
 
-from .tools import parse_tool_calls, template_renders_tools, tool_messages_for_template, tools_system_prompt
+from .chat import ChatCall, pump
+from .engines import shared_engine
+from .structured import forced_call
+from .tools import ParsedToolCall, parse_tool_calls
 
 try:
     from llama_index.core.base.llms.types import (
@@ -81,13 +81,7 @@ _ROLES = {"developer": "system", "chatbot": "assistant", "model": "assistant", "
 _GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "stop", "seed")
 
 
-@functools.cache
-def _shared_engine(model_name: str | None, config: QLLMConfig | None) -> QLLMEngine:
-    """One engine per (model, config) in this process, loaded on first use; engines share the model."""
-    if config is not None:
-        base = _shared_engine(model_name, None)
-        return QLLMEngine(base.model, base.tokenizer, config)
-    return QLLMEngine.default() if model_name is None else QLLMEngine.from_pretrained(model_name)
+T = TypeVar("T")
 
 
 class QLLM(FunctionCallingLLM):
@@ -105,6 +99,7 @@ class QLLM(FunctionCallingLLM):
 
     model_name: str | None = Field(default=None, description="HF directory, hub id or .gguf; None = embedded")
     config: QLLMConfig | None = Field(default=None, description="engine settings; None = QLLMConfig()")
+    device: str | None = Field(default=None, description="where to load the model; None = CUDA if available")
     max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, gt=0)
     temperature: float = Field(default=0.0, ge=0.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -121,7 +116,7 @@ class QLLM(FunctionCallingLLM):
     @property
     def engine(self) -> QLLMEngine:
         if self._engine is None:
-            self._engine = _shared_engine(self.model_name, self.config)
+            self._engine = shared_engine(self.model_name, self.config, self.device)
         return self._engine
 
     @property
@@ -131,7 +126,7 @@ class QLLM(FunctionCallingLLM):
             num_output=self.max_new_tokens,
             is_chat_model=True,
             is_function_calling_model=True,
-            model_name=self.model_name or "quickllama-default",
+            model_name=self.engine.model_name,
         )
 
     # ---- question answering: context and question reach the engine separately -------------------
@@ -139,129 +134,93 @@ class QLLM(FunctionCallingLLM):
         qa = _qa_inputs(prompt, prompt_args)
         if qa is None:
             return super().predict(prompt, **prompt_args)
-        return self._parse_output(self._ask(*qa).result().text)
+        return self._parse_output("".join(self._ask(*qa)))
 
     def stream(self, prompt: BasePromptTemplate, **prompt_args: Any) -> TokenGen:
         qa = _qa_inputs(prompt, prompt_args)
         if qa is None:
             return super().stream(prompt, **prompt_args)
-        return _deltas(self._ask(*qa))
+        return self._ask(*qa)
 
     async def apredict(self, prompt: BasePromptTemplate, **prompt_args: Any) -> str:
         qa = _qa_inputs(prompt, prompt_args)
         if qa is None:
             return await super().apredict(prompt, **prompt_args)
-        answer = await asyncio.to_thread(lambda: self._ask(*qa).result())
-        return self._parse_output(answer.text)
+        return self._parse_output("".join([delta async for delta in pump(self._ask(*qa))]))
 
     async def astream(self, prompt: BasePromptTemplate, **prompt_args: Any) -> TokenAsyncGen:
         qa = _qa_inputs(prompt, prompt_args)
         if qa is None:
             return await super().astream(prompt, **prompt_args)
-        return _pump(await asyncio.to_thread(self._ask, *qa))
+        return pump(self._ask(*qa))
 
-    def _ask(self, context: str, question: str) -> AnswerStream:
-        return self.engine.stream(context, question, **self._generation({}))
+    def _ask(self, context: str, question: str) -> TokenGen:
+        with closing(self.engine.stream(context, question, **self._generation({}))) as stream:
+            yield from stream
 
-    # ---- chat and completion -----------------------------------------------------------------------
+    # ---- chat and completion: every call is a generator of responses run by the four methods ----
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        answer = self._chat(messages, kwargs).result()
-        return _chat_response(answer.text, answer.text, kwargs, answer)
+        return _last(self._replies(messages, kwargs))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        stream = self._chat(messages, kwargs)
-
-        def gen() -> ChatResponseGen:
-            text = ""
-            for delta in _deltas(stream):
-                text += delta
-                yield _chat_response(text, delta)
-            if kwargs.get("tools"):
-                yield _chat_response(text, "", kwargs, stream.answer)
-
-        return gen()
+        return self._replies(messages, kwargs)
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        answer = await asyncio.to_thread(lambda: self._chat(messages, kwargs).result())
-        return _chat_response(answer.text, answer.text, kwargs, answer)
+        return await _alast(pump(self._replies(messages, kwargs)))
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
-        stream = await asyncio.to_thread(self._chat, messages, kwargs)
-
-        async def gen() -> ChatResponseAsyncGen:
-            text = ""
-            async for delta in _pump(stream):
-                text += delta
-                yield _chat_response(text, delta)
-            if kwargs.get("tools"):
-                yield _chat_response(text, "", kwargs, stream.answer)
-
-        return gen()
+        return pump(self._replies(messages, kwargs))
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        answer = self._complete(prompt, kwargs).result()
-        return CompletionResponse(text=answer.text, raw=answer)
+        return _last(self._completions(prompt, kwargs))
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        stream = self._complete(prompt, kwargs)
-
-        def gen() -> CompletionResponseGen:
-            text = ""
-            for delta in _deltas(stream):
-                text += delta
-                yield CompletionResponse(text=text, delta=delta)
-
-        return gen()
+        return self._completions(prompt, kwargs)
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        answer = await asyncio.to_thread(lambda: self._complete(prompt, kwargs).result())
-        return CompletionResponse(text=answer.text, raw=answer)
+        return await _alast(pump(self._completions(prompt, kwargs)))
 
     @llm_completion_callback()
     async def astream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseAsyncGen:
-        stream = await asyncio.to_thread(self._complete, prompt, kwargs)
+        return pump(self._completions(prompt, kwargs))
 
-        async def gen() -> CompletionResponseAsyncGen:
-            text = ""
-            async for delta in _pump(stream):
-                text += delta
-                yield CompletionResponse(text=text, delta=delta)
-
-        return gen()
-
-    def _complete(self, prompt: str, kwargs: dict) -> AnswerStream:
+    def _completions(self, prompt: str, kwargs: dict) -> CompletionResponseGen:
         """The prompt as one user turn (after the system prompt, if any): it is also the question."""
         messages = [ChatMessage(role=MessageRole.USER, content=prompt)]
         if self.system_prompt:
             messages.insert(0, ChatMessage(role=MessageRole.SYSTEM, content=self.system_prompt))
-        return self._chat(messages, kwargs)
+        for reply in self._replies(messages, kwargs):
+            yield CompletionResponse(text=reply.message.content or "", delta=reply.delta, raw=reply.raw)
 
-    def _chat(self, messages: Sequence[ChatMessage], kwargs: dict) -> AnswerStream:
-        """Chat-template messages. Tool schemas go to the template, or to the system prompt if it ignores
-        them; a forced call adds an instruction to the last user turn (the lookups keep the question)."""
-        tools = kwargs.get("tools")
-        renders = bool(tools) and template_renders_tools(self.engine.tokenizer)
-        turns = tool_messages_for_template([_to_dict(m) for m in messages], renders)
-        if tools and not renders:
-            turns = _with_system_text(turns, tools_system_prompt(tools))
-        forced = _forced_tool(tools, kwargs)
+    def _replies(self, messages: Sequence[ChatMessage], kwargs: dict) -> ChatResponseGen:
+        """Text deltas, then the whole reply (with tool calls, raw = the engine's Answer). The last user turn
+        is the question; a forced tool call (`tool_choice` a name or "required") comes as one reply."""
+        turns = [_to_dict(m) for m in messages]
         users = [i for i, m in enumerate(turns) if m["role"] == "user"]
-        question = None
-        if forced is not None and users:
-            question = turns[users[-1]]["content"]
-            order = f"Call {forced or 'one of the tools'}: reply with only the JSON tool call."
-            turns[users[-1]] = {**turns[users[-1]], "content": f"{question}\n\n{order}"}
-        return self.engine.stream_chat(turns, question=question, tools=tools if renders else None,
-                                       **self._generation(kwargs))
+        i = users[-1] if users else len(turns) - 1
+        tools, forced = _tools(kwargs)
+        call = ChatCall(self.engine, turns[i]["content"] if turns else "", turns[:i], turns[i + 1 :], tools,
+                        generation=self._generation(kwargs))
+        if forced:
+            found, answers = forced_call(call)
+            yield _reply("", "", [found] if found else [], answers[-1])
+            return
+        text = ""
+        with closing(call.stream()) as stream:
+            for delta in stream:
+                text += delta
+                yield _reply(text, delta)
+        content, calls = parse_tool_calls(text, {t["function"]["name"] for t in tools}) if tools else (text, [])
+        yield _reply(content, "", calls, stream.answer)
 
     def _generation(self, kwargs: dict) -> dict:
         fields = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p}
@@ -328,74 +287,37 @@ def _to_dict(message: ChatMessage) -> dict:
     return out
 
 
-def _with_system_text(messages: list[dict], text: str) -> list[dict]:
-    if messages and messages[0]["role"] == "system":
-        return [{**messages[0], "content": f"{messages[0]['content']}\n\n{text}"}, *messages[1:]]
-    return [{"role": "system", "content": text}, *messages]
-
-
-def _forced_tool(tools: list[dict] | None, kwargs: dict) -> str | None:
-    """The tool a forced call must name: its name, "" for any tool, None when the call is not forced."""
-    choice = kwargs.get("tool_choice")
-    if isinstance(choice, dict):  # OpenAI shape {"type": "function", "function": {"name": ...}}
+def _tools(kwargs: dict) -> tuple[list[dict], bool]:
+    """The tools the model may call, and whether it must call one: `tool_choice` a tool name (or OpenAI's
+    {"function": {"name": ...}}) or anything but "auto"/"none", e.g. "required"."""
+    tools, choice = kwargs.get("tools") or [], kwargs.get("tool_choice")
+    if isinstance(choice, dict):
         choice = choice.get("function", {}).get("name")
     if not tools or choice in (None, "auto", "none"):
-        return None
-    names = [t["function"]["name"] for t in tools]
-    return choice if choice in names else names[0] if len(names) == 1 else ""
+        return ([] if choice == "none" else tools), False
+    return [t for t in tools if t["function"]["name"] == choice] or tools, True
 
 
-def _chat_response(text: str, delta: str, kwargs: dict | None = None, answer: Answer | None = None
-                   ) -> ChatResponse:
-    """An assistant reply; with tools, tool calls in the text become ToolCallBlocks (a forced tool's
-    call counts whatever name the model wrote)."""
-    tools = (kwargs or {}).get("tools")
-    if not tools:
-        message = ChatMessage(role=MessageRole.ASSISTANT, content=text)
-    else:
-        forced = _forced_tool(tools, kwargs or {})
-        content, calls = parse_tool_calls(text, None if forced else {t["function"]["name"] for t in tools})
-        if forced:
-            calls = [replace(call, name=forced) for call in calls[:1]]
-        blocks: list[Any] = [TextBlock(text=content)] if content else []
-        blocks += [ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=c.arguments) for c in calls]
-        message = ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks)
-    return ChatResponse(message=message, delta=delta, raw=answer)
+def _reply(text: str, delta: str, calls: Sequence[ParsedToolCall] = (), answer: Answer | None = None
+           ) -> ChatResponse:
+    """An assistant reply; tool calls become ToolCallBlocks after the text."""
+    if not calls:
+        return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta, raw=answer)
+    blocks: list[Any] = [TextBlock(text=text)] if text else []
+    blocks += [ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=c.arguments) for c in calls]
+    return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks), delta=delta, raw=answer)
 
 
-def _deltas(stream: AnswerStream) -> Iterator[str]:
-    """The stream's text pieces; stopping early closes it (and frees the model)."""
-    with closing(stream):
-        yield from stream
+def _last(items: Iterator[T]) -> T:
+    for item in items:  # noqa: B007 - the loop runs the generator to its end
+        pass
+    return item
 
 
-async def _pump(stream: AnswerStream) -> AsyncIterator[str]:
-    """Iterate `stream` in one worker thread from start to end (the model lock belongs to the thread that
-    started the call) and yield its pieces on the event loop."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-    stop = threading.Event()
-
-    def work() -> None:
-        try:
-            for delta in _deltas(stream):
-                if stop.is_set():
-                    break
-                loop.call_soon_threadsafe(queue.put_nowait, ("delta", delta))
-        except Exception as e:
-            loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
-        else:
-            loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
-
-    worker = asyncio.ensure_future(asyncio.to_thread(work))
-    try:
-        while (item := await queue.get())[0] == "delta":
-            yield item[1]
-        if item[0] == "error":
-            raise item[1]
-    finally:
-        stop.set()
-        await worker
+async def _alast(items: AsyncIterator[T]) -> T:
+    async for item in items:  # noqa: B007
+        pass
+    return item
 
 
 # ---- the index ------------------------------------------------------------------------------------
@@ -440,7 +362,7 @@ class QLLMIndex(SummaryIndex):
     @property
     def engine(self) -> QLLMEngine:
         if self._engine is None:
-            self._engine = _shared_engine(None, None)
+            self._engine = shared_engine()
         return self._engine
 
     @property
@@ -522,33 +444,25 @@ class QLLMQueryEngine(CustomQueryEngine):
     generation: dict[str, Any] = Field(default_factory=dict)
 
     def custom_query(self, query_str: str) -> Response | StreamingResponse:
-        stream = self._stream(query_str)
-        if not self.streaming:
-            answer = stream.result()
-            return Response(answer.text, source_nodes=self.index.source_nodes(answer.blocks))
         sources: list[NodeWithScore] = []
-
-        def gen() -> TokenGen:
-            yield from _deltas(stream)
-            sources.extend(self.index.source_nodes(stream.answer.blocks))
-
-        return StreamingResponse(response_gen=gen(), source_nodes=sources)
+        deltas = self._deltas(query_str, sources)
+        if self.streaming:
+            return StreamingResponse(response_gen=deltas, source_nodes=sources)
+        return Response("".join(deltas), source_nodes=sources)
 
     async def acustom_query(self, query_str: str) -> Response | AsyncStreamingResponse:
-        if not self.streaming:
-            return await asyncio.to_thread(self.custom_query, query_str)
-        stream = await asyncio.to_thread(self._stream, query_str)
         sources: list[NodeWithScore] = []
+        deltas = pump(self._deltas(query_str, sources))
+        if self.streaming:
+            return AsyncStreamingResponse(response_gen=deltas, source_nodes=sources)
+        return Response("".join([d async for d in deltas]), source_nodes=sources)
 
-        async def gen() -> TokenAsyncGen:
-            async for delta in _pump(stream):
-                yield delta
-            sources.extend(self.index.source_nodes(stream.answer.blocks))
-
-        return AsyncStreamingResponse(response_gen=gen(), source_nodes=sources)
-
-    def _stream(self, query_str: str) -> AnswerStream:
-        return self.index.memory.stream(query_str, **({"max_new_tokens": DEFAULT_MAX_NEW_TOKENS} | self.generation))
+    def _deltas(self, query_str: str, sources: list[NodeWithScore]) -> TokenGen:
+        """The answer's text pieces; once it is complete, the looked-up nodes are added to `sources`."""
+        generation = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS} | self.generation
+        with closing(self.index.memory.stream(query_str, **generation)) as stream:
+            yield from stream
+        sources.extend(self.index.source_nodes(stream.answer.blocks))
 
 
 # ---- agent tools ----------------------------------------------------------------------------------

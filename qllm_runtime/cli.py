@@ -8,12 +8,23 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Literal, NoReturn, get_args, get_origin
+
+from pydantic import ValidationError
 
 from .config import QLLMConfig
 from .engine import Answer, QLLMEngine
-from .errors import QLLMError
+from .errors import InvalidInputError, QLLMError
 
 _CONFIG_FLAGS = ("mode", "n_init", "n_local", "block_size", "topk", "question_weight", "prefill_chunk", "offload")
+_DEMO_CONFIG = dict(n_init=128, n_local=256, block_size=64, topk=8, lookup_chunk=128, prefill_chunk=2048)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line on stderr (exit code 2), like every other user error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -24,13 +35,54 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     for name in _CONFIG_FLAGS:
         field = fields[name]
         kind = {int: int, float: float}.get(field.annotation, str)
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+        choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else None
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None, choices=choices,
                             help=f"{field.description or name} (default: {field.default})")
 
 
-def _engine(args: argparse.Namespace, **overrides) -> QLLMEngine:
+def _config(args: argparse.Namespace) -> QLLMConfig:
+    """The command's config defaults overridden by the options given; an invalid value is a usage error."""
     values = {name: getattr(args, name) for name in _CONFIG_FLAGS if getattr(args, name) is not None}
-    config = QLLMConfig(**{**overrides, **values})
+    try:
+        return QLLMConfig(**{**args.config_defaults, **values})
+    except ValidationError as error:
+        args.parser.error(_one_line(error))
+
+
+def _one_line(error: ValidationError) -> str:
+    """Pydantic's messages on one line, each naming its command-line option and the value given."""
+    parts = []
+    for item in error.errors():
+        message = item["msg"].removeprefix("Value error, ")
+        if item["loc"]:  # a field's error; a check across fields (loc ()) names its fields itself
+            given = repr(item["input"])
+            message = f"argument --{str(item['loc'][0]).replace('_', '-')}: {message}"
+            message += "" if given in message else f" (got {given})"
+        parts.append(message)
+    return "; ".join(parts)
+
+
+def _read_text(file: str) -> str:
+    """The UTF-8 text of `file` ('-': stdin), refused with an InvalidInputError if closed, binary or empty."""
+    if file == "-" and (sys.stdin is None or sys.stdin.closed):
+        raise InvalidInputError("stdin is closed: pipe the text in, e.g. quickllama ask - 'question' < FILE")
+    name = "stdin" if file == "-" else file
+    data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidInputError(
+            f"{name} is not UTF-8 text (byte {data[error.start]:#04x} at offset {error.start}); give a text file, "
+            "converted if needed, e.g. iconv -f latin1 -t utf-8 FILE"
+        ) from error
+    if "\x00" in text:
+        raise InvalidInputError(f"{name} looks binary (it has NUL bytes; UTF-16?); give UTF-8 text")
+    if not text.strip():
+        raise InvalidInputError(f"{name} is empty: give it the text to read")
+    return text
+
+
+def _engine(args: argparse.Namespace, config: QLLMConfig) -> QLLMEngine:
     if args.model:
         return QLLMEngine.from_pretrained(args.model, config, device=args.device)
     return QLLMEngine.default(config, device=args.device)
@@ -61,9 +113,9 @@ def _stream_answer(stream) -> Answer:
     return stream.answer
 
 
-def cmd_ask(args: argparse.Namespace) -> int:
-    text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
-    engine = _engine(args)
+def cmd_ask(args: argparse.Namespace, config: QLLMConfig) -> int:
+    text = _read_text(args.file)
+    engine = _engine(args, config)
     answer = _stream_answer(
         engine.stream(text, args.question, max_new_tokens=args.max_new_tokens, progress=_ProgressBar())
     )
@@ -96,8 +148,8 @@ def haystack(n_sentences: int, seed: int) -> list[str]:
             for _ in range(n_sentences)]
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    engine = _engine(args, n_init=128, n_local=256, block_size=64, topk=8, lookup_chunk=128, prefill_chunk=2048)
+def cmd_demo(args: argparse.Namespace, config: QLLMConfig) -> int:
+    engine = _engine(args, config)
     rng = random.Random(args.seed)
     code = rng.choice(_ANIMALS)  # a word: the 135M model copies words from far blocks, not long numbers
     needle = f"The secret animal of the blue vault is a {code}."
@@ -132,8 +184,8 @@ def _print_passages(answer: Answer, limit: int, mark: tuple[int, int] | None = N
         print(f"  [{span.start:>7}-{span.end:<7}] x{span.hits:<4} {text[:90]}{'...' if len(text) > 90 else ''}{flag}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="quickllama", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="quickllama", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log lookups and timings")
     sub = parser.add_subparsers(dest="command", required=True)
     ask = sub.add_parser("ask", help="answer a question about a long text file ('-' reads stdin)")
@@ -141,19 +193,25 @@ def main(argv: list[str] | None = None) -> int:
     ask.add_argument("question")
     ask.add_argument("--show-passages", type=int, default=0, metavar="N", help="print the N most looked-up passages")
     _add_engine_options(ask)
-    ask.set_defaults(run=cmd_ask)
+    ask.set_defaults(run=cmd_ask, parser=ask, config_defaults={})
     demo = sub.add_parser("demo", help="hide a needle in ~9.4K tokens and find it with the default model")
     demo.add_argument("--sentences", type=int, default=850, help="filler sentences (~11 tokens each)")
     demo.add_argument("--depth", type=float, default=0.3, help="where the needle goes, 0 = start, 1 = end")
     demo.add_argument("--seed", type=int, default=3)
     _add_engine_options(demo)
-    demo.set_defaults(run=cmd_demo)
-    args = parser.parse_args(argv)
+    demo.set_defaults(run=cmd_demo, parser=demo, config_defaults=_DEMO_CONFIG)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a command; a user error (bad option, input or model file) is one line on stderr and exit code 2."""
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    config = _config(args)
     try:
-        return args.run(args)
+        return args.run(args, config)
     except (QLLMError, OSError) as error:
-        print(f"quickllama: {error}", file=sys.stderr)
+        print("quickllama: " + " ".join(str(error).split()), file=sys.stderr)
         return 2
 
 

@@ -24,7 +24,8 @@ class QLLMConfig(BaseModel):
     positions just before the local window (with every block looked up this is full attention).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # strict: no bools or strings as numbers (topk=True); floats must be finite (question_weight=inf)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True, allow_inf_nan=False)
 
     mode: str = "qllm"
     far_positions: FarPositions = "shared"
@@ -54,7 +55,10 @@ class QLLMConfig(BaseModel):
         "None = half the free accelerator memory, unlimited on CPU"
     )
     max_cached_blocks: int = Field(32, ge=1, description="per-layer device LRU cache size for offloaded blocks")
-    max_context_tokens: int = Field(1 << 20, ge=1, description="capacity advertised to frameworks")
+    max_context_tokens: int = Field(
+        1 << 20, ge=1, description="most tokens one reading holds (context, question turn and answer); "
+        "longer input is refused before reading; advertised to frameworks"
+    )
 
     @field_validator("mode")
     @classmethod
@@ -67,4 +71,7 @@ class QLLMConfig(BaseModel):
     def _check_consistency(self) -> QLLMConfig:
         if self.repr_topk > self.block_size:
             raise ValueError(f"repr_topk ({self.repr_topk}) must be <= block_size ({self.block_size})")
+        if self.lookup_chunk > self.prefill_chunk and "lookup_chunk" in self.model_fields_set:  # default: capped
+            raise ValueError(f"lookup_chunk ({self.lookup_chunk}) must be <= prefill_chunk ({self.prefill_chunk}): "
+                             "a lookup group never spans two forwards, so a larger one has no effect")
         return self

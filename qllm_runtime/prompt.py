@@ -34,11 +34,24 @@ class PromptParts:
 
 
 def check_text(value: Any, what: str) -> str:
+    """`value` if it is non-blank, encodable text; else InvalidInputError naming `what`."""
     if not isinstance(value, str):
         raise InvalidInputError(f"{what} must be a str, got {type(value).__name__}")
     if not value.strip():
         raise InvalidInputError(f"{what} is empty (or only whitespace)")
-    return value
+    return check_encodable(value, what)
+
+
+def check_encodable(text: str, what: str) -> str:
+    """`text` if tokenizers can encode it (no lone surrogates), else InvalidInputError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidInputError(
+            f"{what} contains a lone surrogate {text[e.start]!r} at character {e.start}: pass valid Unicode "
+            "text (decode bytes with errors='replace', or drop the surrogates)"
+        ) from e
+    return text
 
 
 class PromptBuilder:
@@ -55,7 +68,7 @@ class PromptBuilder:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    def _encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         if getattr(self.tokenizer, "is_fast", False):
             enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             return enc.input_ids, [tuple(o) for o in enc.offset_mapping]
@@ -99,23 +112,32 @@ class PromptBuilder:
     def context_tokens(self, head: str, body: str) -> ContextTokens:
         """Template text `head` (no offsets) followed by `body` (offsets into body)."""
         head_ids = self._start(head + body) + (self.encode(head) if head else [])
-        body_ids, body_offsets = self._encode_with_offsets(body)
+        body_ids, body_offsets = self.encode_with_offsets(body)
         return ContextTokens(body, head_ids + body_ids, [None] * len(head_ids) + list(body_offsets))
 
     # ---- prompts -----------------------------------------------------------------------------------
     def ask_parts(self, context: str, question: str) -> PromptParts:
         head, tail = self._ask_template()
-        return PromptParts(self.context_tokens(head, context), self.turn_ids(question, tail), question)
+        return PromptParts(self.context_tokens(head, context), self._turn(question, tail), question)
 
     def read_parts(self, context: str) -> ContextTokens:
         head, _ = self._ask_template()
         return self.context_tokens(head, context)
 
-    def turn_ids(self, question: str, tail: str | None = None) -> list[int]:
-        if tail is None:
-            tail = self._ask_template()[1]
+    def turn_ids(self, turn: str, tools: list[dict] | None = None) -> list[int]:
+        """The user turn after a context read with `read_parts`. `tools`: OpenAI-style function schemas for
+        the chat template; what it renders for them before the user content (e.g. in a system prompt, read
+        with the context, without tools) opens the turn instead."""
+        head, tail = self._ask_template()
+        if tools and self.has_template:
+            tools_head, tail = self._split_user_turn([{"role": "user", "content": _SENTINEL}], True, tools)
+            added = _inserted(head, tools_head).strip()
+            turn = f"{added}\n\n{turn}" if added else turn
+        return self._turn(turn, tail)
+
+    def _turn(self, text: str, tail: str) -> list[int]:
         lead = "\n\n" if self.has_template else "\n\nQuestion: "
-        return self.encode(lead + question + tail)
+        return self.encode(lead + text + tail)
 
     def _ask_template(self) -> tuple[str, str]:
         if not self.has_template:
@@ -169,12 +191,24 @@ def check_messages(messages: Any) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content", ""), str):
             raise InvalidInputError(f"message {i} must be a dict with a 'role' and a str 'content', got {m!r:.80}")
-        out.append({**m, "content": m.get("content") or ""})
+        out.append({**m, "content": check_encodable(m.get("content") or "", f"message {i}")})
     if not any(m["role"] == "user" for m in out):
         raise InvalidInputError("messages contain no user turn: nothing to use as the question")
     if not out[max(i for i, m in enumerate(out) if m["role"] == "user")]["content"].strip():
         raise InvalidInputError("the last user message is empty: nothing to use as the question")
     return out
+
+
+def _inserted(base: str, extended: str) -> str:
+    """The text `extended` has in place of `base`'s middle (after their common prefix, before their common
+    suffix)."""
+    prefix = _common_prefix(base, extended)
+    suffix = _common_prefix(base[prefix:][::-1], extended[prefix:][::-1])
+    return extended[prefix : len(extended) - suffix]
+
+
+def _common_prefix(a: str, b: str) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def normalise_roles(messages: list[dict]) -> list[dict]:

@@ -94,7 +94,11 @@ class FullSession:
         return self.seen
 
     def restore(self, seen: int) -> None:
-        self.cache.crop(seen)
+        """Drop cached tokens past `seen`, per layer (an interrupted forward may have filled only some)."""
+        for layer in self.cache.layers:
+            extra = layer.get_seq_length() - seen
+            if extra > 0:
+                layer.crop(-extra)  # a negative count removes tokens in transformers 5.17 and 5.24 alike
         self.seen = seen
 
     def set_question(self, vectors: dict[int, Tensor] | None) -> None:

@@ -93,6 +93,48 @@ def test_babilong_reads_another_book(counter, tmp_path):
     assert "Ishmael" in sample.context and abs(sample.context_tokens - 1024) <= 2
 
 
+@pytest.fixture
+def fresh_babi(monkeypatch):
+    """bAbI read anew, without $QUICKLLAMA_DATA unless the test sets it; the cache cleared after."""
+    monkeypatch.delenv("QUICKLLAMA_DATA", raising=False)
+    data.babi.cache_clear()
+    yield
+    data.babi.cache_clear()
+
+
+def test_babi_ships_inside_the_package(fresh_babi):
+    """A clone or an installed package has nothing beside it: BABILong's bAbI files come with the package."""
+    package = Path(data.__file__).resolve().parent
+    assert data.data_dir().resolve().is_relative_to(package)
+    for task in range(1, 6):
+        questions = data.babi(task)
+        assert len(questions) == 1000 and all(q.facts and q.question.endswith("?") and q.answer for q in questions)
+    assert (data.data_dir() / "babi" / "LICENSE.txt").is_file() and (data.data_dir() / "babi" / "README.md").is_file()
+
+
+def test_bundled_babi_is_package_data():
+    """Every bundled file is declared as package data, so an installed quickllama-bench finds it."""
+    tomllib = pytest.importorskip("tomllib")
+    package = Path(data.__file__).resolve().parent
+    pyproject = package.parent / "pyproject.toml"
+    if not pyproject.is_file():
+        pytest.skip("runs from a source checkout")
+    globs = tomllib.loads(pyproject.read_text(encoding="utf-8"))["tool"]["setuptools"]["package-data"]["benchmarks"]
+    declared = {path for pattern in globs for path in package.glob(pattern)}
+    bundled = {path for path in (package / "vendored-data").rglob("*") if path.is_file()}
+    assert bundled and declared == bundled
+
+
+def test_quickllama_data_replaces_the_bundled_babi(fresh_babi, monkeypatch, tmp_path):
+    story = tmp_path / "babi" / "en" / "qa1_single-supporting-fact_test.txt"
+    story.parent.mkdir(parents=True)
+    story.write_text("1 Mary went to the kitchen.\n2 Where is Mary?\tkitchen\t1\n", encoding="utf-8")
+    monkeypatch.setenv("QUICKLLAMA_DATA", str(tmp_path))
+    assert data.babi(1) == [data.BabiQuestion(("Mary went to the kitchen.",), "Where is Mary?", "kitchen")]
+    with pytest.raises(data.DataNotFoundError, match=r"QUICKLLAMA_DATA .*babi/en/qa2_\*_test\.txt"):
+        data.babi(2)
+
+
 @pytest.mark.parametrize(("prediction", "expected"), [
     ("The pass key is 71432.", 1.0), ("71432", 1.0), ("714321", 0.0), ("7143", 0.0),
     ("It is 123, no, 71432", 0.0), ("I don't know.", 0.0), ("", 0.0),

@@ -72,11 +72,22 @@ def test_bad_generation_settings(engine, kwargs):
         (dict(question_weight=-1), "question_weight"),
         (dict(offload="disk"), "offload"),
         (dict(n_locl=5), "n_locl"),
+        (dict(topk=True), "topk"),
+        (dict(n_local="512"), "n_local"),
+        (dict(block_size=8.0), "block_size"),
+        (dict(question_weight=float("inf")), "question_weight"),
+        (dict(question_weight=float("nan")), "question_weight"),
+        (dict(device_pool_gb=float("inf")), "device_pool_gb"),
+        (dict(lookup_chunk=128, prefill_chunk=64), "lookup_chunk"),
     ],
 )
 def test_invalid_config(values, field):
     with pytest.raises(pydantic.ValidationError, match=field):
         QLLMConfig(**values)
+
+
+def test_a_small_prefill_chunk_with_the_default_lookup_chunk_is_valid():
+    assert QLLMConfig(prefill_chunk=64).prefill_chunk == 64  # only an explicit lookup_chunk > prefill_chunk is wrong
 
 
 def test_model_without_rope_is_rejected(tokenizer):

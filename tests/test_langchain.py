@@ -1,5 +1,6 @@
 """ChatQLLM beyond the standard suites: the question/context split, memory reuse, concurrency, tool
-parsing, an LCEL chain over a document longer than the model's window, and an agent tool over a document."""
+parsing, structured output checked against its schema, an LCEL chain over a document longer than the
+model's window, and an agent tool over a document; and the logic both adapters share."""
 
 from __future__ import annotations
 
@@ -7,21 +8,28 @@ import asyncio
 import copy
 import subprocess
 import sys
+import threading
 import time
+from contextlib import aclosing
 
 import pytest
 
 pytest.importorskip("langchain_core")
 
+from langchain_core.exceptions import OutputParserException
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.tools import tool
 
 import qllm_integrations
+import qllm_integrations.chat as chat_logic
 import qllm_integrations.langchain as lc_adapter
+import qllm_integrations.structured as structured_logic
 import qllm_integrations.tools as tool_logic
 from qllm_integrations import ChatQLLM, QLLMChatModel
+from qllm_integrations.chat import ChatCall, pump
+from qllm_integrations.structured import json_answer, violations
 from qllm_integrations.tools import (
     ParsedToolCall,
     parse_tool_calls,
@@ -29,10 +37,49 @@ from qllm_integrations.tools import (
     tool_messages_for_template,
     tools_system_prompt,
 )
+from qllm_runtime import Memory, QLLMEngine
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 FACT = "The secret launch code of the red rocket is 58291."
 QUESTION = "What is the secret launch code of the red rocket?"
+
+
+PET = {"title": "pet", "type": "object", "required": ["name", "age", "kind"], "properties": {
+    "name": {"type": "string"}, "age": {"type": "integer", "minimum": 0}, "kind": {"enum": ["cat", "dog"]}}}
+NO_AGE_FITS = {"title": "pet", "type": "object", "required": ["age"],  # no integer is > 5 and < 6
+               "properties": {"age": {"type": "integer", "exclusiveMinimum": 5, "exclusiveMaximum": 6}}}
+
+
+class RecordingEngine(QLLMEngine):
+    """The test engine over the same model (or another tokenizer), recording each chat call's messages."""
+
+    def __init__(self, engine: QLLMEngine, tokenizer=None) -> None:
+        super().__init__(engine.model, tokenizer or engine.tokenizer, engine.config)
+        self.calls: list[tuple[list[dict], str | None]] = []
+
+    def stream_chat(self, messages, question=None, **kwargs):
+        self.calls.append((list(messages), question))
+        return super().stream_chat(messages, question, **kwargs)
+
+
+class RecordingMemory(Memory):
+    """A real read memory that records what each call sends as the turn and as the question."""
+
+    def __init__(self, memory: Memory) -> None:
+        super().__init__(memory.engine, memory.session, memory.tokens)
+        self.calls: list[tuple[str, str | None]] = []
+
+    def stream(self, turn, *, question=None, **kwargs):
+        self.calls.append((turn, question))
+        return super().stream(turn, question=question, **kwargs)
+
+
+def tools_template(tokenizer):
+    """A copy of the tokenizer whose ChatML template also renders `tools` (as Qwen's does)."""
+    copied = copy.copy(tokenizer)
+    header = "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+    copied.chat_template = header + tokenizer.chat_template
+    return copied
 
 
 def haystack(tokenizer, n_tokens: int, fact_at: float) -> str:
@@ -50,8 +97,10 @@ def chat(default_engine) -> ChatQLLM:
 # ---- public surface, offline --------------------------------------------------------------------------
 def test_exports_pinned() -> None:
     assert lc_adapter.__all__ == ["ChatQLLM", "QLLMChatModel"]
-    assert tool_logic.__all__ == ["ParsedToolCall", "parse_tool_calls", "template_renders_tools",
-                                  "tool_messages_for_template", "tools_system_prompt"]
+    assert tool_logic.__all__ == ["ParsedToolCall", "check_tools", "forced_call_instruction", "parse_tool_calls",
+                                  "template_renders_tools", "tool_messages_for_template", "tools_system_prompt"]
+    assert chat_logic.__all__ == ["ChatCall", "pump", "with_system"]
+    assert structured_logic.__all__ == ["describe", "forced_call", "json_answer", "violations"]
     assert set(lc_adapter.__all__ + tool_logic.__all__) <= set(qllm_integrations.__all__)
     assert QLLMChatModel is ChatQLLM
 
@@ -84,6 +133,21 @@ def test_bind_tools_validates_tool_choice() -> None:
     assert bound.kwargs["tools"][0]["function"]["name"] == "lookup"
     with pytest.raises(ValueError, match="not auto, none, any or a tool name"):
         ChatQLLM().bind_tools([lookup], tool_choice="search")
+
+
+def test_bind_tools_rejects_malformed_tools_by_name() -> None:
+    nameless = {"type": "function", "function": {"parameters": {"type": "object", "properties": {}}}}
+    with pytest.raises(ValueError, match="tool #0 has no name"):
+        ChatQLLM().bind_tools([nameless])
+    for parameters in ("a string", [1, 2], {"type": "array"}, {"type": "object", "properties": ["x"]}):
+        tool_schema = {"type": "function", "function": {"name": "lookup", "parameters": parameters}}
+        with pytest.raises(ValueError, match="tool 'lookup': 'parameters"):
+            ChatQLLM().bind_tools([tool_schema])
+
+
+def test_no_messages_is_a_clear_value_error() -> None:
+    with pytest.raises(ValueError, match="got no messages"):
+        ChatQLLM().invoke([])
 
 
 # ---- tool-call parsing (shared with the LlamaIndex adapter) --------------------------------------------
@@ -144,6 +208,60 @@ def test_tool_messages_for_templates(tokenizer) -> None:
     assert '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>' in rendered
     assert "tool: 3" in rendered
     assert '"name": "add"' in tools_system_prompt([{"type": "function", "function": {"name": "add"}}])
+
+
+# ---- logic both adapters share ------------------------------------------------------------------------
+def test_violations_name_each_field() -> None:
+    assert violations({"name": "Rex", "age": 3, "kind": "dog"}, PET) == {}
+    assert violations({"name": "Rex", "age": -1, "kind": "bird"}, PET) == {
+        "age": "-1 is less than the minimum of 0", "kind": "'bird' is not one of ['cat', 'dog']"}
+    assert violations({"age": "3", "kind": "cat"}, PET) == {
+        "name": "'name' is a required property", "age": "'3' is not of type 'integer'"}
+    assert violations([], PET) == {"": "[] is not of type 'object'"}
+
+
+async def test_pump_runs_in_one_worker_thread_and_closes_when_the_consumer_stops() -> None:
+    threads: list[int] = []
+    closed = threading.Event()
+
+    def numbers():
+        try:
+            for i in range(1000):
+                threads.append(threading.get_ident())
+                yield i
+        finally:
+            threads.append(threading.get_ident())
+            closed.set()
+
+    async with aclosing(pump(numbers())) as items:
+        got = [i async for i in items if i < 3 or await items.aclose()]
+    assert got == [0, 1, 2] and closed.is_set()
+    assert len(set(threads)) == 1 and threads[0] != threading.get_ident()
+
+    closed.clear()
+    consumer = asyncio.create_task(_consume(pump(numbers())))
+    await asyncio.sleep(0.05)
+    consumer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await consumer
+    assert closed.is_set()
+
+    def failing():
+        yield 1
+        raise KeyError("boom")
+
+    with pytest.raises(KeyError, match="boom"):
+        await _consume(pump(failing()))
+
+
+async def _consume(items) -> list:
+    return [item async for item in items]
+
+
+def test_with_system_merges_into_the_leading_system_message() -> None:
+    assert chat_logic.with_system([{"role": "user", "content": "q"}], "t") == [
+        {"role": "system", "content": "t"}, {"role": "user", "content": "q"}]
+    assert chat_logic.with_system([{"role": "system", "content": "s"}], "t") == [{"role": "system", "content": "s\n\nt"}]
 
 
 # ---- the embedded model ------------------------------------------------------------------------------

@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qllm_runtime import ModelNotFoundError
-from qllm_runtime import loading
+from qllm_runtime import ModelNotFoundError, loading
 from qllm_runtime.errors import InvalidModelFileError
 
 

@@ -116,7 +116,7 @@ def test_interrupted_read_and_ask_leave_the_engine_as_before(engine):
     with pytest.raises(Interrupt):
         engine.stream_chat([{"role": "user", "content": CONTEXT}], progress=interrupt).result()
     assert engine.model.config._attn_implementation == "sdpa"
-    assert engine.ask(CONTEXT, "Where did the cat sit?", max_new_tokens=6) .text == expected.text
+    assert engine.ask(CONTEXT, "Where did the cat sit?", max_new_tokens=6).text == expected.text
 
 
 # ---- 2. mode full answers from a memory ---------------------------------------------------------------------
@@ -190,7 +190,7 @@ def test_max_context_tokens_is_enforced_before_reading(model, tokenizer):
     assert n > 100
     progress: list[int] = []
     record = lambda done, total: progress.append(done)  # noqa: E731
-    message = rf"max_context_tokens \(100\).*QLLMConfig\(max_context_tokens="
+    message = r"max_context_tokens \(100\).*QLLMConfig\(max_context_tokens="
     with pytest.raises(InvalidInputError, match=message):
         capped.ask(CONTEXT, "Why?", progress=record)
     with pytest.raises(InvalidInputError, match=message):
@@ -229,15 +229,15 @@ def test_result_of_a_closed_stream_is_a_clear_error(engine):
 
 
 def test_a_second_thread_gets_a_clear_error_instead_of_waiting_forever(engine):
+    impatient = QLLMEngine(engine.model, engine.tokenizer, engine.config, lock_timeout=0.2)
     stream = engine.stream(CONTEXT, "Where did the cat sit?", max_new_tokens=6)
     next(stream, None)  # half-read: the stream holds the model
-    impatient = QLLMEngine(engine.model, engine.tokenizer, engine.config, lock_timeout=0.2)
     errors: list[BaseException] = []
 
     def call() -> None:
         try:
             impatient.ask("Other text.", "What?", max_new_tokens=2)
-        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+        except BaseException as e:  # handed to the main thread
             errors.append(e)
 
     worker = threading.Thread(target=call)
@@ -294,14 +294,15 @@ def test_block_layout_maps_blocks_to_positions():
 
 
 def test_block_spans_point_at_the_looked_up_text(engine):
-    memory = engine.read(CONTEXT + MORE)
-    answer = memory.ask("Where did the bird sing?", max_new_tokens=3)
+    facts = " ".join(f"Fact {i}: box {i} holds {7 * i} coins." for i in range(40))  # no two blocks alike
+    memory = engine.read(facts)
+    answer = memory.ask("Which box holds 91 coins?", max_new_tokens=3)
     layout = BlockLayout(WINDOWS["n_init"], WINDOWS["block_size"])
     offsets = memory.tokens.offsets
 
-    def block_text(block: int) -> str:
+    def block_text(block: int) -> str | None:  # None: only chat-template tokens
         spans = [offsets[p] for p in layout.span(block) if offsets[p] is not None]
-        return memory.context[spans[0][0] : spans[-1][1]]
+        return memory.context[spans[0][0] : spans[-1][1]] if spans else None
 
     texts = {block_text(b) for b in range(layout.count(memory.n_tokens))}
     assert answer.blocks
