@@ -74,20 +74,24 @@ class BlockStore:
         self.n_blocks = n_blocks
 
     def gather(self, indices: Tensor) -> tuple[Tensor, Tensor]:
-        """K and V of the given blocks, concatenated: (kv_heads, len(indices) * block_size, head_dim)."""
+        """K and V of the given blocks, concatenated per KV head: (kv_heads, m * block_size, head_dim).
+
+        indices: (1, m), the same blocks for every KV head, or (kv_heads, m), row h for KV head h.
+        """
+        kv_heads, block_size, head_dim = self.shape
+        m = indices.shape[1]
+        heads = torch.arange(kv_heads, device=self.device)[:, None]  # (kv_heads, 1)
         if self.n_blocks <= self.device_limit:  # all pooled: stays on the device, no host sync
-            k, v = self._pool_k[indices], self._pool_v[indices]
+            k, v = self._pool_k[indices.expand(kv_heads, m), heads], self._pool_v[indices.expand(kv_heads, m), heads]
         else:
-            blocks = indices.tolist()  # host sync: offloaded blocks are looked up in the LRU cache
-            k = torch.empty((len(blocks), *self.shape), dtype=self.dtype, device=self.device)
+            blocks = indices.expand(kv_heads, m).tolist()  # host sync: offloaded blocks go through the LRU cache
+            k = torch.empty((kv_heads, m, block_size, head_dim), dtype=self.dtype, device=self.device)
             v = torch.empty_like(k)
-            for i, block in enumerate(blocks):  # copy at once: a later miss may reuse this slot
-                k[i], v[i] = self._fetch(block)
-        kv_heads, _, head_dim = self.shape
-        return (
-            k.transpose(0, 1).reshape(kv_heads, -1, head_dim),
-            v.transpose(0, 1).reshape(kv_heads, -1, head_dim),
-        )
+            for h, row in enumerate(blocks):
+                for i, block in enumerate(row):  # copy at once: a later miss may reuse this slot
+                    block_k, block_v = self._fetch(block)
+                    k[h, i], v[h, i] = block_k[h], block_v[h]
+        return k.reshape(kv_heads, m * block_size, head_dim), v.reshape(kv_heads, m * block_size, head_dim)
 
     def _fetch(self, block: int) -> tuple[Tensor, Tensor]:
         if block < self.device_limit:

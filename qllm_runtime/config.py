@@ -10,6 +10,7 @@ from .policies import POLICIES
 
 FarPositions = Literal["shared", "ordered"]
 QuestionScale = Literal["raw", "standardized"]
+LookupHeads = Literal["all", "kv_head"]
 Offload = Literal["auto", "device", "cpu"]
 
 
@@ -44,6 +45,10 @@ class QLLMConfig(BaseModel):
     question_scale: QuestionScale = Field(
         "raw", description="how the question term meets the query term: `raw` = score + beta * <u, r_B> (Q-LLM); "
         "`standardized` = each term standardised over the layer's blocks first, so beta is a ratio of the two"
+    )
+    lookup_heads: LookupHeads = Field(
+        "all", description="`all`: one lookup per group, scores summed over every head (InfLLM / Q-LLM); `kv_head`: "
+        "each KV head (with the query heads that share it) looks up its own top-k blocks"
     )
     pin_question_blocks: bool = Field(
         False, description="while answering, keep attending the blocks the question turn looked up (besides each "

@@ -21,18 +21,11 @@ from torch import Tensor
 from .attention import apply_rope
 from .blocks import BlockStore
 from .config import QLLMConfig
+from .layout import BlockLayout
 from .ops import AttendFn
+from .placement import Placement
 from .policies import LookupPolicy
 from .rope import RotaryTables
-
-
-@dataclass
-class Placement:
-    """Where blocks go: the first `device_limit` per layer in the device pool, the rest offloaded."""
-
-    device_limit: int
-    max_cached: int
-    expected_blocks: int = 0
 
 
 @dataclass
@@ -67,6 +60,7 @@ class LayerMemory:
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.dtype, self.device = dtype, device
         self.rope, self.attend, self.policy = rope, attend, policy
+        self.layout = BlockLayout.of(config)
         self.init_k = torch.empty((kv_heads, config.n_init, head_dim), dtype=dtype, device=device)
         self.init_v = torch.empty_like(self.init_k)
         self.init_len = 0
@@ -157,12 +151,13 @@ class LayerMemory:
         if uses_blocks and self.n_blocks and cfg.topk:
             picked = self._lookup(query)
             if self.hits is not None:
-                self.hits.index_add_(0, picked, torch.ones_like(picked))
+                self.hits.index_add_(0, picked.flatten(), torch.ones_like(picked.flatten()))
             block_k, block_v = self.store.gather(picked)
             far_k.append(block_k)
             far_v.append(block_v)
             offsets = self._arange(0, cfg.block_size)
-            far_pos.append((cfg.n_init + picked[:, None] * cfg.block_size + offsets).flatten())
+            # per-KV-head picks differ by row; any row's positions serve the mask (blocks are visible to all)
+            far_pos.append((self.layout.start(picked[0, :, None]) + offsets).flatten())
 
         if uses_blocks:
             rem_start = max(self.tail_start, cfg.n_init)
@@ -188,20 +183,33 @@ class LayerMemory:
         return out
 
     def _lookup(self, query: Tensor) -> Tensor:
-        """Blocks the group of `query` (heads, n_q, head_dim) attends: indices in document order."""
-        cfg, n = self.config, self.n_blocks
-        if n <= cfg.topk:
-            picked = self._arange(0, n)
+        """Blocks the group of `query` (heads, n_q, head_dim) attends: (rows, m) indices, each row ascending
+        (document order, which `ordered` far positions rely on); one row, or one per KV head."""
+        cfg, n, k = self.config, self.n_blocks, self.config.topk
+        rows = self.kv_heads if cfg.lookup_heads == "kv_head" else 1
+        answering = query.shape[1] == 1
+        if n <= k:
+            picked = self._arange(0, n).expand(rows, n)
         else:
+            pinned = self.pinned if answering and cfg.pin_question_blocks else None
             cos, sin = self.rope.get(cfg.n_local + 1)
             far_q = apply_rope(query.float().mean(dim=1), cos[cfg.n_local], sin[cfg.n_local])  # (heads, head_dim)
+            if rows > 1:  # row h keeps only the query heads of KV head h: its score sums over those heads
+                owner = torch.arange(self.heads, device=self.device) // (self.heads // self.kv_heads)
+                group_queries = far_q * (owner == torch.arange(rows, device=self.device)[:, None])[..., None]
+            else:
+                group_queries = far_q[None]
             terms = self.block_terms[:n] if self.has_terms else None
-            picked = self.policy.select(far_q[None], self.repr_keys[:n], terms, cfg.topk)[0]
-        if query.shape[1] > 1:  # a prompt (e.g. the question turn): later single-token steps may keep its picks
+            want = k if pinned is None else min(n, k + pinned.shape[1])
+            picked = self.policy.select(group_queries, self.repr_keys[:n], terms, want)  # (rows, want), best first
+            if pinned is not None:  # the question's blocks + this token's best others: fixed size, no host sync
+                fresh = ~(picked[:, :, None] == pinned[:, None, :]).any(dim=-1)
+                order = torch.argsort((~fresh).to(torch.int8), dim=-1, stable=True)
+                own = picked.gather(1, order[:, : min(k, want - pinned.shape[1])])
+                return torch.cat([pinned, own], dim=1).sort(dim=-1).values
+        if not answering:  # a prompt (e.g. the question turn): its answer's tokens may keep these picks
             self.pinned = picked
-        elif cfg.pin_question_blocks and self.pinned is not None:
-            return torch.cat([self.pinned, picked]).unique()  # sorted
-        return picked.sort().values  # document order, which `ordered` far positions rely on
+        return picked.sort(dim=-1).values
 
     def _arange(self, start: int, end: int) -> Tensor:
         """Positions start .. end-1 on the device, sliced from a cached arange (no allocation per call)."""

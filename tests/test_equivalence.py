@@ -31,7 +31,8 @@ def test_covering_window_equals_full_attention(tiny, mode, far_positions):
 
 @pytest.mark.parametrize("window", [(0, 16, 8, 16, 64), (4, 32, 8, 5, 40), (3, 9, 5, 1, 7)],
                          ids=lambda w: "init{}-local{}-bs{}-lookup{}-prefill{}".format(*w))
-def test_ordered_with_every_block_looked_up_is_full_attention(tiny, window):
+@pytest.mark.parametrize("lookup_heads", ["all", "kv_head"])
+def test_ordered_with_every_block_looked_up_is_full_attention(tiny, window, lookup_heads):
     """With every block selected, the ordered far set is the whole past in order: the same sequence as full
     attention, whatever the window, block and chunk sizes (prefill and decode)."""
     _, model, tokenizer = tiny
@@ -40,7 +41,7 @@ def test_ordered_with_every_block_looked_up_is_full_attention(tiny, window):
     full = QLLMEngine(model, tokenizer, QLLMConfig(mode="full", prefill_chunk=64))
     ordered = QLLMEngine(model, tokenizer, QLLMConfig(
         mode="infllm", far_positions="ordered", n_init=n_init, n_local=n_local, block_size=block_size, topk=1000,
-        repr_topk=1, lookup_chunk=lookup_chunk, prefill_chunk=prefill_chunk,
+        repr_topk=1, lookup_chunk=lookup_chunk, prefill_chunk=prefill_chunk, lookup_heads=lookup_heads,
     ))
     assert_same_logits(session_logits(ordered, ids, 6), session_logits(full, ids, 6))
 

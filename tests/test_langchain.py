@@ -101,7 +101,10 @@ def test_exports_pinned() -> None:
                                   "template_renders_tools", "tool_messages_for_template", "tools_system_prompt"]
     assert chat_logic.__all__ == ["ChatCall", "pump", "with_system"]
     assert structured_logic.__all__ == ["describe", "forced_call", "json_answer", "violations"]
-    assert set(lc_adapter.__all__ + tool_logic.__all__) <= set(qllm_integrations.__all__)
+    assert qllm_integrations.__all__ == [
+        "ChatQLLM", "ParsedToolCall", "QLLM", "QLLMChatModel", "QLLMIndex", "QLLMQueryEngine", "QLLMRetriever",
+        "document_tools", "parse_tool_calls", "template_renders_tools", "tool_messages_for_template",
+        "tools_system_prompt"]
     assert QLLMChatModel is ChatQLLM
 
 
@@ -229,12 +232,17 @@ async def test_pump_runs_in_one_worker_thread_and_closes_when_the_consumer_stops
             for i in range(1000):
                 threads.append(threading.get_ident())
                 yield i
+                time.sleep(0.001)
         finally:
             threads.append(threading.get_ident())
             closed.set()
 
+    got = []
     async with aclosing(pump(numbers())) as items:
-        got = [i async for i in items if i < 3 or await items.aclose()]
+        async for i in items:
+            got.append(i)
+            if i == 2:
+                break
     assert got == [0, 1, 2] and closed.is_set()
     assert len(set(threads)) == 1 and threads[0] != threading.get_ident()
 
@@ -261,7 +269,8 @@ async def _consume(items) -> list:
 def test_with_system_merges_into_the_leading_system_message() -> None:
     assert chat_logic.with_system([{"role": "user", "content": "q"}], "t") == [
         {"role": "system", "content": "t"}, {"role": "user", "content": "q"}]
-    assert chat_logic.with_system([{"role": "system", "content": "s"}], "t") == [{"role": "system", "content": "s\n\nt"}]
+    merged = chat_logic.with_system([{"role": "system", "content": "s"}], "t")
+    assert merged == [{"role": "system", "content": "s\n\nt"}]
 
 
 # ---- the embedded model ------------------------------------------------------------------------------
@@ -334,6 +343,50 @@ def test_tool_calls_round_trip(chat) -> None:
                add.invoke(call.tool_calls[0] | {"args": {"a": 12, "b": 30}})]
     assert isinstance(history[-1], ToolMessage)
     assert isinstance(chat.bind_tools([add]).invoke(history), AIMessage)
+
+
+def test_structured_output_is_checked_against_a_json_schema(default_engine) -> None:
+    engine = RecordingEngine(default_engine)
+    chat = ChatQLLM(engine=engine, max_tokens=16)
+    pet = chat.with_structured_output(PET).invoke("Rex is a 3 year old dog.")
+    assert violations(pet, PET) == {} and pet["age"] == 3 and pet["kind"] == "dog"
+
+    engine.calls.clear()
+    with pytest.raises(OutputParserException, match="field 'age'"):
+        chat.with_structured_output(NO_AGE_FITS).invoke("Rex is a 3 year old dog.")
+    first, retry = (messages[-1]["content"] for messages, _ in engine.calls)  # asked once more, with the error
+    assert "invalid" not in first and "Your previous answer was invalid:" in retry
+    assert all(question == "Rex is a 3 year old dog." for _, question in engine.calls)
+    raw = chat.with_structured_output(NO_AGE_FITS, include_raw=True, method="function_calling").invoke("Rex?")
+    assert raw["parsed"] is None and "field 'age'" in str(raw["parsing_error"])
+
+
+def test_json_answers_are_asked_once_more_with_the_violation(default_engine, tokenizer) -> None:
+    engine = RecordingEngine(default_engine, tools_template(tokenizer))  # a model that writes JSON itself
+    call = ChatCall(engine, "Rex is a 3 year old dog.", generation={"max_new_tokens": 24})
+    _, answers = json_answer(call, NO_AGE_FITS)
+    assert call.template_tools and len(answers) == len(engine.calls) == 2
+    retry = engine.calls[1][0][-1]["content"]
+    assert retry.startswith("Rex is a 3 year old dog.\n\nReply with only a JSON object that matches")
+    assert "is invalid: " in retry and engine.calls[1][1] == "Rex is a 3 year old dog."
+
+
+def test_memory_calls_look_up_with_the_bare_question(default_engine, tokenizer) -> None:
+    @tool
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    memory = RecordingMemory(default_engine.read(haystack(tokenizer, 1200, 0.6)))
+    history = [SystemMessage("Answer from the document."), HumanMessage("Hello."), AIMessage("Hi."),
+               HumanMessage(QUESTION)]
+    reader = ChatQLLM(engine=default_engine, memory=memory, max_tokens=8)
+    reader.invoke(history)
+    reader.bind_tools([add]).invoke(history)
+    (turn, question), (tool_turn, tool_question) = memory.calls
+    assert question == tool_question == QUESTION
+    assert turn.startswith("Answer from the document.") and turn.endswith(QUESTION) and "Assistant: Hi." in turn
+    assert tool_turn.startswith("You can call the following tools") and tool_turn.endswith(QUESTION)
 
 
 def test_lcel_chain_beyond_the_native_window(chat, tokenizer) -> None:

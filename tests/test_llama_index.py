@@ -8,18 +8,22 @@ import logging
 import random
 import subprocess
 import sys
+from typing import Literal
 
 import pytest
 
 pytest.importorskip("llama_index.core")
 
-from llama_index.core import Document, StorageContext, SummaryIndex
+from llama_index.core import Document, PromptTemplate, StorageContext, SummaryIndex
 from llama_index.core.agent.workflow import FunctionAgent, ReActAgent, ToolCallResult
 from llama_index.core.base.llms.types import ChatMessage
+from pydantic import BaseModel, Field
 
 import qllm_integrations.llama_index as li
+from qllm_integrations.engines import shared_engine
 from qllm_integrations.llama_index import QLLM, QLLMIndex, document_tools
 from qllm_runtime import ModelNotFoundError, QLLMEngine
+from tests.conftest import SMALL_WINDOWS
 
 NEEDLE = "The secret password for the blue vault is 4172."
 NEEDLE_QUESTION = "What is the secret password for the blue vault?"
@@ -31,6 +35,14 @@ ORCHARD = Document(
 HARBOUR = Document(text="The harbour of Kelby has a red lighthouse. The keeper of the Kelby lighthouse is named "
                    "Mara Quill.")
 GARDENER_QUESTION = "Who is the head gardener of the Millbrook orchard?"
+
+
+class Pet(BaseModel):
+    """A pet."""
+
+    name: str
+    age: int = Field(ge=0)
+    kind: Literal["cat", "dog"]
 
 
 def filler(n_paragraphs: int, seed: int = 0) -> list[str]:
@@ -158,6 +170,29 @@ def test_metadata_advertises_the_memory_capacity(default_engine):
     assert metadata.context_window == default_engine.context_capacity
     assert metadata.context_window > default_engine.model.config.max_position_embeddings
     assert metadata.is_chat_model and metadata.is_function_calling_model
+
+
+def test_adapters_share_one_engine_per_model_and_config():
+    pytest.importorskip("langchain_core")
+    from qllm_integrations import ChatQLLM
+
+    engine = ChatQLLM(max_tokens=8).load_engine()  # the embedded model, loaded here once
+    assert QLLM().engine is engine and QLLMIndex(nodes=[]).engine is engine and shared_engine() is engine
+    other = QLLM(config=SMALL_WINDOWS).engine
+    assert other is not engine and other.config == SMALL_WINDOWS and other.model is engine.model
+    assert ChatQLLM(config=SMALL_WINDOWS).load_engine() is other
+    assert QLLMEngine(engine.model, engine.tokenizer, SMALL_WINDOWS).model is other.model
+
+
+def test_structured_predict_fills_a_validated_object(default_engine):
+    engine = CountingEngine(default_engine)
+    llm = QLLM(engine=engine, max_new_tokens=16)
+    prompt = PromptTemplate("Describe the pet: {text}")
+    pet = llm.structured_predict(Pet, prompt, text="Rex is a 3 year old dog.")
+    assert isinstance(pet, Pet) and (pet.age, pet.kind) == (3, "dog")
+    assert {question for _, question in engine.asked} == {"Describe the pet: Rex is a 3 year old dog."}
+    chat = llm.as_structured_llm(Pet).chat([ChatMessage(role="user", content="Rex is a 3 year old dog.")])
+    assert isinstance(chat.raw, Pet) and chat.raw.kind == "dog" and json.loads(chat.message.content)["age"] == 3
 
 
 def test_model_loads_on_first_use():

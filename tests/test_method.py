@@ -231,3 +231,33 @@ def test_standardized_question_term_is_scale_free():
     by_question = (repr_keys.flatten(1) @ question.flatten()).topk(5).indices.sort().values
     assert all(torch.equal(row, by_question) for row in picks(1e6, question))
     assert not torch.equal(picks(1.0, question), picks(0.0, question))
+
+
+def test_per_kv_head_lookup_scores_each_head_group_on_its_own(llama):
+    """lookup_heads='kv_head': KV head h attends the top-k blocks by the query heads that share it, and the
+    gathered keys of row h come from those blocks (pooled and offloaded alike)."""
+    from qllm_runtime.attention import apply_rope
+
+    model, tokenizer = llama
+    ids = random_ids(300, len(tokenizer), seed=7)
+    query = torch.randn(4, 3, 16, generator=torch.Generator().manual_seed(8))  # (heads, n_q, head_dim)
+    gathered = []
+    for offload in ("device", "cpu"):
+        config = QLLMConfig(mode="infllm", lookup_heads="kv_head", offload=offload, max_cached_blocks=2,
+                            **TINY_WINDOWS)
+        session = QLLMEngine(model, tokenizer, config)._new_session(len(ids))
+        session.feed(ids)
+        layer = session.memory.layers[0]
+        with torch.inference_mode():  # memory tensors are inference tensors
+            picked = layer._lookup(query)  # (kv_heads, topk)
+            gathered.append(layer.store.gather(picked)[0])
+            block_keys = layer.store.gather(picked[1:2])[0]  # the blocks of row 1 for every head
+        cos, sin = layer.rope.get(config.n_local + 1)
+        far_q = apply_rope(query.mean(1), cos[config.n_local], sin[config.n_local])
+        repr_keys = layer.repr_keys[: layer.n_blocks].float()
+        for h in range(2):
+            scores = (repr_keys[:, 2 * h : 2 * h + 2] * far_q[2 * h : 2 * h + 2]).sum(dim=(1, 2))
+            assert picked[h].tolist() == sorted(scores.topk(config.topk).indices.tolist())
+        assert not torch.equal(picked[0], picked[1])  # the two KV heads chose differently here
+        torch.testing.assert_close(gathered[-1][1], block_keys[1])
+    torch.testing.assert_close(gathered[0], gathered[1])
