@@ -3,10 +3,11 @@
 A `FunctionAgent` needs a function-calling LLM: `QLLM` is one (tool schemas go to the chat template, or
 to the system prompt when the template ignores them, and calls are parsed from the reply). A
 `ReActAgent` works with any LLM. The embedded 135M model is too small to pick among tools or to call
-one unprompted, so here each agent gets one tool and a one-shot example of a call in its chat history,
-the FunctionAgent's first step names the tool (`initial_tool_choice`) and returns its answer directly.
-Larger instruct models with tool-aware templates (Qwen2.5, Llama-3.1) take the whole list and need none
-of this. For answers from documents beyond the model's window, see llama_index_query_engine.py.
+one unprompted, so here each agent gets one tool: the FunctionAgent's first step names it
+(`initial_tool_choice`; a forced call on a template without tools is filled one argument at a time) and
+returns its answer directly, the ReActAgent gets a one-shot example of the ReAct format. Larger instruct
+models with tool-aware templates (Qwen2.5, Llama-3.1) take the whole list and need none of this. For
+answers from documents beyond the model's window, see llama_index_query_engine.py.
 
 Run: python examples/llama_index_agent.py   (embedded SmolLM2-135M-Instruct, CPU is fine)
 """
@@ -14,7 +15,6 @@ Run: python examples/llama_index_agent.py   (embedded SmolLM2-135M-Instruct, CPU
 from __future__ import annotations
 
 import asyncio
-import json
 
 from llama_index.core import Document
 from llama_index.core.agent.workflow import FunctionAgent, ReActAgent, ToolCallResult
@@ -31,12 +31,6 @@ DOCUMENTS = [
 ]
 QUESTION = "Who is the head gardener of the Millbrook orchard?"
 EXAMPLE = "When was the Millbrook orchard founded?"
-
-
-def function_example(tool: str) -> list[ChatMessage]:
-    """An earlier turn in which the assistant wrote a JSON call of `tool` (for FunctionAgent)."""
-    call = json.dumps({"name": tool, "arguments": {"input": EXAMPLE}})
-    return [ChatMessage(role="user", content=EXAMPLE), ChatMessage(role="assistant", content=call)]
 
 
 def react_example(tool: str) -> list[ChatMessage]:
@@ -68,7 +62,7 @@ def main() -> None:
     print("FunctionAgent (returns the tool's answer):")
     orchard_direct, _ = document_tools(DOCUMENTS, engine=engine, return_direct=True, max_new_tokens=24)
     agent = FunctionAgent(tools=[orchard_direct], llm=llm, initial_tool_choice=orchard.metadata.name)
-    asyncio.run(run(agent, QUESTION, function_example(orchard.metadata.name)))
+    asyncio.run(run(agent, QUESTION, []))
 
     print("ReActAgent (reads the tool's answer and replies):")
     asyncio.run(run(ReActAgent(tools=[orchard], llm=llm), QUESTION, react_example(orchard.metadata.name)))

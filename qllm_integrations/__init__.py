@@ -17,10 +17,10 @@ _EXPORTS = {
     "tool_messages_for_template": "tools",
     "tools_system_prompt": "tools",
     "QLLM": "llama_index",
-    "QLLMIndex": "llama_index",
-    "QLLMQueryEngine": "llama_index",
-    "QLLMRetriever": "llama_index",
-    "document_tools": "llama_index",
+    "QLLMIndex": "llama_index_memory",
+    "QLLMQueryEngine": "llama_index_memory",
+    "QLLMRetriever": "llama_index_memory",
+    "document_tools": "llama_index_memory",
 }
 
 __all__ = sorted(_EXPORTS)

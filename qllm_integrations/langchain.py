@@ -40,7 +40,7 @@ from qllm_runtime import Answer, InvalidInputError, Memory, QLLMConfig, QLLMEngi
 from .chat import ChatCall, pump
 from .engines import DEFAULT_MODEL_NAME, shared_engine, with_config
 from .structured import describe, forced_call, json_answer, violations
-from .tools import ParsedToolCall, check_tools, parse_tool_calls
+from .tools import ParsedToolCall, check_tools, parse_tool_calls, select_tools
 
 __all__ = ["ChatQLLM", "QLLMChatModel"]
 
@@ -155,10 +155,10 @@ class ChatQLLM(BaseChatModel):
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        tool_choice, response_format = kwargs.pop("tool_choice", None), kwargs.pop("response_format", None)
-        tools = _active_tools(kwargs.pop("tools", None), tool_choice)
+        tools, forced = select_tools(kwargs.pop("tools", None), kwargs.pop("tool_choice", None))
+        response_format = kwargs.pop("response_format", None)
         call = self._call(messages, tools, stop, **kwargs)
-        if tools and tool_choice not in (None, "auto"):
+        if forced:
             found, answers = forced_call(call)
             yield self._last_chunk(answers, "", [found] if found else [])
             return
@@ -283,15 +283,6 @@ class ChatQLLM(BaseChatModel):
 
 
 QLLMChatModel = ChatQLLM
-
-
-def _active_tools(tools: list[dict] | None, tool_choice: str | None) -> list[dict]:
-    """The bound tools the model may call: those named by tool_choice, none for "none"."""
-    if not tools or tool_choice == "none":
-        return []
-    if tool_choice not in (None, "auto", "any"):
-        return [t for t in tools if t["function"]["name"] == tool_choice]
-    return tools
 
 
 def _checked(value: Any, schema: dict) -> Any:

@@ -57,8 +57,7 @@ def forced_call(call: ChatCall) -> tuple[ParsedToolCall | None, list[Answer]]:
             answers.append(call.ask(f"Which tool fits best: {', '.join(names)}? Reply with only its name."))
             tools = [next((t for t, n in zip(tools, names, strict=True) if n in answers[-1].text), tools[0])]
         function = tools[0]["function"]
-        intro = f"To call the tool {function['name']} ({function.get('description', '')}), "
-        arguments, filled = _fill(call, function.get("parameters") or {}, intro)
+        arguments, filled = _fill(call, function.get("parameters") or {})
         return ParsedToolCall(function["name"], arguments, f"call_{uuid.uuid4().hex[:24]}"), answers + filled
 
     def parse(text: str) -> tuple[ParsedToolCall | None, dict[str, str]]:
@@ -103,9 +102,10 @@ def _with_retry(call: ChatCall, instruction: str, parse: Callable[[str], tuple[T
     return result, answers
 
 
-def _fill(call: ChatCall, schema: dict, intro: str = "") -> tuple[dict[str, Any], list[Answer]]:
-    """An object of `schema` from one short answer per property; the properties that break the schema
-    are asked once more, with the violation."""
+def _fill(call: ChatCall, schema: dict) -> tuple[dict[str, Any], list[Answer]]:
+    """An object of `schema` from one short answer per property (a small model follows "give x" better
+    than "to call tool t, give x"); the properties that break the schema are asked once more, with the
+    violation."""
     arguments: dict[str, Any] = {}
     answers: list[Answer] = []
     properties = schema.get("properties", {})
@@ -114,7 +114,7 @@ def _fill(call: ChatCall, schema: dict, intro: str = "") -> tuple[dict[str, Any]
         known = "".join(f"{k}: {json.dumps(v, ensure_ascii=False)}\n" for k, v in arguments.items() if k != key)
         about = prop.get("description") or prop.get("title") or key
         fix = f" Your previous answer was invalid: {error}." if error else ""
-        answers.append(call.ask(f"{known}{intro}give {key} ({about}).{fix} Reply with only the {_kind(prop)}."))
+        answers.append(call.ask(f"{known}Give {key} ({about}).{fix} Reply with only the {_kind(prop)}."))
         value = _coerce(answers[-1].text.strip(), prop)
         if value is None:
             arguments.pop(key, None)

@@ -21,6 +21,7 @@ __all__ = [
     "check_tools",
     "forced_call_instruction",
     "parse_tool_calls",
+    "select_tools",
     "template_renders_tools",
     "tool_messages_for_template",
     "tools_system_prompt",
@@ -58,6 +59,19 @@ def forced_call_instruction(tools: list[dict]) -> str:
     """The instruction that follows the question when the model must call one of `tools`."""
     which = tools[0]["function"]["name"] if len(tools) == 1 else "one of the tools"
     return f"Call {which}: reply with only the JSON tool call."
+
+
+def select_tools(tools: list[dict] | None, tool_choice: Any = None) -> tuple[list[dict], bool]:
+    """The tools the model may call, and whether it must call one. `tool_choice`: None or "auto" (may call
+    any), "none" or False (no tools), a tool name or {"type": "function", "function": {"name": ...}} (must
+    call that one), anything else ("any", "required", True) must call one of them."""
+    if isinstance(tool_choice, dict):
+        tool_choice = tool_choice.get("function", {}).get("name")
+    if not tools or tool_choice in ("none", False):
+        return [], False
+    if tool_choice in (None, "auto"):
+        return tools, False
+    return [t for t in tools if t["function"]["name"] == tool_choice] or tools, True
 
 
 def check_tools(tools: list[dict]) -> None:

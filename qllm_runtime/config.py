@@ -46,6 +46,10 @@ class QLLMConfig(BaseModel):
         "raw", description="how the question term meets the query term: `raw` = score + beta * <u, r_B> (Q-LLM); "
         "`standardized` = each term standardised over the layer's blocks first, so beta is a ratio of the two"
     )
+    follow_blocks: int = Field(
+        0, ge=0, description="a looked-up block brings this many following blocks along (each block scores at "
+        "least as high as the ones before it), so a fact cut by a block boundary is read whole"
+    )
     lookup_heads: LookupHeads = Field(
         "all", description="`all`: one lookup per group, scores summed over every head (InfLLM / Q-LLM); `kv_head`: "
         "each KV head (with the query heads that share it) looks up its own top-k blocks"

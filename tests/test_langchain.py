@@ -98,7 +98,8 @@ def chat(default_engine) -> ChatQLLM:
 def test_exports_pinned() -> None:
     assert lc_adapter.__all__ == ["ChatQLLM", "QLLMChatModel"]
     assert tool_logic.__all__ == ["ParsedToolCall", "check_tools", "forced_call_instruction", "parse_tool_calls",
-                                  "template_renders_tools", "tool_messages_for_template", "tools_system_prompt"]
+                                  "select_tools", "template_renders_tools", "tool_messages_for_template",
+                                  "tools_system_prompt"]
     assert chat_logic.__all__ == ["ChatCall", "pump", "with_system"]
     assert structured_logic.__all__ == ["describe", "forced_call", "json_answer", "violations"]
     assert qllm_integrations.__all__ == [
@@ -264,6 +265,14 @@ async def test_pump_runs_in_one_worker_thread_and_closes_when_the_consumer_stops
 
 async def _consume(items) -> list:
     return [item async for item in items]
+
+
+def test_select_tools_follows_tool_choice() -> None:
+    tools = [{"type": "function", "function": {"name": n}} for n in ("a", "b")]
+    assert tool_logic.select_tools(tools, None) == tool_logic.select_tools(tools, "auto") == (tools, False)
+    assert tool_logic.select_tools(tools, "none") == tool_logic.select_tools(None, "any") == ([], False)
+    assert tool_logic.select_tools(tools, "any") == tool_logic.select_tools(tools, "required") == (tools, True)
+    assert tool_logic.select_tools(tools, {"type": "function", "function": {"name": "b"}}) == (tools[1:], True)
 
 
 def test_with_system_merges_into_the_leading_system_message() -> None:

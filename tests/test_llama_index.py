@@ -232,18 +232,11 @@ async def test_sync_and_async_calls_agree_without_blocking_the_loop(default_engi
 
 
 # ---- agents ---------------------------------------------------------------------------------------
-def one_shot(tool_name: str) -> list[ChatMessage]:
-    """An earlier exchange that shows a small model what a tool call looks like."""
-    example = "When was the Millbrook orchard founded?"
-    call = json.dumps({"name": tool_name, "arguments": {"input": example}})
-    return [ChatMessage(role="user", content=example), ChatMessage(role="assistant", content=call)]
-
-
 async def test_function_agent_calls_the_document_tool(default_engine):
     tools = document_tools([ORCHARD], engine=default_engine, return_direct=True, max_new_tokens=24)
     name = tools[0].metadata.name
     agent = FunctionAgent(tools=tools, llm=QLLM(engine=default_engine, max_new_tokens=48), initial_tool_choice=name)
-    handler = agent.run(GARDENER_QUESTION, chat_history=one_shot(name))
+    handler = agent.run(GARDENER_QUESTION)
     results = [e async for e in handler.stream_events() if isinstance(e, ToolCallResult)]
     response = await handler
     assert [r.tool_name for r in results] == [name]
@@ -275,5 +268,6 @@ def test_exports_and_lazy_package_import():
     assert li.__all__ == ["QLLM", "QLLMIndex", "QLLMQueryEngine", "QLLMRetriever", "document_tools"]
     code = ("import sys, qllm_integrations; "
             "assert not [m for m in sys.modules if m.startswith(('llama_index', 'langchain'))]; "
-            "from qllm_integrations import QLLMIndex; assert QLLMIndex.__module__ == 'qllm_integrations.llama_index'")
+            "from qllm_integrations import QLLMIndex; from qllm_integrations.llama_index import QLLMIndex as Index; "
+            "assert QLLMIndex is Index")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -261,3 +261,17 @@ def test_per_kv_head_lookup_scores_each_head_group_on_its_own(llama):
         assert not torch.equal(picked[0], picked[1])  # the two KV heads chose differently here
         torch.testing.assert_close(gathered[-1][1], block_keys[1])
     torch.testing.assert_close(gathered[0], gathered[1])
+
+
+@pytest.mark.parametrize("mode", [m for m in BLOCK_MODES if m != "random"])
+def test_follow_blocks_brings_the_blocks_after_a_hit(mode):
+    """follow_blocks=f: block b scores max(s[b-f .. b]), so the best block comes with the f blocks after it."""
+    from qllm_runtime.policies import POLICIES
+
+    repr_keys = torch.zeros(12, 2, 4)
+    repr_keys[5] = 1.0  # only block 5 matches the query
+    repr_keys[9] = 0.5  # the runner-up
+    queries = torch.ones(1, 2, 4)
+    for follow, expected in ((0, [5, 9]), (1, [5, 6]), (2, [5, 6, 7])):
+        policy = POLICIES[mode](QLLMConfig(mode=mode, follow_blocks=follow), torch.device("cpu"))
+        assert policy.select(queries, repr_keys, None, len(expected))[0].sort().values.tolist() == expected

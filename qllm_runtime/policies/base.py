@@ -39,8 +39,10 @@ def register_policy(name: str):
 class LookupPolicy:
     """Scores blocks by <group query, representative key> summed over heads, plus `block_terms`; takes top-k.
 
-    Subclasses change the per-block term or the selection. The Triton block scorer is used where it runs
-    (CUDA); the PyTorch reference elsewhere, with the same results.
+    Subclasses change `block_terms` or `scores`; selection lives here: a block also scores as high as the
+    `follow_blocks` blocks before it (so a hit brings the text after it along: a fact cut by a block boundary
+    stays whole), then the top-k are taken. The Triton block scorer is used where it runs (CUDA); the PyTorch
+    reference elsewhere, with the same results.
     """
 
     name: ClassVar[str]
@@ -68,10 +70,11 @@ class LookupPolicy:
         return block_scores_reference(group_queries, repr_keys, block_terms, 1.0)
 
     def select(self, group_queries: Tensor, repr_keys: Tensor, block_terms: Tensor | None, k: int) -> Tensor:
-        """Indices (n_groups, k) of the blocks each group attends, k < n_blocks, on the device."""
-        if self._kernel is not None:
-            return self._kernel(group_queries, repr_keys, block_terms, 1.0, k)[1]
-        return select_blocks(self.scores(group_queries, repr_keys, block_terms), k)
+        """Indices (n_groups, k) of the blocks each group attends, best first, k < n_blocks, on the device."""
+        scores = self.scores(group_queries, repr_keys, block_terms)
+        for _ in range(self.config.follow_blocks):  # block b scores max(s[b], s[b-1], ..., s[b-follow])
+            scores = torch.cat([scores[:, :1], torch.maximum(scores[:, 1:], scores[:, :-1])], dim=1)
+        return select_blocks(scores, k)
 
 
 def make_policy(config: QLLMConfig, device: torch.device) -> LookupPolicy:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..lookup import question_scores_reference, select_blocks
+from ..lookup import question_scores_reference
 from .base import LookupPolicy, register_policy
 
 
@@ -27,11 +27,11 @@ class QLLMPolicy(LookupPolicy):
         terms = question_scores_reference(question_vector, repr_keys)  # (n_blocks,) float32
         return terms if self.config.question_scale == "standardized" else self.config.question_weight * terms
 
-    def select(self, group_queries: Tensor, repr_keys: Tensor, block_terms: Tensor | None, k: int) -> Tensor:
+    def scores(self, group_queries: Tensor, repr_keys: Tensor, block_terms: Tensor | None) -> Tensor:
         if block_terms is None or self.config.question_scale == "raw":
-            return super().select(group_queries, repr_keys, block_terms, k)
-        scores = _standardize(self.scores(group_queries, repr_keys, None))  # (n_groups, n_blocks)
-        return select_blocks(scores + self.config.question_weight * _standardize(block_terms[None]), k)
+            return super().scores(group_queries, repr_keys, block_terms)
+        scores = _standardize(super().scores(group_queries, repr_keys, None))  # (n_groups, n_blocks)
+        return scores + self.config.question_weight * _standardize(block_terms[None])
 
 
 def _standardize(scores: Tensor) -> Tensor:

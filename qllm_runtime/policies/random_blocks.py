@@ -16,6 +16,5 @@ class RandomPolicy(LookupPolicy):
         super().__init__(config, device)
         self._generator = torch.Generator(device=device).manual_seed(0)
 
-    def select(self, group_queries: Tensor, repr_keys: Tensor, block_terms: Tensor | None, k: int) -> Tensor:
-        noise = torch.rand(group_queries.shape[0], repr_keys.shape[0], generator=self._generator, device=self.device)
-        return noise.topk(k, dim=-1).indices
+    def scores(self, group_queries: Tensor, repr_keys: Tensor, block_terms: Tensor | None) -> Tensor:
+        return torch.rand(group_queries.shape[0], repr_keys.shape[0], generator=self._generator, device=self.device)
