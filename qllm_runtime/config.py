@@ -29,21 +29,21 @@ class QLLMConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True, allow_inf_nan=False)
 
     mode: str = "qllm"
-    far_positions: FarPositions = "shared"
+    far_positions: FarPositions = "ordered"
     n_init: int = Field(128, ge=0, description="attention-sink tokens at the start, always attended")
     n_local: int = Field(512, ge=1, description="sliding window of recent tokens, ordinary RoPE")
     block_size: int = Field(64, ge=1, description="tokens per memory block")
-    topk: int = Field(8, ge=0, description="blocks looked up per lookup group")
+    topk: int = Field(32, ge=0, description="blocks looked up per lookup group")
     repr_topk: int = Field(4, ge=1, description="most-attended tokens averaged into a block's representative key")
     lookup_chunk: int = Field(512, ge=1, description="prefill queries that share one lookup (at most prefill_chunk)")
     prefill_chunk: int = Field(4096, ge=1, description="tokens per model forward while reading")
-    question_weight: float = Field(4.0, ge=0.0, description="beta: weight of the question term in lookup")
+    question_weight: float = Field(1.0, ge=0.0, description="beta: weight of the question term in lookup")
     question_topk: int | None = Field(
         None, ge=1, description="question tokens pooled per head into the question vector: the most-attended "
         "ones, as Q-LLM's code does (4); None = the mean over every question token"
     )
     question_scale: QuestionScale = Field(
-        "raw", description="how the question term meets the query term: `raw` = score + beta * <u, r_B> (Q-LLM); "
+        "standardized", description="how the question term meets the query term: `raw` = score + beta * <u, r_B> (Q-LLM); "
         "`standardized` = each term standardised over the layer's blocks first, so beta is a ratio of the two"
     )
     follow_blocks: int = Field(
@@ -55,7 +55,7 @@ class QLLMConfig(BaseModel):
         "each KV head (with the query heads that share it) looks up its own top-k blocks"
     )
     pin_question_blocks: bool = Field(
-        False, description="while answering, keep attending the blocks the question turn looked up (besides each "
+        True, description="while answering, keep attending the blocks the question turn looked up (besides each "
         "generated token's own picks), so an answer does not lose its evidence mid-copy"
     )
     offload: Offload = Field("auto", description="block placement: device pool, CPU + device LRU cache, or auto")
