@@ -3,6 +3,7 @@
     quickllama-bench --preset small                       # CPU, embedded model, ~10 minutes
     quickllama-bench --preset full --device cuda          # GPU box: 4K-128K
     quickllama-bench --tasks niah --lengths 4K,8K --methods qllm,infllm --sweep question_weight=0,1,4
+    quickllama-bench --tasks niah,kv,json-kv,table,code --question-style exact,paraphrase,typos,verbose
     quickllama-bench --preset full --device cuda --jobs 8 # 8 worker processes share the GPU (small models)
     quickllama-bench report results/A results/B --out results/AB   # merge runs: summary and heat-maps
 """
@@ -35,7 +36,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "depths": [0.5],
     },
     "full": {
-        "tasks": ["passkey", "niah", "niah-word", "kv", "squad", *(f"babilong-qa{n}" for n in range(1, 6))],
+        "tasks": ["passkey", "niah", "niah-word", "kv", "squad", "json-kv", "table", "code",
+                  *(f"babilong-qa{n}" for n in range(1, 6))],
         "lengths": [4096, 16384, 32768, 65536, 131072],
         "methods": ["full", "streaming", "infllm", "qllm", "qllm-read"],
         "samples": 3,
@@ -81,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS), default="small",
                    help="defaults for everything below (default: small)")
     p.add_argument("--tasks", type=_csv,
-                   help="comma list: passkey, niah, kv, squad, babilong-qa1..5, babilong (= qa1-qa5)")
+                   help="comma list: passkey, niah, niah-word, kv, squad, json-kv, table, code, babilong-qa1..5, "
+                   "babilong (= qa1-qa5)")
     p.add_argument("--lengths", type=lambda s: [parse_length(x) for x in _csv(s)],
                    help="context lengths in tokens of the model's tokenizer, e.g. 4K,16K")
     p.add_argument("--methods", type=_csv,
@@ -91,7 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depths", type=lambda s: [float(x) / 100 for x in _csv(s)],
                    help="NIAH needle depths in percent, e.g. 0,50,100")
     p.add_argument("--questions", type=int, default=1,
-                   help="questions per context for kv and squad (default: 1)")
+                   help="questions per context for kv, squad, json-kv, table and code (default: 1)")
+    p.add_argument("--question-style", type=_csv, default=["exact"],
+                   help="comma list of wordings to ask each question in, all over the same contexts: exact, "
+                   "paraphrase (reworded), typos (a few letters swapped, dropped or doubled, never in the key looked "
+                   "up), verbose (irrelevant words around it); a style's rows go by task[style], e.g. niah[typos]; "
+                   "squad and babilong are asked exactly only (default: exact)")
     p.add_argument("--model", help="HF directory, GGUF file or hub id (default: the embedded SmolLM2-135M)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda (default: cpu)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
@@ -123,6 +131,15 @@ def _tasks(names: Sequence[str], book: str | None) -> list[Task]:
     return [known[n] for n in expanded]
 
 
+def _styles(names: Sequence[str]) -> list[str]:
+    from benchmarks.tasks import QUESTION_STYLES
+
+    if not names or any(n not in QUESTION_STYLES for n in names):
+        raise SystemExit(f"quickllama-bench: --question-style takes a comma list of {', '.join(QUESTION_STYLES)}; "
+                         f"got {','.join(names)!r}")
+    return list(dict.fromkeys(names))
+
+
 def _load(args: argparse.Namespace, base: QLLMConfig) -> QLLMEngine:
     """The engine whose model and tokenizer every method shares, on the asked device and dtype."""
     import torch
@@ -152,6 +169,7 @@ def run(argv: Sequence[str] | None = None, engine: QLLMEngine | None = None) -> 
     args = build_parser().parse_args(argv)
     preset = PRESETS[args.preset]
     tasks = _tasks(args.tasks or preset["tasks"], args.book)
+    styles = _styles(args.question_style)
     lengths = args.lengths or preset["lengths"]
     samples = args.samples if args.samples is not None else preset["samples"]
     depths = args.depths or preset["depths"]
@@ -205,7 +223,7 @@ def run(argv: Sequence[str] | None = None, engine: QLLMEngine | None = None) -> 
         for task in tasks:
             t0 = time.perf_counter()
             batch = [s for seed in args.seed
-                     for s in generate(task, counter, length, seed, samples, depths, args.questions)]
+                     for s in generate(task, counter, length, seed, samples, depths, args.questions, styles)]
             _say(start, f"{task.name} @ {length}: {len(batch)} contexts in {time.perf_counter() - t0:.1f}s")
             for method in methods:
                 new = []

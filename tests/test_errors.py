@@ -143,6 +143,8 @@ def test_same_thread_reentry_is_an_error_not_a_deadlock(engine):
 def test_failure_inside_forward_leaves_model_clean(engine, monkeypatch):
     import qllm_runtime.memory as memory_module
 
+    expected = engine.ask("Text. " * 10, "What?", max_new_tokens=2)
+
     def broken(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("simulated")
 
@@ -151,4 +153,5 @@ def test_failure_inside_forward_leaves_model_clean(engine, monkeypatch):
         engine.ask("Text. " * 10, "What?")
     monkeypatch.undo()
     assert engine.model.config._attn_implementation == "sdpa"
-    assert engine.ask("Text. " * 10, "What?", max_new_tokens=2).text is not None
+    again = engine.ask("Text. " * 10, "What?", max_new_tokens=2)
+    assert (again.text, again.usage) == (expected.text, expected.usage)

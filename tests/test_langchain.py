@@ -38,8 +38,8 @@ from qllm_integrations.tools import (
     tools_system_prompt,
 )
 from qllm_runtime import Memory, QLLMEngine
+from qllm_runtime.cli import haystack as filler_sentences
 
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 FACT = "The secret launch code of the red rocket is 58291."
 QUESTION = "What is the secret launch code of the red rocket?"
 
@@ -82,11 +82,11 @@ def tools_template(tokenizer):
     return copied
 
 
-def haystack(tokenizer, n_tokens: int, fact_at: float) -> str:
-    """Filler of about `n_tokens` tokens with FACT at relative position `fact_at`."""
-    per = len(tokenizer(FILLER, add_special_tokens=False).input_ids)
-    n = n_tokens // per
-    return FILLER * int(n * fact_at) + FACT + " " + FILLER * (n - int(n * fact_at))
+def haystack(n_tokens: int, fact_at: float) -> str:
+    """About `n_tokens` tokens of the project's filler sentences with FACT at relative position `fact_at`."""
+    sentences = filler_sentences(n_tokens // 11, seed=0)  # ~11 tokens a sentence
+    at = int(len(sentences) * fact_at)
+    return " ".join([*sentences[:at], FACT, *sentences[at:]])
 
 
 @pytest.fixture(scope="module")
@@ -284,7 +284,7 @@ def test_with_system_merges_into_the_leading_system_message() -> None:
 
 # ---- the embedded model ------------------------------------------------------------------------------
 def test_document_block_is_context_and_question_drives_lookup(chat, tokenizer) -> None:
-    document = {"type": "text-plain", "mime_type": "text/plain", "text": haystack(tokenizer, 1200, 0.3)}
+    document = {"type": "text-plain", "mime_type": "text/plain", "text": haystack(1200, 0.3)}
     message = HumanMessage([document, {"type": "text", "text": QUESTION}])
     result = chat.invoke([message])
     assert "58291" in result.text
@@ -295,7 +295,7 @@ def test_document_block_is_context_and_question_drives_lookup(chat, tokenizer) -
 
 
 def test_memory_is_read_once_and_reused(chat, default_engine, tokenizer) -> None:
-    memory = default_engine.read(haystack(tokenizer, 1200, 0.6))
+    memory = default_engine.read(haystack(1200, 0.6))
     reader = chat.bind(memory=memory)
     first = reader.invoke(QUESTION)
     assert "58291" in first.text
@@ -386,7 +386,7 @@ def test_memory_calls_look_up_with_the_bare_question(default_engine, tokenizer) 
         """Add two integers."""
         return a + b
 
-    memory = RecordingMemory(default_engine.read(haystack(tokenizer, 1200, 0.6)))
+    memory = RecordingMemory(default_engine.read(haystack(1200, 0.6)))
     history = [SystemMessage("Answer from the document."), HumanMessage("Hello."), AIMessage("Hi."),
                HumanMessage(QUESTION)]
     reader = ChatQLLM(engine=default_engine, memory=memory, max_tokens=8)
@@ -399,7 +399,7 @@ def test_memory_calls_look_up_with_the_bare_question(default_engine, tokenizer) 
 
 
 def test_lcel_chain_beyond_the_native_window(chat, tokenizer) -> None:
-    document = haystack(tokenizer, 9000, 0.1)
+    document = haystack(9000, 0.1)
     assert len(tokenizer(document).input_ids) > 8192
     prompt = ChatPromptTemplate.from_messages([("system", "Answer from this document.\n\n{document}"),
                                                ("human", "{question}")])
@@ -411,7 +411,7 @@ def test_agent_tool_over_a_read_document(chat, default_engine, tokenizer) -> Non
     agents = pytest.importorskip("langchain.agents")
     from langchain.agents.middleware import wrap_model_call
 
-    memory = default_engine.read(haystack(tokenizer, 1200, 0.5))
+    memory = default_engine.read(haystack(1200, 0.5))
     asked: list[str] = []
 
     @tool(parse_docstring=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import subprocess
 import sys
 from typing import Literal
@@ -23,6 +22,7 @@ import qllm_integrations.llama_index as li
 from qllm_integrations.engines import shared_engine
 from qllm_integrations.llama_index import QLLM, QLLMIndex, document_tools
 from qllm_runtime import ModelNotFoundError, QLLMEngine
+from qllm_runtime.cli import haystack
 from tests.conftest import SMALL_WINDOWS
 
 NEEDLE = "The secret password for the blue vault is 4172."
@@ -46,17 +46,9 @@ class Pet(BaseModel):
 
 
 def filler(n_paragraphs: int, seed: int = 0) -> list[str]:
-    """Seeded synthetic paragraphs of varied everyday sentences."""
-    rng = random.Random(seed)
-    who = ["The baker", "A gardener", "The old sailor", "My neighbour", "The teacher", "A young painter",
-           "The mayor", "The librarian", "A fisherman", "The doctor"]
-    did = ["walked to", "looked at", "talked about", "painted", "visited", "cleaned", "repaired", "described"]
-    what = ["the quiet harbour", "a red bicycle", "the village market", "an old bridge", "the green valley",
-            "a wooden boat", "the town hall", "a small garden", "the stone chapel", "a noisy cafe"]
-    when = ["in the morning", "after lunch", "before the rain started", "with great care", "on a sunny day",
-            "while humming a song", "for the third time", "without saying a word"]
-    return [" ".join(f"{rng.choice(who)} {rng.choice(did)} {rng.choice(what)} {rng.choice(when)}." for _ in range(8))
-            for _ in range(n_paragraphs)]
+    """Seeded paragraphs of eight synthetic sentences (the project's demo filler)."""
+    sentences = haystack(8 * n_paragraphs, seed)
+    return [" ".join(sentences[i : i + 8]) for i in range(0, len(sentences), 8)]
 
 
 class CountingEngine(QLLMEngine):

@@ -61,7 +61,7 @@ def memory_state(memory) -> list:
     for layer in session.memory.layers.values():
         n = layer.n_blocks
         snap = layer.snapshot()
-        blocks = layer.store.gather(torch.arange(n)) if n else ()
+        blocks = layer.store.gather(torch.arange(n)[None]) if n else ()
         state += [snap.init_len, snap.tail_start, snap.seen, n, snap.tail_k, snap.tail_v, snap.tail_scores,
                   layer.init_k[:, : layer.init_len].clone(), layer.repr_keys[:n].clone(), *blocks]
     return state
