@@ -177,7 +177,7 @@ def run(argv: Sequence[str] | None = None, engine: QLLMEngine | None = None) -> 
     from benchmarks import data
     from benchmarks.runner import Runner, expand_methods
     from benchmarks.tasks import generate
-    from qllm_runtime import QLLMConfig
+    from qllm_runtime import EMBEDDED_MODEL_CONFIG, QLLMConfig
 
     sets = _key_values(args.set, "--set")
     if args.jobs < 1:
@@ -185,8 +185,8 @@ def run(argv: Sequence[str] | None = None, engine: QLLMEngine | None = None) -> 
     if any(len(v) > 1 for v in sets.values()):
         raise SystemExit("quickllama-bench: --set takes one value per key; use --sweep to try several")
     try:
-        base = QLLMConfig.model_validate({**(engine.config.model_dump() if engine else {}),
-                                         **{k: v[0] for k, v in sets.items()}})
+        start = engine.config if engine else QLLMConfig() if args.model else EMBEDDED_MODEL_CONFIG
+        base = QLLMConfig.model_validate({**start.model_dump(), **{k: v[0] for k, v in sets.items()}})
         methods = expand_methods(args.methods or preset["methods"], _key_values(args.sweep, "--sweep"))
         for m in methods:
             m.config(base)  # fail on a bad sweep value before loading anything

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 
-from qllm_runtime import QLLMConfig, QLLMEngine
+from qllm_runtime import EMBEDDED_MODEL_CONFIG, QLLMConfig, QLLMEngine
 
 __all__ = ["DEFAULT_MODEL_NAME", "shared_engine", "with_config"]
 
@@ -23,7 +23,8 @@ def shared_engine(source: str | None = None, config: QLLMConfig | None = None,
                   device: str | None = None) -> QLLMEngine:
     """The process's engine for `source` (local directory, hub id or .gguf; None: the embedded model) with
     `config` (None: the defaults) on `device` (None: the runtime's choice), loading the model on first use."""
-    config = config if config is not None else QLLMConfig()
+    if config is None:
+        config = EMBEDDED_MODEL_CONFIG if source is None else QLLMConfig()
     with _LOCK:  # held while loading, so concurrent first calls load the model once
         engine = _ENGINES.get((source, config, device))
         if engine is None:

@@ -1,10 +1,11 @@
 """QuickLLaMA runtime: query-aware block memory for long-context inference on stock transformers models."""
 
-from .config import QLLMConfig
+from .config import EMBEDDED_MODEL_CONFIG, QLLMConfig
 from .engine import Memory, QLLMEngine
 from .errors import (
     EngineBusyError,
     InvalidInputError,
+    InvalidModelFileError,
     ModelNotFoundError,
     QLLMError,
     StreamClosedError,
@@ -13,12 +14,14 @@ from .errors import (
 from .results import Answer, AnswerStream, BlockSpan, GenerationSettings, Timings, Usage
 
 __all__ = [
+    "EMBEDDED_MODEL_CONFIG",
     "Answer",
     "AnswerStream",
     "BlockSpan",
     "EngineBusyError",
     "GenerationSettings",
     "InvalidInputError",
+    "InvalidModelFileError",
     "Memory",
     "ModelNotFoundError",
     "QLLMConfig",

@@ -12,12 +12,13 @@ from typing import Literal, NoReturn, get_args, get_origin
 
 from pydantic import ValidationError
 
-from .config import QLLMConfig
-from .engine import Answer, QLLMEngine
+from .config import EMBEDDED_MODEL_CONFIG, QLLMConfig
+from .engine import QLLMEngine
 from .errors import InvalidInputError, QLLMError
+from .results import Answer, GenerationSettings
 
 _CONFIG_FLAGS = ("mode", "n_init", "n_local", "block_size", "topk", "question_weight", "prefill_chunk", "offload")
-_DEMO_CONFIG = dict(n_init=128, n_local=256, block_size=64, topk=8, lookup_chunk=128, prefill_chunk=2048)
+DEMO_CONFIG = dict(n_init=128, n_local=256, block_size=64, topk=8, lookup_chunk=128, prefill_chunk=2048)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="HF directory, hub id or .gguf file (default: embedded SmolLM2-135M)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=GenerationSettings.max_new_tokens)
     fields = QLLMConfig.model_fields
     for name in _CONFIG_FLAGS:
         field = fields[name]
@@ -44,7 +45,8 @@ def _config(args: argparse.Namespace) -> QLLMConfig:
     """The command's config defaults overridden by the options given; an invalid value is a usage error."""
     values = {name: getattr(args, name) for name in _CONFIG_FLAGS if getattr(args, name) is not None}
     try:
-        return QLLMConfig(**{**args.config_defaults, **values})
+        base = QLLMConfig() if args.model else EMBEDDED_MODEL_CONFIG
+        return QLLMConfig(**{**base.model_dump(), **args.config_defaults, **values})
     except ValidationError as error:
         args.parser.error(_one_line(error))
 
@@ -148,16 +150,23 @@ def haystack(n_sentences: int, seed: int) -> list[str]:
             for _ in range(n_sentences)]
 
 
+DEMO_QUESTION = "What is the secret animal of the blue vault?"
+
+
+def demo_document(n_sentences: int, depth: float, seed: int) -> tuple[str, str, str]:
+    """(context, needle, animal): the demo's needle at `depth` of `n_sentences` filler sentences."""
+    code = random.Random(seed).choice(_ANIMALS)  # a word: the 135M model copies words from far blocks
+    needle = f"The secret animal of the blue vault is a {code}."
+    sentences = haystack(n_sentences, seed)
+    at = int(len(sentences) * depth)
+    return " ".join([*sentences[:at], needle, *sentences[at:]]), needle, code
+
+
 def cmd_demo(args: argparse.Namespace, config: QLLMConfig) -> int:
     engine = _engine(args, config)
-    rng = random.Random(args.seed)
-    code = rng.choice(_ANIMALS)  # a word: the 135M model copies words from far blocks, not long numbers
-    needle = f"The secret animal of the blue vault is a {code}."
-    sentences = haystack(args.sentences, args.seed)
-    at = int(len(sentences) * args.depth)
-    context = " ".join([*sentences[:at], needle, *sentences[at:]])
+    context, needle, code = demo_document(args.sentences, args.depth, args.seed)
     start = context.index(needle)
-    question = "What is the secret animal of the blue vault?"
+    question = DEMO_QUESTION
     n_tokens = engine.count_tokens(context)
     needle_token = engine.count_tokens(context[:start])
     print(f"Document: {n_tokens} tokens of filler (the model was trained on 8K). Needle at token {needle_token} "
@@ -199,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--depth", type=float, default=0.3, help="where the needle goes, 0 = start, 1 = end")
     demo.add_argument("--seed", type=int, default=3)
     _add_engine_options(demo)
-    demo.set_defaults(run=cmd_demo, parser=demo, config_defaults=_DEMO_CONFIG)
+    demo.set_defaults(run=cmd_demo, parser=demo, config_defaults=DEMO_CONFIG)
     return parser
 
 

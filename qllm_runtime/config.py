@@ -43,8 +43,8 @@ class QLLMConfig(BaseModel):
         "ones, as Q-LLM's code does (4); None = the mean over every question token"
     )
     question_scale: QuestionScale = Field(
-        "standardized", description="how the question term meets the query term: `raw` = score + beta * <u, r_B> (Q-LLM); "
-        "`standardized` = each term standardised over the layer's blocks first, so beta is a ratio of the two"
+        "standardized", description="how the question term meets the query term: `raw` = score + beta * <u, r_B> "
+        "(Q-LLM); `standardized` = each term standardised over the layer's blocks first, so beta is their ratio"
     )
     follow_blocks: int = Field(
         0, ge=0, description="a looked-up block brings this many following blocks along (each block scores at "
@@ -84,3 +84,9 @@ class QLLMConfig(BaseModel):
             raise ValueError(f"lookup_chunk ({self.lookup_chunk}) must be <= prefill_chunk ({self.prefill_chunk}): "
                              "a lookup group never spans two forwards, so a larger one has no effect")
         return self
+
+
+# The embedded SmolLM2-135M (8K-trained, weak) reads a single fact from far blocks better with InfLLM's shared
+# far positions and top-8 than with the ordered top-32 that models which can read need (BENCHMARKS.md §4):
+# what QLLMEngine.default(), the CLI and the adapters use for it when no config is given.
+EMBEDDED_MODEL_CONFIG = QLLMConfig(far_positions="shared", topk=8)

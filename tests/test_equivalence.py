@@ -51,7 +51,8 @@ def test_shared_with_every_block_looked_up_is_not_full_attention(tiny):
     _, model, tokenizer = tiny
     ids = random_ids(150, len(tokenizer), seed=2)
     full = QLLMEngine(model, tokenizer, QLLMConfig(mode="full", prefill_chunk=64))
-    shared = QLLMEngine(model, tokenizer, QLLMConfig(mode="infllm", n_init=4, n_local=32, block_size=8, topk=1000))
+    shared = QLLMEngine(model, tokenizer, QLLMConfig(mode="infllm", far_positions="shared", n_init=4, n_local=32,
+                                                     block_size=8, topk=1000))
     assert not torch.allclose(session_logits(shared, ids, 0)[0], session_logits(full, ids, 0)[0], atol=1e-4)
 
 

@@ -27,6 +27,7 @@ import qllm_integrations.chat as chat_logic
 import qllm_integrations.langchain as lc_adapter
 import qllm_integrations.structured as structured_logic
 import qllm_integrations.tools as tool_logic
+from benchmarks.data import CLASSIC_FILLER
 from qllm_integrations import ChatQLLM, QLLMChatModel
 from qllm_integrations.chat import ChatCall, pump
 from qllm_integrations.structured import json_answer, violations
@@ -38,7 +39,6 @@ from qllm_integrations.tools import (
     tools_system_prompt,
 )
 from qllm_runtime import Memory, QLLMEngine
-from qllm_runtime.cli import haystack as filler_sentences
 
 FACT = "The secret launch code of the red rocket is 58291."
 QUESTION = "What is the secret launch code of the red rocket?"
@@ -83,10 +83,10 @@ def tools_template(tokenizer):
 
 
 def haystack(n_tokens: int, fact_at: float) -> str:
-    """About `n_tokens` tokens of the project's filler sentences with FACT at relative position `fact_at`."""
-    sentences = filler_sentences(n_tokens // 11, seed=0)  # ~11 tokens a sentence
-    at = int(len(sentences) * fact_at)
-    return " ".join([*sentences[:at], FACT, *sentences[at:]])
+    """About `n_tokens` tokens of the pass-key filler (the bench's) with FACT at relative position `fact_at`:
+    the 135M model copies a number out of block memory from this filler."""
+    n = n_tokens // 25  # ~25 tokens a repetition
+    return " ".join([CLASSIC_FILLER] * int(n * fact_at) + [FACT] + [CLASSIC_FILLER] * (n - int(n * fact_at)))
 
 
 @pytest.fixture(scope="module")
