@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import closing
 from operator import itemgetter
+from pathlib import Path
 from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -59,7 +61,8 @@ class ChatQLLM(BaseChatModel):
       `HumanMessage`. Messages after it (the agent loop's tool calls and results) follow the question.
 
     A document read once (`memory = chat.load_engine().read(text)`) can be reused: pass `memory=`
-    at construction or bind it per call (`chat.bind(memory=memory)`); each call then encodes only
+    at construction or bind it per call (`chat.bind(memory=memory)`), or a saved one by its path
+    (`ChatQLLM(memory="doc.qmem")`, from `memory.save` or `quickllama read`); each call then encodes only
     its question and answer. With a memory, the call's other messages and document blocks are folded
     into the question turn (as "Assistant: ..." and "Tool result of name(...): ..." lines); the bare
     question still drives the lookups.
@@ -96,8 +99,9 @@ class ChatQLLM(BaseChatModel):
     """Use this engine instead of loading a model."""
     config: QLLMConfig | None = None
     """Engine settings (windows, block size, top-k, mode); None: the engine's own."""
-    memory: Memory | None = Field(default=None, exclude=True)
-    """A document read once with `engine.read(...)`, used by every call (see the class docstring)."""
+    memory: Memory | str | Path | None = Field(default=None, exclude=True)
+    """A document read once with `engine.read(...)`, or the path of one saved with `memory.save(path)` /
+    `quickllama read` (loaded on first use, checked against this model and config), used by every call."""
     device: str | None = None
     """Where to load the model (default: CUDA if available, else CPU)."""
     max_tokens: int = 256
@@ -110,6 +114,7 @@ class ChatQLLM(BaseChatModel):
     """Whether `invoke` streams internally (token callbacks)."""
 
     _engine: QLLMEngine | None = PrivateAttr(default=None)
+    _saved: dict[str, Memory] = PrivateAttr(default_factory=dict)  # saved memories loaded, by path
 
     @property
     def _llm_type(self) -> str:
@@ -131,16 +136,25 @@ class ChatQLLM(BaseChatModel):
         return params
 
     def _label(self) -> str:
-        engine = self.engine or (self.memory.engine if self.memory is not None else None)
+        engine = self.engine or (self.memory.engine if isinstance(self.memory, Memory) else None)
         return self.model_name or (engine.model_name if engine is not None else DEFAULT_MODEL_NAME)
 
     def load_engine(self) -> QLLMEngine:
         """The engine, loading the model on first use (e.g. to `read` a document once)."""
         if self._engine is None:
-            base = self.engine or (self.memory.engine if self.memory is not None else None)
+            base = self.engine or (self.memory.engine if isinstance(self.memory, Memory) else None)
             self._engine = (with_config(base, self.config) if base is not None
                             else shared_engine(self.model_name, self.config, self.device))
         return self._engine
+
+    def _load_memory(self, memory: Memory | str | os.PathLike | None) -> Memory | None:
+        """`memory`, or the memory saved in that file, loaded once by this chat model's engine."""
+        if memory is None or isinstance(memory, Memory):
+            return memory
+        key = os.fspath(memory)
+        if key not in self._saved:
+            self._saved[key] = self.load_engine().load_memory(key)
+        return self._saved[key]
 
     # ---- generation ----------------------------------------------------------------------------------
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
@@ -195,7 +209,7 @@ class ChatQLLM(BaseChatModel):
               **kwargs: Any) -> ChatCall:
         """The messages split around the question, with this call's tools, memory and generation settings."""
         before, question, after = _split(messages)
-        memory = kwargs.get("memory", self.memory)
+        memory = self._load_memory(kwargs.get("memory", self.memory))
         generation = {"max_new_tokens": kwargs.get("max_tokens", self.max_tokens),
                       "temperature": kwargs.get("temperature", self.temperature),
                       "stop": stop if stop is not None else self.stop}

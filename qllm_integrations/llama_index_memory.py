@@ -4,12 +4,15 @@ query engine, retriever and per-document agent tools. Exported with the LLM by `
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import threading
 from bisect import bisect_right
 from collections.abc import Sequence
 from contextlib import closing
 from operator import itemgetter
+from pathlib import Path
 from typing import Any
 
 from qllm_runtime import BlockSpan, Memory, QLLMEngine
@@ -41,6 +44,8 @@ DEFAULT_MAX_NEW_TOKENS = 256
 GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "stop", "seed")
 """Keyword arguments passed to the engine per call."""
 
+log = logging.getLogger("quickllama")
+
 
 def _default_transformations() -> list[TransformComponent]:
     """Sentence chunks without overlap: the engine reads every node, so overlap would be read twice."""
@@ -50,9 +55,10 @@ def _default_transformations() -> list[TransformComponent]:
 class QLLMIndex(SummaryIndex):
     """Documents read into one block memory, answered with the question passed separately.
 
-    Nodes are kept in the docstore like a `SummaryIndex` (so `storage_context.persist()` keeps them); the
-    memory is read on the first query (again after loading) from the node texts joined in order, and
-    inserted nodes extend it. Nodes are citation units, not retrieval units: unless `transformations` are
+    Nodes are kept in the docstore like a `SummaryIndex`; the memory is read on the first query from the node
+    texts joined in order, and inserted nodes extend it. `index.persist(dir)` keeps the nodes and the memory,
+    `QLLMIndex.from_storage(StorageContext.from_defaults(persist_dir=dir), persist_dir=dir)` loads both.
+    Nodes are citation units, not retrieval units: unless `transformations` are
     given, documents are split into sentence chunks of 256 tokens without overlap. `engine`: a
     `QLLMEngine`, default the embedded model.
     """
@@ -61,6 +67,7 @@ class QLLMIndex(SummaryIndex):
                  transformations: list[TransformComponent] | None = None, **kwargs: Any) -> None:
         self._engine = engine
         self._memory: Memory | None = None
+        self._memory_file: Path | None = None  # a persisted memory to load instead of reading
         self._spans: list[tuple[int, int, str]] = []  # (start, end, node_id) in the memory's context
         self._read_lock = threading.Lock()
         super().__init__(*args, transformations=transformations or _default_transformations(), **kwargs)
@@ -72,13 +79,26 @@ class QLLMIndex(SummaryIndex):
         return super().from_documents(documents, transformations=transformations, **kwargs)
 
     @classmethod
-    def from_storage(cls, storage_context: StorageContext, index_id: str | None = None, **kwargs: Any
-                     ) -> QLLMIndex:
-        """Load a persisted QLLMIndex (`load_index_from_storage` would give a plain SummaryIndex)."""
+    def from_storage(cls, storage_context: StorageContext, index_id: str | None = None,
+                     persist_dir: str | os.PathLike | None = None, **kwargs: Any) -> QLLMIndex:
+        """Load a persisted QLLMIndex (`load_index_from_storage` would give a plain SummaryIndex). With the
+        `persist_dir` given to `persist`, its saved memory is loaded on the first query instead of reading
+        the nodes again (unless the nodes changed since); the engine must match the one that read it."""
         index_struct = storage_context.index_store.get_index_struct(index_id)
         if index_struct is None:
             raise ValueError(f"no index {index_id or ''} in this storage context; persist one first")
-        return cls(index_struct=index_struct, storage_context=storage_context, **kwargs)
+        index = cls(index_struct=index_struct, storage_context=storage_context, **kwargs)
+        if persist_dir is not None:
+            index._memory_file = _memory_file(persist_dir, index.index_id)
+        return index
+
+    def persist(self, persist_dir: str | os.PathLike, **kwargs: Any) -> None:
+        """`storage_context.persist(persist_dir)`, plus the memory (if read) as `<index_id>.qmem` beside it;
+        `from_storage(..., persist_dir=persist_dir)` then answers without reading the nodes again."""
+        self.storage_context.persist(persist_dir=str(persist_dir), **kwargs)
+        with self._read_lock:
+            if self._memory is not None:
+                self._memory.save(_memory_file(persist_dir, self.index_id))
 
     @property
     def engine(self) -> QLLMEngine:
@@ -99,8 +119,19 @@ class QLLMIndex(SummaryIndex):
                 for node, text in zip(nodes, texts, strict=True):
                     self._spans.append((start, start + len(text), node.node_id))
                     start += len(text) + len(NODE_SEPARATOR)
-                self._memory = self.engine.read(NODE_SEPARATOR.join(texts))
+                context = NODE_SEPARATOR.join(texts)
+                self._memory = self._saved_memory(context) or self.engine.read(context)
             return self._memory
+
+    def _saved_memory(self, context: str) -> Memory | None:
+        """The memory persisted with the storage, if there is one and it holds `context`."""
+        if self._memory_file is None or not self._memory_file.exists():
+            return None
+        memory = self.engine.load_memory(self._memory_file)
+        if memory.context != context:
+            log.warning("%s was saved from other nodes; reading the index again", self._memory_file)
+            return None
+        return memory
 
     def _insert(self, nodes: Sequence[BaseNode], **insert_kwargs: Any) -> None:
         super()._insert(nodes, **insert_kwargs)
@@ -184,6 +215,10 @@ class QLLMQueryEngine(CustomQueryEngine):
         with closing(self.index.memory.stream(query_str, **generation)) as stream:
             yield from stream
         sources.extend(self.index.source_nodes(stream.answer.blocks))
+
+
+def _memory_file(persist_dir: str | os.PathLike, index_id: str) -> Path:
+    return Path(persist_dir) / f"{index_id}.qmem"
 
 
 # ---- agent tools ----------------------------------------------------------------------------------

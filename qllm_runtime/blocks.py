@@ -65,6 +65,14 @@ class BlockStore:
             self._host_v.append(host_v)
         self.n_blocks += count
 
+    def export(self) -> tuple[Tensor, Tensor]:
+        """K and V of every block, pooled and offloaded, in order: (n_blocks, kv_heads, block_size, head_dim)."""
+        pooled = min(self.n_blocks, self.device_limit)
+        if not self._host_k:
+            return self._pool_k[:pooled], self._pool_v[:pooled]
+        k = torch.cat([self._pool_k[:pooled].cpu(), torch.stack(self._host_k)])
+        return k, torch.cat([self._pool_v[:pooled].cpu(), torch.stack(self._host_v)])
+
     def truncate(self, n_blocks: int) -> None:
         """Forget blocks n_blocks.. (restoring a memory after a question)."""
         keep_host = max(0, n_blocks - self.device_limit)

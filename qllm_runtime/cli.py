@@ -1,4 +1,5 @@
-"""`quickllama`: ask questions about long files from the shell, or run the needle demo."""
+"""`quickllama`: ask questions about long files from the shell (or read them once into a saved memory), serve an
+OpenAI-compatible API, or run the needle demo."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pydantic import ValidationError
 from .config import EMBEDDED_MODEL_CONFIG, QLLMConfig
 from .engine import QLLMEngine
 from .errors import InvalidInputError, QLLMError
+from .persist import is_memory_file, read_manifest
 from .results import Answer, GenerationSettings
 
 _CONFIG_FLAGS = ("mode", "n_init", "n_local", "block_size", "topk", "question_weight", "prefill_chunk", "offload")
@@ -41,12 +43,13 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                             help=f"{field.description or name} (default: {field.default})")
 
 
-def _config(args: argparse.Namespace) -> QLLMConfig:
-    """The command's config defaults overridden by the options given; an invalid value is a usage error."""
+def _config(args: argparse.Namespace, saved: dict | None = None) -> QLLMConfig:
+    """The command's config defaults, then a saved memory's `saved` fields, overridden by the options given;
+    an invalid value is a usage error."""
     values = {name: getattr(args, name) for name in _CONFIG_FLAGS if getattr(args, name) is not None}
     try:
         base = QLLMConfig() if args.model else EMBEDDED_MODEL_CONFIG
-        return QLLMConfig(**{**base.model_dump(), **args.config_defaults, **values})
+        return QLLMConfig(**{**base.model_dump(), **args.config_defaults, **(saved or {}), **values})
     except ValidationError as error:
         args.parser.error(_one_line(error))
 
@@ -116,16 +119,42 @@ def _stream_answer(stream) -> Answer:
 
 
 def cmd_ask(args: argparse.Namespace, config: QLLMConfig) -> int:
-    text = _read_text(args.file)
-    engine = _engine(args, config)
-    answer = _stream_answer(
-        engine.stream(text, args.question, max_new_tokens=args.max_new_tokens, progress=_ProgressBar())
-    )
+    if args.file != "-" and is_memory_file(args.file):  # a saved memory: its config unless options override it
+        config = _config(args, read_manifest(args.file)["config"])
+        stream = _engine(args, config).load_memory(args.file).stream(args.question, max_new_tokens=args.max_new_tokens)
+    else:
+        text = _read_text(args.file)
+        stream = _engine(args, config).stream(
+            text, args.question, max_new_tokens=args.max_new_tokens, progress=_ProgressBar()
+        )
+    answer = _stream_answer(stream)
     if args.show_passages:
         _print_passages(answer, limit=args.show_passages)
     u, t = answer.usage, answer.timings
     print(f"[{u.context_tokens} context + {u.question_tokens} question tokens read in "
           f"{t.read_s + t.question_s:.1f} s; {u.generated_tokens} generated in {t.generate_s:.1f} s]", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, config: QLLMConfig) -> int:
+    try:
+        from qllm_integrations.server import serve
+    except ImportError as error:
+        raise InvalidInputError(f"serve needs FastAPI and uvicorn ({error}): pip install 'quickllama[server]'"
+                                ) from error
+    store = {"store": args.store} if args.store else {}
+    serve(_engine(args, config), host=args.host, port=args.port, max_new_tokens=args.max_new_tokens, **store)
+    return 0
+
+
+def cmd_read(args: argparse.Namespace, config: QLLMConfig) -> int:
+    text = _read_text(args.file)
+    engine = _engine(args, config)
+    t0 = time.perf_counter()
+    memory = engine.read(text, progress=_ProgressBar())
+    path = memory.save(args.output)
+    print(f"[{memory.n_tokens} tokens read in {time.perf_counter() - t0:.1f} s; saved to {path} "
+          f"({path.stat().st_size / 2**20:.1f} MiB): quickllama ask {path} QUESTION]", file=sys.stderr)
     return 0
 
 
@@ -197,12 +226,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="quickllama", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log lookups and timings")
     sub = parser.add_subparsers(dest="command", required=True)
-    ask = sub.add_parser("ask", help="answer a question about a long text file ('-' reads stdin)")
-    ask.add_argument("file")
+    ask = sub.add_parser("ask", help="answer a question about a long text file ('-' reads stdin) or a saved memory")
+    ask.add_argument("file", help="a text file, '-' (stdin), or a memory saved by `quickllama read` (.qmem)")
     ask.add_argument("question")
     ask.add_argument("--show-passages", type=int, default=0, metavar="N", help="print the N most looked-up passages")
     _add_engine_options(ask)
     ask.set_defaults(run=cmd_ask, parser=ask, config_defaults={})
+    read = sub.add_parser("read", help="read a long text file once and save its memory, for `ask` later")
+    read.add_argument("file", help="a text file, or '-' (stdin)")
+    read.add_argument("-o", "--output", required=True, help="where to save the memory, e.g. doc.qmem")
+    _add_engine_options(read)
+    read.set_defaults(run=cmd_read, parser=read, config_defaults={})
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP API (chat completions, stored documents)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--store", help="folder of the documents' memories (default: ~/.cache/quickllama/documents)")
+    _add_engine_options(serve)
+    serve.set_defaults(run=cmd_serve, parser=serve, config_defaults={})
     demo = sub.add_parser("demo", help="hide a needle in ~9.4K tokens and find it with the default model")
     demo.add_argument("--sentences", type=int, default=850, help="filler sentences (~11 tokens each)")
     demo.add_argument("--depth", type=float, default=0.3, help="where the needle goes, 0 = start, 1 = end")

@@ -12,7 +12,7 @@ from time import perf_counter
 import torch
 from torch import Tensor, nn
 
-from . import hook
+from . import hook, persist
 from .config import EMBEDDED_MODEL_CONFIG, QLLMConfig
 from .errors import InvalidInputError, UnsupportedModelError
 from .generation import Sampler, TextAssembler
@@ -137,6 +137,11 @@ class QLLMEngine:
             session.feed(tokens.ids, progress)
             log.info("read %d tokens in %.2f s%s", len(tokens.ids), perf_counter() - t0, _describe(session))
         return Memory(self, session, tokens)
+
+    def load_memory(self, path: str | os.PathLike) -> Memory:
+        """A memory saved with `memory.save(path)`, without reading the document again. Raises MemoryFileError
+        (not a memory, cut short, altered) or MemoryMismatchError (another model, tokenizer or config)."""
+        return persist.load_memory(self, path)
 
     def _check_capacity(self, n_tokens: int, what: str) -> None:
         cap = self.config.max_context_tokens
@@ -279,6 +284,12 @@ class Memory:
         gen = GenerationSettings.make(**generation)
         parts = PromptParts(self.tokens, self.engine.prompts.turn_ids(turn, tools), question)
         return self.engine._start(parts, gen, memory=self)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write this memory to one file (`.qmem`, safetensors + manifest), atomically; load it with
+        `engine.load_memory(path)` on an engine of the same model, tokenizer and config."""
+        with self.engine._lock.hold(f"memory.save to {path}", self.engine.lock_timeout):
+            return persist.save_memory(self, path)
 
     def extend(self, text: str, progress: Progress | None = None) -> None:
         """Read more context after what is already in memory (e.g. an inserted document); a failed or

@@ -29,3 +29,11 @@ class EngineBusyError(QLLMError, RuntimeError):
 
 class StreamClosedError(QLLMError, RuntimeError):
     """An answer stream was closed (or failed) before it finished, so it has no Answer."""
+
+
+class MemoryFileError(QLLMError, ValueError):
+    """A file that is not a saved memory, or one that was cut short or altered since it was saved."""
+
+
+class MemoryMismatchError(QLLMError, ValueError):
+    """A saved memory made by another model, tokenizer or memory-shaping config than the loading engine's."""

@@ -287,6 +287,40 @@ class LayerMemory:
                 new[: old.shape[0]] = old
                 setattr(self, name, new)
 
+    # ---- saved memories --------------------------------------------------------------------------
+    def state(self) -> dict[str, Tensor]:
+        """The reading as tensors: init_k/v (kv_heads, init_len, head_dim); tail_k/v (kv_heads, tail_len,
+        head_dim); tail_scores (heads, tail_len) float32; repr_keys (n_blocks, heads, head_dim); blocks_k/v
+        (n_blocks, kv_heads, block_size, head_dim); positions [init_len, tail_start, seen]; pinned (rows, m)
+        if set. Question-dependent state (block terms, hits) is not part of it."""
+        n = self.tail_len
+        blocks_k, blocks_v = self.store.export()
+        state = {
+            "init_k": self.init_k[:, : self.init_len], "init_v": self.init_v[:, : self.init_len],
+            "tail_k": self.tail_k[:, :n], "tail_v": self.tail_v[:, :n], "tail_scores": self.tail_scores[:, :n],
+            "repr_keys": self.repr_keys[: self.n_blocks], "blocks_k": blocks_k, "blocks_v": blocks_v,
+            "positions": torch.tensor([self.init_len, self.tail_start, self.seen]),
+        }
+        return state if self.pinned is None else {**state, "pinned": self.pinned}
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        """Fill this fresh layer memory from `state()`; blocks go where this memory's placement puts them."""
+        self.init_len, self.tail_start, self.seen = state["positions"].tolist()
+        self.init_k[:, : self.init_len] = state["init_k"]
+        self.init_v[:, : self.init_len] = state["init_v"]
+        n = self.tail_len
+        if n > self.tail_k.shape[1]:
+            self._resize_tail(n)
+        self.tail_k[:, :n], self.tail_v[:, :n] = state["tail_k"], state["tail_v"]
+        self.tail_scores[:, :n] = state["tail_scores"]
+        repr_keys = state["repr_keys"]
+        if repr_keys.shape[0] > self.repr_keys.shape[0]:
+            self._grow_repr(repr_keys.shape[0])
+        self.repr_keys[: repr_keys.shape[0]] = repr_keys
+        self.store.add(state["blocks_k"], state["blocks_v"])
+        pinned = state.get("pinned")
+        self.pinned = None if pinned is None else pinned.to(self.device)
+
     # ---- read once, ask many ---------------------------------------------------------------------
     def snapshot(self) -> LayerSnapshot:
         n = self.tail_len
@@ -328,15 +362,31 @@ class ModelMemory:
         layer = self.layers.get(layer_idx)
         if layer is None:
             heads, _, head_dim = query.shape
-            layer = LayerMemory(
-                self.config, heads, key.shape[0], head_dim, key.dtype, key.device,
-                self.placement, self.rope, self.attend_fn, self.policy,
-            )
-            if self._question is not None:
-                layer.set_question(self._question[layer_idx])
-            layer.count_hits(self._counting)
-            self.layers[layer_idx] = layer
+            layer = self._new_layer(layer_idx, heads, key.shape[0], head_dim, key.dtype, key.device)
         return layer.append_and_attend(query, key, value, scaling)
+
+    def _new_layer(self, layer_idx: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                   device: torch.device) -> LayerMemory:
+        layer = LayerMemory(
+            self.config, heads, kv_heads, head_dim, dtype, device, self.placement, self.rope, self.attend_fn,
+            self.policy,
+        )
+        if self._question is not None:
+            layer.set_question(self._question[layer_idx])
+        layer.count_hits(self._counting)
+        self.layers[layer_idx] = layer
+        return layer
+
+    def state(self) -> dict[int, dict[str, Tensor]]:
+        """Every layer's `LayerMemory.state()`, by layer index."""
+        return {idx: layer.state() for idx, layer in self.layers.items()}
+
+    def load_state(self, states: dict[int, dict[str, Tensor]], device: torch.device) -> None:
+        """Rebuild the layers of a fresh memory from `state()` on `device`."""
+        for idx, state in sorted(states.items()):
+            _, heads, head_dim = state["repr_keys"].shape
+            kv_heads, dtype = state["init_k"].shape[0], state["init_k"].dtype
+            self._new_layer(idx, heads, kv_heads, head_dim, dtype, device).load_state(state)
 
     def set_question(self, vectors: dict[int, Tensor] | None) -> None:
         """Per-layer question vectors (heads, head_dim) that bias every later lookup; None: no bias."""

@@ -56,6 +56,15 @@ class MemorySession:
     def set_question(self, vectors: dict[int, Tensor] | None) -> None:
         self.memory.set_question(vectors)
 
+    def state(self) -> dict[int, dict[str, Tensor]]:
+        """The reading, per layer (`LayerMemory.state`)."""
+        return self.memory.state()
+
+    @torch.inference_mode()
+    def load_state(self, states: dict[int, dict[str, Tensor]]) -> None:
+        """Continue from a saved `state()` (a fresh session only)."""
+        self.memory.load_state(states, self.device)
+
     @torch.inference_mode()
     def count_hits(self, on: bool) -> None:
         self.memory.count_hits(on)
@@ -100,6 +109,17 @@ class FullSession:
             if extra > 0:
                 layer.crop(-extra)  # a negative count removes tokens in transformers 5.17 and 5.24 alike
         self.seen = seen
+
+    def state(self) -> dict[int, dict[str, Tensor]]:
+        """The cache per layer: keys, values (batch, kv_heads, seen, head_dim)."""
+        return {idx: {"keys": layer.keys, "values": layer.values} for idx, layer in enumerate(self.cache.layers)}
+
+    @torch.inference_mode()
+    def load_state(self, states: dict[int, dict[str, Tensor]]) -> None:
+        """Continue from a saved `state()` (a fresh session only)."""
+        for idx, state in sorted(states.items()):
+            self.cache.update(state["keys"].to(self.device), state["values"].to(self.device), idx)
+        self.seen = self.cache.get_seq_length()
 
     def set_question(self, vectors: dict[int, Tensor] | None) -> None:
         """Full attention sees everything: nothing to bias."""
