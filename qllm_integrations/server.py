@@ -12,6 +12,9 @@
 Requests queue for one worker thread that makes every engine call, one at a time, so the event loop never
 waits for the model; a streaming client that disconnects closes its answer stream, which frees the model.
 Errors have OpenAI's JSON shape (`{"error": {"message", "type", "param", "code"}}`).
+
+`build_app` serves the same API from any `Backend`: `create_app` from one engine in this process,
+`qllm_integrations.ray_serve` from engine replicas.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,11 +40,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from qllm_runtime import Answer, InvalidInputError, Memory, QLLMEngine, QLLMError
+from qllm_runtime import Answer, InvalidInputError, Memory, QLLMConfig, QLLMEngine, QLLMError
 
 from .chat import ChatCall
 
-__all__ = ["DEFAULT_STORE", "create_app", "serve"]
+__all__ = ["DEFAULT_STORE", "Backend", "build_app", "create_app", "document_id", "serve"]
 
 DEFAULT_STORE = Path.home() / ".cache" / "quickllama" / "documents"
 _SUFFIX = ".qmem"
@@ -55,6 +58,9 @@ class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
+
+    def __reduce__(self) -> tuple[type[APIError], tuple[int, str, str | None]]:
+        return type(self), (self.status, self.message, self.param)  # pickled whole (raised in another process)
 
 
 class Message(BaseModel):
@@ -77,7 +83,7 @@ class ChatRequest(BaseModel):
     messages: list[Message] = Field(min_length=1)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    document: str | None = None
+    document: str | None = Field(None, min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     temperature: float | None = None
@@ -99,27 +105,52 @@ class DocumentRequest(BaseModel):
     text: str
 
 
+def document_id(model_name: str, config: QLLMConfig, text: str) -> str:
+    """The store's id of `text` read by model `model_name` under `config`."""
+    key = json.dumps([model_name, config.model_dump_json(), text])
+    return "doc-" + hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+class Backend(Protocol):
+    """What `build_app` serves from: the model's name, the document store, reading and answering."""
+
+    model_name: str
+    store: Path
+
+    async def read_document(self, text: str) -> dict[str, Any]:
+        """The store's entry of `text` (`{"id", "object": "document", "bytes", "created_at"}`), read and saved
+        unless it is stored already."""
+
+    def answer(self, request: ChatRequest) -> AsyncIterator[str | Answer]:
+        """Text pieces, then the Answer, of one request; closing the iterator early ends its generation."""
+
+    def close(self) -> None:
+        """Release what the backend holds (the app is shutting down)."""
+
+
 class _Server:
     """The engine, the document store and the one worker thread that makes every engine call."""
 
     def __init__(self, engine: QLLMEngine, store: Path, max_new_tokens: int, cached_documents: int) -> None:
         self.engine, self.store, self.max_new_tokens = engine, store, max_new_tokens
+        self.model_name = engine.model_name
         self.cached_documents = cached_documents
         self.memories: OrderedDict[str, Memory] = OrderedDict()  # touched only in the worker thread
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quickllama-model")
-        self.created = int(time.time())
 
     async def call(self, fn: Callable[[], T]) -> T:
         """`fn()` in the worker thread, after the calls queued before it."""
         return await asyncio.get_running_loop().run_in_executor(self.worker, fn)
 
-    # ---- documents (worker thread) -----------------------------------------------------------------------
-    def document_id(self, text: str) -> str:
-        key = json.dumps([self.engine.model_name, self.engine.config.model_dump_json(), text])
-        return "doc-" + hashlib.sha256(key.encode()).hexdigest()[:32]
+    async def read_document(self, text: str) -> dict[str, Any]:
+        return await self.call(lambda: self.read(text))
 
+    def close(self) -> None:
+        self.worker.shutdown(wait=False, cancel_futures=True)
+
+    # ---- documents (worker thread) -----------------------------------------------------------------------
     def read(self, text: str) -> dict[str, Any]:
-        doc_id = self.document_id(text)
+        doc_id = document_id(self.model_name, self.engine.config, text)
         path = self.store / f"{doc_id}{_SUFFIX}"
         if not path.exists():
             memory = self.engine.read(text)
@@ -144,20 +175,22 @@ class _Server:
         return memory
 
     # ---- answers ---------------------------------------------------------------------------------------------
-    def chat_call(self, request: ChatRequest) -> ChatCall:
-        """The request as one engine call (worker thread: it may load a document)."""
+    def chat_call(self, request: ChatRequest, memory: Memory | None = None) -> ChatCall:
+        """The request as one engine call; `memory`: its document's, else looked up here (worker thread: it may
+        load the document)."""
         messages = [m.template_dict() for m in request.messages]
         users = [i for i, m in enumerate(messages) if m["role"] == "user"]
         if not users:
             raise APIError(400, "messages have no user message: the last one is the question", "messages")
-        memory = self.memory(request.document) if request.document is not None else None
+        if memory is None and request.document is not None:
+            memory = self.memory(request.document)
         last = users[-1]
         return ChatCall(self.engine, messages[last]["content"], messages[:last], messages[last + 1 :],
                         memory=memory, generation=request.generation(self.max_new_tokens))
 
-    async def answer(self, request: ChatRequest) -> AsyncIterator[str | Answer]:
-        """Text pieces, then the Answer, of one request; closing this iterator early ends its generation
-        (or drops it from the queue)."""
+    async def answer(self, request: ChatRequest, memory: Memory | None = None) -> AsyncIterator[str | Answer]:
+        """Text pieces, then the Answer, of one request (`memory`: its document's, if the caller has it);
+        closing this iterator early ends its generation (or drops it from the queue)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[str | Answer | BaseException] = asyncio.Queue()
         stop = threading.Event()
@@ -167,7 +200,7 @@ class _Server:
 
         def work() -> None:
             try:
-                stream = self.chat_call(request).stream()
+                stream = self.chat_call(request, memory).stream()
                 try:
                     for piece in stream:
                         if stop.is_set():
@@ -195,16 +228,20 @@ def create_app(engine: QLLMEngine, store: str | os.PathLike = DEFAULT_STORE, *,
                max_new_tokens: int = 64, cached_documents: int = 4) -> FastAPI:
     """The API over `engine`, documents saved in `store`; `max_new_tokens` applies when a request sets no
     limit, `cached_documents` loaded memories are kept."""
-    server = _Server(engine, Path(store), max_new_tokens, cached_documents)
-    server.store.mkdir(parents=True, exist_ok=True)
+    return build_app(_Server(engine, Path(store), max_new_tokens, cached_documents))
+
+
+def build_app(backend: Backend) -> FastAPI:
+    """The API over `backend` (its store folder is created if missing)."""
+    backend.store.mkdir(parents=True, exist_ok=True)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        server.worker.shutdown(wait=False, cancel_futures=True)
+        backend.close()
 
     app = FastAPI(title="QuickLLaMA", lifespan=lifespan)
-    model = {"id": engine.model_name, "object": "model", "created": server.created, "owned_by": "quickllama"}
+    model = {"id": backend.model_name, "object": "model", "created": int(time.time()), "owned_by": "quickllama"}
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, error: APIError) -> JSONResponse:
@@ -233,12 +270,12 @@ def create_app(engine: QLLMEngine, store: str | os.PathLike = DEFAULT_STORE, *,
 
     @app.get("/v1/documents")
     async def documents() -> dict[str, Any]:
-        paths = sorted(p for p in server.store.glob(f"*{_SUFFIX}") if _DOCUMENT_ID.fullmatch(p.stem))
+        paths = sorted(p for p in backend.store.glob(f"*{_SUFFIX}") if _DOCUMENT_ID.fullmatch(p.stem))
         return {"object": "list", "data": [_document_entry(p) for p in paths]}
 
     @app.post("/v1/documents")
     async def read_document(request: DocumentRequest) -> dict[str, Any]:
-        return await server.call(lambda: server.read(request.text))
+        return await backend.read_document(request.text)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: ChatRequest) -> dict[str, Any] | StreamingResponse:
@@ -246,8 +283,8 @@ def create_app(engine: QLLMEngine, store: str | os.PathLike = DEFAULT_STORE, *,
             raise APIError(400, "n must be 1: this server generates one choice per request", "n")
         if request.tools:
             raise APIError(400, "tools are not supported by this server: send the request without them", "tools")
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.model_name}
-        items = server.answer(request)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": backend.model_name}
+        items = backend.answer(request)
         first = await anext(items)  # errors before the first piece (bad input, unknown document) get a status
         if not request.stream:
             pieces = [first] + [item async for item in items]
@@ -305,8 +342,9 @@ def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
 
 
 def serve(engine: QLLMEngine, *, host: str = "127.0.0.1", port: int = 8000,
-          store: str | os.PathLike = DEFAULT_STORE, max_new_tokens: int = 64) -> None:
+          store: str | os.PathLike = DEFAULT_STORE, max_new_tokens: int = 64, cached_documents: int = 4) -> None:
     """Serve `engine` until interrupted."""
     import uvicorn
 
-    uvicorn.run(create_app(engine, store, max_new_tokens=max_new_tokens), host=host, port=port)
+    app = create_app(engine, store, max_new_tokens=max_new_tokens, cached_documents=cached_documents)
+    uvicorn.run(app, host=host, port=port)

@@ -137,13 +137,29 @@ def cmd_ask(args: argparse.Namespace, config: QLLMConfig) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, config: QLLMConfig) -> int:
+    for option, value in (("--cached-documents", args.cached_documents), ("--replicas", args.replicas)):
+        if value is not None and value < 1:
+            args.parser.error(f"argument {option}: must be at least 1 (got {value})")
+    if args.replicas is not None and not args.ray:
+        args.parser.error("argument --replicas: needs --ray")
+    options = dict(host=args.host, port=args.port, max_new_tokens=args.max_new_tokens,
+                   cached_documents=args.cached_documents, **({"store": args.store} if args.store else {}))
+    if args.ray:
+        from functools import partial
+
+        try:
+            from qllm_integrations.engines import shared_engine
+            from qllm_integrations.ray_serve import serve_ray
+        except ImportError as error:
+            raise InvalidInputError(f"serve --ray needs Ray Serve ({error}): pip install 'quickllama[ray]'") from error
+        serve_ray(partial(shared_engine, args.model, config, args.device), replicas=args.replicas, **options)
+        return 0
     try:
         from qllm_integrations.server import serve
     except ImportError as error:
         raise InvalidInputError(f"serve needs FastAPI and uvicorn ({error}): pip install 'quickllama[server]'"
                                 ) from error
-    store = {"store": args.store} if args.store else {}
-    serve(_engine(args, config), host=args.host, port=args.port, max_new_tokens=args.max_new_tokens, **store)
+    serve(_engine(args, config), **options)
     return 0
 
 
@@ -241,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--store", help="folder of the documents' memories (default: ~/.cache/quickllama/documents)")
+    serve.add_argument("--cached-documents", type=int, default=4, metavar="N",
+                       help="memories kept loaded, per replica with --ray (default: 4)")
+    serve.add_argument("--ray", action="store_true",
+                       help="serve engine replicas with Ray Serve, each document's requests on one that holds it")
+    serve.add_argument("--replicas", type=int, metavar="N",
+                       help="engines with --ray (default: one per GPU, else 1)")
     _add_engine_options(serve)
     serve.set_defaults(run=cmd_serve, parser=serve, config_defaults={})
     demo = sub.add_parser("demo", help="hide a needle in ~9.4K tokens and find it with the default model")
