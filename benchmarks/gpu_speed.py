@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from qllm_runtime.question import Question
+
 QLLM_WINDOWS = dict(n_init=128, n_local=1024, block_size=128, topk=8, repr_topk=4, lookup_chunk=512,
                     prefill_chunk=8192, question_weight=4.0)
 
@@ -78,9 +80,15 @@ def run_qllm(engine, ids: list[int], decode_steps: int) -> dict:
     session = engine._new_session(len(ids) + decode_steps)
     heads, head_dim = engine.model.config.num_attention_heads, engine._head_dim
     generator = torch.Generator(device="cuda").manual_seed(0)
-    session.set_question({i: torch.randn(heads, head_dim, device="cuda", generator=generator)
-                          for i in range(engine._n_layers)})
+    def random(*shape: int) -> dict[int, torch.Tensor]:
+        return {i: torch.randn(*shape, device="cuda", generator=generator) for i in range(engine._n_layers)}
+
+    # a random 16-token question after a 4-token header: vectors bias the reading, queries choose the evidence
+    question = Question(random(heads, head_dim), random(heads, 16, head_dim), random(heads, 4, head_dim))
+    session.set_question(question)
     _, prefill = timed(lambda: session.feed(ids))
+    if (evidence := engine._evidence_blocks()) is not None:
+        session.choose_evidence(evidence)
     steps = [timed(lambda t=t: session.feed([t]))[1] for t in ids[:decode_steps]]
     layer = next(iter(session.memory.layers.values()))
     result = {"prefill_s": prefill, "decode_ms": 1000 * statistics.median(steps),

@@ -9,6 +9,7 @@ everything.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -72,6 +73,15 @@ class BlockStore:
             return self._pool_k[:pooled], self._pool_v[:pooled]
         k = torch.cat([self._pool_k[:pooled].cpu(), torch.stack(self._host_k)])
         return k, torch.cat([self._pool_v[:pooled].cpu(), torch.stack(self._host_v)])
+
+    def key_chunks(self, per_chunk: int) -> Iterator[Tensor]:
+        """Every block's keys in order, on the device, in chunks (c <= per_chunk, kv_heads, block_size, head_dim);
+        offloaded blocks are copied over chunk by chunk."""
+        pooled = min(self.n_blocks, self.device_limit)
+        for start in range(0, pooled, per_chunk):
+            yield self._pool_k[start : min(pooled, start + per_chunk)]
+        for start in range(0, len(self._host_k), per_chunk):
+            yield torch.stack(self._host_k[start : start + per_chunk]).to(self.device, non_blocking=True)
 
     def truncate(self, n_blocks: int) -> None:
         """Forget blocks n_blocks.. (restoring a memory after a question)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -54,8 +54,17 @@ class QLLMConfig(BaseModel):
         "all", description="`all`: one lookup per group, scores summed over every head (InfLLM / Q-LLM); `kv_head`: "
         "each KV head (with the query heads that share it) looks up its own top-k blocks"
     )
+    evidence_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        "auto", description="while answering, every layer attends the same evidence blocks, chosen once by the "
+        "question (the blocks that draw most of its attention over all layers), up to this many tokens; "
+        "`auto` = half the model's trained window; None = each answer token looks blocks up itself (InfLLM)"
+    )
+    evidence_neighbors: int = Field(
+        1, ge=0, description="an evidence block brings the blocks this close to it, so a passage cut by a block "
+        "boundary is read whole"
+    )
     pin_question_blocks: bool = Field(
-        True, description="while answering, keep attending the blocks the question turn looked up (besides each "
+        True, description="without evidence: keep attending the blocks the question turn looked up (besides each "
         "generated token's own picks), so an answer does not lose its evidence mid-copy"
     )
     offload: Offload = Field("auto", description="block placement: device pool, CPU + device LRU cache, or auto")

@@ -24,7 +24,7 @@ from .ops import attention_op
 from .placement import Placement, plan_placement
 from .policies import POLICIES, make_policy
 from .prompt import ContextTokens, PromptBuilder, PromptParts, check_text
-from .question import QuestionProbe
+from .question import Question, QuestionProbe
 from .results import Answer, AnswerStream, BlockSpan, GenerationSettings, Timings, Usage, check_number
 from .rope import RotaryTables
 from .session import FullSession, MemorySession, Progress, Session
@@ -173,9 +173,11 @@ class QLLMEngine:
             else:
                 session, snapshot, cached = memory.session, memory.session.snapshot(), len(parts.context.ids)
             try:
-                session.set_question(self._question_vectors(parts.question))
+                session.set_question(self._question(parts.question))
                 if memory is None:
                     session.feed(parts.context.ids, progress)
+                if (evidence := self._evidence_blocks()) is not None:
+                    session.choose_evidence(evidence)
                 t1 = perf_counter()
                 session.count_hits(True)
                 logits = session.feed(parts.turn_ids)
@@ -215,15 +217,22 @@ class QLLMEngine:
             yield rest
         return assembler, finish
 
-    def _question_vectors(self, question: str) -> dict[int, Tensor] | None:
-        """Per-layer question vectors from a standalone forward of (chat header + question)."""
+    def _question(self, question: str) -> Question | None:
+        """The question per layer, from a standalone forward of (chat header + question), if the policy uses it."""
         mode = self.config.mode
         if mode == "full" or not POLICIES[mode].uses_question(self.config):
             return None
         ids, start, end = self.prompts.question_probe(question, max_tokens=self.config.n_local)
         probe = QuestionProbe(self._rope, start, end, self.config.n_local, self.config.question_topk)
         hook.run_model(self.model, torch.tensor([ids], device=self.device), probe)
-        return probe.vectors
+        return probe.question
+
+    def _evidence_blocks(self) -> int | None:
+        """How many evidence blocks an answer attends (`QLLMConfig.evidence_tokens`); None: no evidence."""
+        tokens = self.config.evidence_tokens
+        if tokens == "auto":  # half the trained window: the answer's whole attended span stays well inside it
+            tokens = (self._native_window() or 8192) // 2
+        return None if tokens is None else max(1, tokens // self.config.block_size)
 
     def _new_session(self, n_tokens: int) -> Session:
         cfg = self.config

@@ -7,6 +7,9 @@ cached per block when the block is made (u = this layer's question vector).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+import torch
 from torch import Tensor
 
 
@@ -38,3 +41,49 @@ def select_blocks(scores: Tensor, topk: int) -> Tensor:
     """Indices (n_groups, min(topk, n_blocks)) of the best blocks per group, best first."""
     k = min(topk, scores.shape[-1])
     return scores.topk(k, dim=-1).indices
+
+
+def block_attention(question_queries: Tensor, init_keys: Tensor, block_keys: Iterable[Tensor]) -> Tensor:
+    """The attention each question token pays each block when it attends the init tokens and every block's tokens,
+    all at the far distance: per question token and head one softmax over those keys, summed per block.
+
+    question_queries: (heads, m, head_dim), far-rotated and scaled; init_keys: (kv_heads, n_init, head_dim);
+    block_keys: chunks (c, kv_heads, block_size, head_dim) of every block's keys, in block order, un-rotated.
+    Returns (heads, m, n_blocks) float32.
+    """
+    heads, m, head_dim = question_queries.shape
+    kv_heads = init_keys.shape[0]
+    q = question_queries.float().reshape(kv_heads, heads // kv_heads * m, head_dim)  # query heads of a KV head
+    per_block = [torch.einsum("grd,cgjd->grcj", q, keys.float()).logsumexp(dim=-1) for keys in block_keys]
+    sinks = (q @ init_keys.float().transpose(1, 2)).logsumexp(dim=-1, keepdim=True)  # -inf without init tokens
+    probs = torch.cat([sinks, *per_block], dim=-1).softmax(dim=-1)[..., 1:]  # (kv_heads, group * m, n_blocks)
+    return probs.reshape(heads, m, -1)
+
+
+def question_attention(
+    question_queries: Tensor, header_queries: Tensor, init_keys: Tensor, block_keys: Iterable[Tensor]
+) -> Tensor:
+    """The attention the question adds to each block: per head, the most any question token pays it
+    (`block_attention`), less what the chat header's tokens, a query with no question in it, pay it on average;
+    summed over heads. (Heads that mostly attend the sinks count little; blocks that draw every query's attention
+    gain nothing.) question_queries: (heads, m, head_dim); header_queries: (heads, n_header, head_dim), may be
+    empty. Returns (n_blocks,) float32.
+    """
+    m = question_queries.shape[1]
+    attention = block_attention(torch.cat([question_queries, header_queries], dim=1), init_keys, block_keys)
+    added = attention[:, :m].amax(dim=1)  # (heads, n_blocks)
+    if attention.shape[1] > m:
+        added = added - attention[:, m:].mean(dim=1)
+    return added.sum(dim=0)
+
+
+def choose_evidence(scores: Tensor, count: int, neighbors: int) -> Tensor:
+    """The `count` blocks (of scores' n_blocks) an answer attends, ascending. A block ranks by the best score
+    within `neighbors` blocks of it, then by its own: each strong block comes with the blocks around it, so a
+    passage cut by a block boundary is read whole."""
+    count = min(count, scores.shape[0])
+    order = scores.argsort(descending=True, stable=True)
+    if neighbors:
+        reach = torch.nn.functional.max_pool1d(scores[None, None], 2 * neighbors + 1, stride=1, padding=neighbors)[0, 0]
+        order = order[reach[order].argsort(descending=True, stable=True)]
+    return order[:count].sort().values

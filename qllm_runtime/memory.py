@@ -8,7 +8,9 @@ Token positions are absolute (0 = first token read). Per layer:
 Keys are stored un-rotated. A token is "final" once every query that sees it locally has run; only
 final tokens become blocks, so a selected block is always out of the current queries' windows.
 Which blocks a lookup group attends is the policy's decision (`qllm_runtime.policies`); where the far
-keys sit for RoPE is `QLLMConfig.far_positions`.
+keys sit for RoPE is `QLLMConfig.far_positions`. While a question is answered, a policy may fix one set of
+evidence blocks for every layer (`ModelMemory.choose_evidence`): each later lookup attends exactly those
+(plus blocks made after the choice, from the question turn and the answer).
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from .attention import apply_rope
 from .blocks import BlockStore
 from .config import QLLMConfig
 from .layout import BlockLayout
+from .lookup import choose_evidence
 from .ops import AttendFn
 from .placement import Placement
 from .policies import LookupPolicy
+from .question import Question
 from .rope import RotaryTables
 
 
@@ -81,6 +85,8 @@ class LayerMemory:
         self.question_vector: Tensor | None = None  # (heads, head_dim), far-rotated
         self.hits: Tensor | None = None  # (n_repr,) selections per block while counting
         self.pinned: Tensor | None = None  # blocks the last multi-token lookup group picked
+        self.evidence: Tensor | None = None  # (1, m) blocks every lookup attends while answering, ascending
+        self.evidence_end = 0  # blocks that existed when the evidence was chosen; later ones join it
         self._positions = torch.arange(capacity, device=device)
 
     @property
@@ -107,6 +113,11 @@ class LayerMemory:
 
     def count_hits(self, on: bool) -> None:
         self.hits = torch.zeros(self.repr_keys.shape[0], dtype=torch.int64, device=self.device) if on else None
+
+    def set_evidence(self, blocks: Tensor | None) -> None:
+        """Attend exactly `blocks` (m,) ascending, and every block made from now on, in each later lookup."""
+        self.evidence = None if blocks is None else blocks.to(self.device)[None]
+        self.evidence_end = self.n_blocks
 
     # ---- the step --------------------------------------------------------------------------------
     def append_and_attend(self, query: Tensor, key: Tensor, value: Tensor, scaling: float) -> Tensor:
@@ -150,7 +161,7 @@ class LayerMemory:
 
         if uses_blocks and self.n_blocks and cfg.topk:
             picked = self._lookup(query)
-            if self.hits is not None:
+            if self.hits is not None and self.evidence is None:
                 self.hits.index_add_(0, picked.flatten(), torch.ones_like(picked.flatten()))
             block_k, block_v = self.store.gather(picked)
             far_k.append(block_k)
@@ -186,6 +197,8 @@ class LayerMemory:
         """Blocks the group of `query` (heads, n_q, head_dim) attends: (rows, m) indices, each row ascending
         (document order, which `ordered` far positions rely on); one row, or one per KV head."""
         cfg, n, k = self.config, self.n_blocks, self.config.topk
+        if self.evidence is not None:
+            return torch.cat([self.evidence, self._arange(self.evidence_end, n)[None]], dim=1)
         rows = self.kv_heads if cfg.lookup_heads == "kv_head" else 1
         answering = query.shape[1] == 1
         if n <= k:
@@ -339,6 +352,7 @@ class LayerMemory:
         self.store.truncate(snap.n_blocks)
         self.pinned = snap.pinned
         self.set_question(None)
+        self.set_evidence(None)
         self.count_hits(False)
 
 
@@ -351,8 +365,9 @@ class ModelMemory:
         self.config, self.rope, self.placement = config, rope, placement
         self.attend_fn, self.policy = attend, policy
         self.layers: dict[int, LayerMemory] = {}
-        self._question: dict[int, Tensor] | None = None
+        self._question: Question | None = None
         self._counting = False
+        self._evidence_hits: Tensor | None = None  # (n_blocks,) int64 once evidence is chosen
 
     @property
     def seen(self) -> int:
@@ -372,7 +387,7 @@ class ModelMemory:
             self.policy,
         )
         if self._question is not None:
-            layer.set_question(self._question[layer_idx])
+            layer.set_question(self._question.vectors[layer_idx])
         layer.count_hits(self._counting)
         self.layers[layer_idx] = layer
         return layer
@@ -388,11 +403,35 @@ class ModelMemory:
             kv_heads, dtype = state["init_k"].shape[0], state["init_k"].dtype
             self._new_layer(idx, heads, kv_heads, head_dim, dtype, device).load_state(state)
 
-    def set_question(self, vectors: dict[int, Tensor] | None) -> None:
-        """Per-layer question vectors (heads, head_dim) that bias every later lookup; None: no bias."""
-        self._question = vectors
+    def set_question(self, question: Question | None) -> None:
+        """The question whose vectors bias every later lookup (and which `choose_evidence` uses); None: none."""
+        self._question = question
         for idx, layer in self.layers.items():
-            layer.set_question(None if vectors is None else vectors[idx])
+            layer.set_question(None if question is None else question.vectors[idx])
+
+    def choose_evidence(self, count: int) -> None:
+        """Fix the `count` blocks every layer attends from now on, by the policy's evidence scores summed over
+        layers (nothing changes when the policy has none). A block's hits become 1 + the number of layers that
+        rank it among their own top-k."""
+        per_layer = []
+        for idx, layer in self.layers.items():
+            question, header = (None, None) if self._question is None else (
+                self._question.queries[idx], self._question.header_queries[idx])
+            scores = self.policy.evidence_scores(question, header, layer.init_k[:, : layer.init_len], layer.store)
+            if scores is None or not scores.numel():
+                return
+            per_layer.append(scores.to(per_layer[0].device) if per_layer else scores)
+        if not per_layer:
+            return
+        scores = torch.stack(per_layer)  # (layers, n_blocks)
+        blocks = choose_evidence(scores.sum(dim=0), count, self.config.evidence_neighbors)
+        votes = torch.zeros_like(scores, dtype=torch.int64)
+        votes.scatter_(1, scores.topk(min(self.config.topk, scores.shape[1]), dim=1).indices, 1)
+        hits = torch.zeros(scores.shape[1], dtype=torch.int64, device=scores.device)
+        hits[blocks] = 1 + votes.sum(dim=0)[blocks]
+        self._evidence_hits = hits.cpu()
+        for layer in self.layers.values():
+            layer.set_evidence(blocks)
 
     def count_hits(self, on: bool) -> None:
         self._counting = on
@@ -400,7 +439,10 @@ class ModelMemory:
             layer.count_hits(on)
 
     def block_hits(self) -> Tensor | None:
-        """Selections per block summed over layers (n_blocks,), or None when nothing was counted."""
+        """Selections per block summed over layers (n_blocks,), or None when nothing was counted; with evidence,
+        its hits (`choose_evidence`)."""
+        if self._evidence_hits is not None:
+            return self._evidence_hits
         counts = [layer.hits[: layer.n_blocks] for layer in self.layers.values() if layer.hits is not None]
         return torch.stack(counts).sum(dim=0).cpu() if counts else None
 
@@ -410,4 +452,4 @@ class ModelMemory:
     def restore(self, snap: dict[int, LayerSnapshot]) -> None:
         for idx, layer in self.layers.items():
             layer.restore(snap[idx])
-        self._question, self._counting = None, False
+        self._question, self._counting, self._evidence_hits = None, False, None

@@ -1,7 +1,8 @@
 """Sessions: one reading of a token stream by one model, as block memory or as ordinary full attention.
 
 Both kinds offer the same small interface to the engine: feed tokens (chunked), snapshot/restore
-(read once, ask many), a question bias and lookup-hit counts (no-ops for full attention).
+(read once, ask many), the question (its lookup bias and evidence) and lookup-hit counts (no-ops for full
+attention).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 
 from .hook import run_model
 from .memory import LayerSnapshot, ModelMemory
+from .question import Question
 
 Progress = Callable[[int, int], None]
 
@@ -53,8 +55,12 @@ class MemorySession:
         self.memory.restore(snap)
 
     @torch.inference_mode()
-    def set_question(self, vectors: dict[int, Tensor] | None) -> None:
-        self.memory.set_question(vectors)
+    def set_question(self, question: Question | None) -> None:
+        self.memory.set_question(question)
+
+    @torch.inference_mode()
+    def choose_evidence(self, count: int) -> None:
+        self.memory.choose_evidence(count)
 
     def state(self) -> dict[int, dict[str, Tensor]]:
         """The reading, per layer (`LayerMemory.state`)."""
@@ -121,8 +127,11 @@ class FullSession:
             self.cache.update(state["keys"].to(self.device), state["values"].to(self.device), idx)
         self.seen = self.cache.get_seq_length()
 
-    def set_question(self, vectors: dict[int, Tensor] | None) -> None:
+    def set_question(self, question: Question | None) -> None:
         """Full attention sees everything: nothing to bias."""
+
+    def choose_evidence(self, count: int) -> None:
+        """Full attention sees everything: nothing to choose."""
 
     def count_hits(self, on: bool) -> None:
         """Full attention looks nothing up."""

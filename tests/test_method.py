@@ -100,14 +100,13 @@ def test_every_key_attended_exactly_once(llama, window, topk, mode, monkeypatch)
     assert all(layer.n_blocks > 2 for layer in layers)
 
 
-def test_infllm_is_qllm_with_zero_question_weight(llama):
+def test_infllm_is_qllm_with_zero_question_weight_and_no_evidence(llama):
     model, tokenizer = llama
     windows = TINY_WINDOWS
     context = " ".join(f"Fact {i}: the box {i} holds {i * 7 % 13} coins." for i in range(40))
     infllm = QLLMEngine(model, tokenizer, QLLMConfig(mode="infllm", **windows)).ask(context, "Box 7?", max_new_tokens=8)
-    zero = QLLMEngine(model, tokenizer, QLLMConfig(mode="qllm", question_weight=0, **windows)).ask(
-        context, "Box 7?", max_new_tokens=8
-    )
+    zero_config = QLLMConfig(mode="qllm", question_weight=0, evidence_tokens=None, **windows)
+    zero = QLLMEngine(model, tokenizer, zero_config).ask(context, "Box 7?", max_new_tokens=8)
     assert (infllm.text, infllm.blocks) == (zero.text, zero.blocks)
     heavy = QLLMEngine(model, tokenizer, QLLMConfig(mode="qllm", question_weight=1e4, **windows)).ask(
         context, "Box 7?", max_new_tokens=8
@@ -175,7 +174,7 @@ def test_question_vector_pools_the_most_attended_question_tokens(llama):
     for topk in (None, end - start, 2):
         probe = QuestionProbe(rope, start, end, n_local, topk)
         out = probe.attend(0, query, key, value, d**-0.5)
-        pooled[topk] = probe.vectors[0]
+        pooled[topk] = probe.question.vectors[0]
     cos, sin = rope.get(n_local + 1)
     assert out.shape == (n, heads, d)
     torch.testing.assert_close(pooled[None], apply_rope(query[:, start:end].mean(1), cos[n_local], sin[n_local]))

@@ -18,6 +18,7 @@ from ..lookup import block_scores_reference, select_blocks
 from ..ops import kernels
 
 if TYPE_CHECKING:
+    from ..blocks import BlockStore
     from ..config import QLLMConfig
 
 POLICIES: dict[str, type[LookupPolicy]] = {}
@@ -56,11 +57,22 @@ class LookupPolicy:
 
     @classmethod
     def uses_question(cls, config: QLLMConfig) -> bool:
-        """Whether `block_terms` depends on a question vector (the engine computes one only then)."""
+        """Whether this policy reads the question (`block_terms`, `evidence_scores`); the engine computes it only
+        then."""
         return False
 
     def block_terms(self, question_vector: Tensor | None, repr_keys: Tensor) -> Tensor | None:
         """Per-block constant added to every lookup score: (n_blocks,) float32, or None for no term."""
+        return None
+
+    def evidence_scores(
+        self, question_queries: Tensor | None, header_queries: Tensor | None, init_keys: Tensor, store: BlockStore
+    ) -> Tensor | None:
+        """(n_blocks,) float32, how strongly this layer's question favours each of the `store`'s blocks; summed
+        over layers, they choose the evidence blocks every layer attends while the question is answered
+        (`evidence_tokens`). None: no evidence, each answer token looks blocks up itself (InfLLM).
+        question_queries, header_queries: this layer's `Question.queries` and `Question.header_queries`, or None
+        without a question; init_keys: (kv_heads, n_init, head_dim)."""
         return None
 
     def scores(self, group_queries: Tensor, repr_keys: Tensor, block_terms: Tensor | None) -> Tensor:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import Tensor
 
-from ..lookup import question_scores_reference
+from ..lookup import question_attention, question_scores_reference
 from .base import LookupPolicy, register_policy
+
+if TYPE_CHECKING:
+    from ..blocks import BlockStore
 
 
 @register_policy("qllm")
@@ -15,14 +20,26 @@ class QLLMPolicy(LookupPolicy):
 
     `question_scale="standardized"`: both terms are first standardised over the layer's blocks (zero mean,
     unit deviation), so beta weighs the two rankings against each other whatever the model's score scales.
+
+    While answering (`evidence_tokens`), every layer attends the same evidence: the blocks to which the question
+    adds the most attention, over the whole memory, summed over heads and layers (`lookup.question_attention`).
     """
 
     @classmethod
     def uses_question(cls, config) -> bool:
-        return config.question_weight > 0
+        return config.question_weight > 0 or config.evidence_tokens is not None
+
+    def evidence_scores(
+        self, question_queries: Tensor | None, header_queries: Tensor | None, init_keys: Tensor, store: BlockStore
+    ) -> Tensor | None:
+        if question_queries is None or header_queries is None or self.config.evidence_tokens is None:
+            return None
+        heads, m = question_queries.shape[0], question_queries.shape[1] + header_queries.shape[1]
+        chunks = store.key_chunks(max(1, 2**25 // (heads * m * store.shape[1])))  # logits under ~32M floats a chunk
+        return question_attention(question_queries, header_queries, init_keys, chunks)
 
     def block_terms(self, question_vector: Tensor | None, repr_keys: Tensor) -> Tensor | None:
-        if question_vector is None or not self.uses_question(self.config):
+        if question_vector is None or self.config.question_weight == 0:
             return None
         terms = question_scores_reference(question_vector, repr_keys)  # (n_blocks,) float32
         return terms if self.config.question_scale == "standardized" else self.config.question_weight * terms

@@ -10,7 +10,8 @@ from .base import LookupPolicy, register_policy
 
 @register_policy("random")
 class RandomPolicy(LookupPolicy):
-    """Each lookup group attends k blocks drawn uniformly without replacement (seeded: same draws per run)."""
+    """Each lookup group attends k blocks drawn uniformly without replacement, and an answer as many random
+    evidence blocks as `qllm` would choose (seeded: same draws per run)."""
 
     def __init__(self, config, device: torch.device) -> None:
         super().__init__(config, device)
@@ -18,3 +19,8 @@ class RandomPolicy(LookupPolicy):
 
     def scores(self, group_queries: Tensor, repr_keys: Tensor, block_terms: Tensor | None) -> Tensor:
         return torch.rand(group_queries.shape[0], repr_keys.shape[0], generator=self._generator, device=self.device)
+
+    def evidence_scores(self, question_queries, header_queries, init_keys: Tensor, store) -> Tensor | None:
+        if self.config.evidence_tokens is None:
+            return None
+        return torch.rand(store.n_blocks, generator=self._generator, device=self.device)

@@ -1,0 +1,119 @@
+"""Evidence recall of the question's block scores, without generating: does the evidence make the answer's cut?
+
+    python -m benchmarks.evidence_recall --model qwen.gguf --device cuda --tasks niah,squad,babilong-qa1 \
+        --lengths 32K,128K --samples 6 --budgets 4096,16384
+
+Each context is read once (`engine.read`); each question's tokens (and its chat header's) attend every block of
+every layer (`lookup.block_attention`), and several ways of turning that attention into one score per block are
+compared: the share of evidence spans inside the blocks chosen at each budget of tokens (`choose_evidence`, with
+the config's neighbours), and the median rank of each span's best block. The engine's own scoring is
+`max_minus_header` (BENCHMARKS.md §7 has the measurement that chose it).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+
+from benchmarks import data
+from benchmarks.cli import _key_values, _load, _tasks, build_parser
+from benchmarks.tasks import generate
+from qllm_runtime import QLLMConfig, hook
+from qllm_runtime.lookup import block_attention, choose_evidence
+from qllm_runtime.question import QuestionProbe
+
+
+def scorings(att: Tensor, n_header: int) -> dict[str, Tensor]:
+    """Ways to score blocks from att: (layers, heads, n_header + m, n_blocks), the block attention of the chat
+    header's tokens, then the question's. `max_minus_header` is the engine's (`lookup.question_attention`)."""
+    question, header = att[:, :, n_header:], att[:, :, :n_header]
+    mean = question.mean(dim=2)  # (layers, heads, n_blocks)
+    peak = mean.amax(dim=-1)  # how concentrated each head's attention is
+    top_heads = peak.flatten() >= peak.flatten().quantile(0.9)
+    ranks = mean.sum(dim=1).argsort(dim=-1, descending=True).argsort(dim=-1).float()  # (layers, n_blocks)
+    return {
+        "mean": mean.sum(dim=(0, 1)),
+        "max_token": question.amax(dim=2).sum(dim=(0, 1)),
+        "max_minus_header": (question.amax(dim=2) - header.mean(dim=2)).sum(dim=(0, 1)),
+        "mean_minus_header": (mean - header.mean(dim=2)).sum(dim=(0, 1)),
+        "last_8_tokens": question[:, :, -8:].mean(dim=2).sum(dim=(0, 1)),
+        "top_10pct_heads": mean.flatten(0, 1)[top_heads].sum(dim=0),
+        "rank_fusion": (1.0 / (60.0 + ranks)).sum(dim=0),
+        "log_mean": mean.clamp_min(1e-12).log().sum(dim=(0, 1)),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()  # quickllama-bench's flags (--model, --device, --tasks, --lengths, --samples, --set ...)
+    parser.description = __doc__
+    parser.add_argument("--budgets", default="4096,16384", help="evidence budgets in tokens")
+    args = parser.parse_args(argv)
+    base = QLLMConfig.model_validate({**QLLMConfig().model_dump(),
+                                      **{k: v[0] for k, v in _key_values(args.set, "--set").items()}})
+    engine = _load(args, base)
+    counter, budgets = data.TokenCounter(engine.tokenizer), [int(b) for b in args.budgets.split(",")]
+    recall: dict[tuple, list[float]] = defaultdict(list)
+    best_rank: dict[tuple, list[int]] = defaultdict(list)
+    t0 = time.perf_counter()
+    for length in args.lengths:
+        for task in _tasks(args.tasks, None):
+            for sample in generate(task, counter, length, 0, args.samples or 2, args.depths or [0.5]):
+                memory = engine.read(sample.context)
+                for query in sample.queries:
+                    att, n_header = _attention(engine, memory, query.question)
+                    evidence = _evidence_blocks(memory, query.evidence, base, att.shape[-1])
+                    if not evidence:
+                        continue
+                    for name, score in scorings(att, n_header).items():
+                        rank = score.argsort(descending=True).argsort().cpu()
+                        best_rank[(task.name, length, name)] += [int(min(rank[b] for b in s)) for s in evidence]
+                        for budget in budgets:
+                            count = budget // base.block_size
+                            chosen = set(choose_evidence(score, count, base.evidence_neighbors).tolist())
+                            hit = sum(bool(s & chosen) for s in evidence) / len(evidence)
+                            recall[(task.name, length, name, budget)].append(hit)
+            print(f"[{time.perf_counter() - t0:6.0f}s] {task.name} @ {length} done", flush=True)
+            _table(recall, best_rank, budgets)
+
+
+@torch.inference_mode()
+def _attention(engine, memory, question: str) -> tuple[Tensor, int]:
+    """(layers, heads, n_header + m, n_blocks) block attention of the question probe's header and question tokens,
+    and n_header."""
+    ids, start, end = engine.prompts.question_probe(question, max_tokens=engine.config.n_local)
+    probe = QuestionProbe(engine._rope, start, end, engine.config.n_local)
+    hook.run_model(engine.model, torch.tensor([ids], device=engine.device), probe)
+    q = probe.question
+    return torch.stack([
+        block_attention(torch.cat([q.header_queries[i], q.queries[i]], dim=1), layer.init_k[:, : layer.init_len],
+                        layer.store.key_chunks(64))
+        for i, layer in sorted(memory.session.memory.layers.items())
+    ]), start
+
+
+def _evidence_blocks(memory, spans, config: QLLMConfig, n_blocks: int) -> list[set[int]]:
+    """Per evidence span (characters), the blocks holding any of its tokens."""
+    out = []
+    for a, b in spans:
+        blocks = {(p - config.n_init) // config.block_size for p, o in enumerate(memory.tokens.offsets)
+                  if o is not None and o[0] < b and o[1] > a and p >= config.n_init}
+        if blocks := {x for x in blocks if x < n_blocks}:
+            out.append(blocks)
+    return out
+
+
+def _table(recall: dict, best_rank: dict, budgets: list[int]) -> None:
+    print("| task | length | scoring | " + " | ".join(f"recall@{b}" for b in budgets) + " | median best rank |")
+    print("|---|---:|---|" + "---:|" * (len(budgets) + 1))
+    for (task, length, name) in sorted(best_rank):
+        cells = [f"{100 * statistics.mean(recall[(task, length, name, b)]):.0f}" for b in budgets]
+        print(f"| {task} | {length} | {name} | " + " | ".join(cells)
+              + f" | {statistics.median(best_rank[(task, length, name)]):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
