@@ -41,12 +41,26 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
         choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else None
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None, choices=choices,
                             help=f"{field.description or name} (default: {field.default})")
+    parser.add_argument("--evidence-tokens", type=_evidence_tokens, default=None, metavar="N|auto|off",
+                        help="evidence every layer attends while answering, in tokens; off: per-token lookups "
+                        "(default: auto, half the model's window, at most 16K)")
+
+
+def _evidence_tokens(text: str) -> int | str:
+    """`--evidence-tokens`: a count, `auto`, or `off` (QLLMConfig's None)."""
+    if text in ("auto", "off"):
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens (1 or more), auto or off, got {text!r}")
+    return int(text)
 
 
 def _config(args: argparse.Namespace, saved: dict | None = None) -> QLLMConfig:
     """The command's config defaults, then a saved memory's `saved` fields, overridden by the options given;
     an invalid value is a usage error."""
     values = {name: getattr(args, name) for name in _CONFIG_FLAGS if getattr(args, name) is not None}
+    if args.evidence_tokens is not None:
+        values["evidence_tokens"] = None if args.evidence_tokens == "off" else args.evidence_tokens
     try:
         base = QLLMConfig() if args.model else EMBEDDED_MODEL_CONFIG
         return QLLMConfig(**{**base.model_dump(), **args.config_defaults, **(saved or {}), **values})

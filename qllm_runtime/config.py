@@ -56,8 +56,9 @@ class QLLMConfig(BaseModel):
     )
     evidence_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         "auto", description="while answering, every layer attends the same evidence blocks, chosen once by the "
-        "question (the blocks that draw most of its attention over all layers), up to this many tokens; "
-        "`auto` = half the model's trained window; None = each answer token looks blocks up itself (InfLLM)"
+        "question (the blocks to which it adds the most attention, over all layers), up to this many tokens; "
+        "`auto` = half the model's trained window, at most 16K; None = each answer token looks blocks up itself "
+        "(InfLLM)"
     )
     evidence_neighbors: int = Field(
         1, ge=0, description="an evidence block brings the blocks this close to it, so a passage cut by a block "
@@ -96,6 +97,7 @@ class QLLMConfig(BaseModel):
 
 
 # The embedded SmolLM2-135M (8K-trained, weak) reads a single fact from far blocks better with InfLLM's shared
-# far positions and top-8 than with the ordered top-32 that models which can read need (BENCHMARKS.md §4):
+# far positions and top-8 than with the ordered top-32 that models which can read need (BENCHMARKS.md §4, §5;
+# evidence blocks help it too, 7 / 8 against 6 / 8):
 # what QLLMEngine.default(), the CLI and the adapters use for it when no config is given.
 EMBEDDED_MODEL_CONFIG = QLLMConfig(far_positions="shared", topk=8)

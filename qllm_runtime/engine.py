@@ -30,6 +30,7 @@ from .rope import RotaryTables
 from .session import FullSession, MemorySession, Progress, Session
 
 log = logging.getLogger("quickllama")
+AUTO_EVIDENCE_CAP = 16384  # evidence tokens at most for evidence_tokens="auto": each answer token attends them
 
 
 class QLLMEngine:
@@ -230,8 +231,8 @@ class QLLMEngine:
     def _evidence_blocks(self) -> int | None:
         """How many evidence blocks an answer attends (`QLLMConfig.evidence_tokens`); None: no evidence."""
         tokens = self.config.evidence_tokens
-        if tokens == "auto":  # half the trained window: the answer's whole attended span stays well inside it
-            tokens = (self._native_window() or 8192) // 2
+        if tokens == "auto":  # the answer's whole attended span stays well inside the trained window
+            tokens = min((self._native_window() or 8192) // 2, AUTO_EVIDENCE_CAP)
         return None if tokens is None else max(1, tokens // self.config.block_size)
 
     def _new_session(self, n_tokens: int) -> Session:

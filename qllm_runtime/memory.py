@@ -87,6 +87,8 @@ class LayerMemory:
         self.pinned: Tensor | None = None  # blocks the last multi-token lookup group picked
         self.evidence: Tensor | None = None  # (1, m) blocks every lookup attends while answering, ascending
         self.evidence_end = 0  # blocks that existed when the evidence was chosen; later ones join it
+        # (far keys, values, positions, n_blocks, fixed): init + evidence blocks, then room for the remainder
+        self._evidence_buffer: tuple[Tensor, Tensor, Tensor, int, int] | None = None
         self._positions = torch.arange(capacity, device=device)
 
     @property
@@ -118,6 +120,7 @@ class LayerMemory:
         """Attend exactly `blocks` (m,) ascending, and every block made from now on, in each later lookup."""
         self.evidence = None if blocks is None else blocks.to(self.device)[None]
         self.evidence_end = self.n_blocks
+        self._evidence_buffer = None
 
     # ---- the step --------------------------------------------------------------------------------
     def append_and_attend(self, query: Tensor, key: Tensor, value: Tensor, scaling: float) -> Tensor:
@@ -144,45 +147,16 @@ class LayerMemory:
 
     def _attend_group(self, query: Tensor, q_start: int, scaling: float) -> Tensor:
         cfg = self.config
-        uses_blocks = self.policy.uses_blocks
         n_q = query.shape[1]
         q_last = q_start + n_q - 1
         far_end = q_last - cfg.n_local + 1  # keys before this are far for at least the last query
-
         local_start = max(self.tail_start, q_start - cfg.n_local + 1)
         lo, hi = local_start - self.tail_start, q_last + 1 - self.tail_start
-        far_k, far_v, far_pos = [], [], []
-
         n_init_far = min(self.init_len, max(far_end, 0))
-        if n_init_far:
-            far_k.append(self.init_k[:, :n_init_far])
-            far_v.append(self.init_v[:, :n_init_far])
-            far_pos.append(self._arange(0, n_init_far))
-
-        if uses_blocks and self.n_blocks and cfg.topk:
-            picked = self._lookup(query)
-            if self.hits is not None and self.evidence is None:
-                self.hits.index_add_(0, picked.flatten(), torch.ones_like(picked.flatten()))
-            block_k, block_v = self.store.gather(picked)
-            far_k.append(block_k)
-            far_v.append(block_v)
-            offsets = self._arange(0, cfg.block_size)
-            # per-KV-head picks differ by row; any row's positions serve the mask (blocks are visible to all)
-            far_pos.append((self.layout.start(picked[0, :, None]) + offsets).flatten())
-
-        if uses_blocks:
-            rem_start = max(self.tail_start, cfg.n_init)
-            if far_end > rem_start:  # remainder: tail tokens out of the window of some query
-                r0, r1 = rem_start - self.tail_start, far_end - self.tail_start
-                far_k.append(self.tail_k[:, r0:r1])
-                far_v.append(self.tail_v[:, r0:r1])
-                far_pos.append(self._arange(rem_start, far_end))
-
-        if far_k:
-            fk, fv, fp = torch.cat(far_k, dim=1), torch.cat(far_v, dim=1), torch.cat(far_pos)
+        if self.evidence is not None and n_init_far == self.init_len:
+            fk, fv, fp = self._evidence_far_set(far_end)
         else:
-            fk = fv = self.tail_k[:, :0]
-            fp = torch.empty(0, dtype=torch.int64, device=self.device)
+            fk, fv, fp = self._far_set(query, n_init_far, far_end)
         # ordered: far keys packed in document order so that the last one sits just before far_end
         far_origin = far_end - fp.shape[0] if cfg.far_positions == "ordered" else None
         cos, sin = self.rope.get(cfg.n_local + max(n_q, fp.shape[0]) + 1)
@@ -192,6 +166,65 @@ class LayerMemory:
         )
         self.tail_scores[:, lo:hi] += received
         return out
+
+    def _far_set(self, query: Tensor, n_init_far: int, far_end: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Far keys, values (kv_heads, n_far, head_dim) and positions (n_far,) of a lookup group: init, the
+        blocks it looks up, the remainder."""
+        cfg = self.config
+        far_k, far_v = [self.init_k[:, :n_init_far]], [self.init_v[:, :n_init_far]]
+        far_pos = [self._arange(0, n_init_far)]
+        if self.policy.uses_blocks and self.n_blocks and cfg.topk:
+            picked = self._lookup(query)
+            if self.hits is not None and self.evidence is None:
+                self.hits.index_add_(0, picked.flatten(), torch.ones_like(picked.flatten()))
+            block_k, block_v = self.store.gather(picked)
+            far_k.append(block_k)
+            far_v.append(block_v)
+            # per-KV-head picks differ by row; any row's positions serve the mask (blocks are visible to all)
+            far_pos.append(self._block_positions(picked[0]))
+        if self.policy.uses_blocks:
+            self._append_remainder(far_k, far_v, far_pos, far_end)
+        return torch.cat(far_k, dim=1), torch.cat(far_v, dim=1), torch.cat(far_pos)
+
+    def _evidence_far_set(self, far_end: int) -> tuple[Tensor, Tensor, Tensor]:
+        """`_far_set` while answering from evidence: init and the evidence blocks (with those made since) are
+        gathered once into a buffer, and each step only writes the remainder after them."""
+        if self._evidence_buffer is None or self._evidence_buffer[3] != self.n_blocks:
+            blocks = torch.cat([self.evidence, self._arange(self.evidence_end, self.n_blocks)[None]], dim=1)
+            block_k, block_v = self.store.gather(blocks)
+            fixed = self.init_len + block_k.shape[1]
+            shape = (self.kv_heads, fixed + self.tail_k.shape[1], self.head_dim)  # the remainder lies in the tail
+            k, v = self.tail_k.new_empty(shape), self.tail_v.new_empty(shape)
+            pos = self._arange(0, shape[1]).clone()
+            n_init = self.init_len
+            k[:, :n_init], v[:, :n_init] = self.init_k[:, :n_init], self.init_v[:, :n_init]
+            k[:, n_init:fixed], v[:, n_init:fixed] = block_k, block_v
+            pos[n_init:fixed] = self._block_positions(blocks[0])
+            self._evidence_buffer = (k, v, pos, self.n_blocks, fixed)
+        k, v, pos, _, fixed = self._evidence_buffer
+        rem_start = max(self.tail_start, self.config.n_init)
+        n_rem = max(0, far_end - rem_start)
+        if fixed + n_rem > k.shape[1]:  # the tail grew past the buffer: gather again
+            self._evidence_buffer = None
+            return self._evidence_far_set(far_end)
+        r0 = rem_start - self.tail_start
+        k[:, fixed : fixed + n_rem] = self.tail_k[:, r0 : r0 + n_rem]
+        v[:, fixed : fixed + n_rem] = self.tail_v[:, r0 : r0 + n_rem]
+        pos[fixed : fixed + n_rem] = self._arange(rem_start, rem_start + n_rem)
+        return k[:, : fixed + n_rem], v[:, : fixed + n_rem], pos[: fixed + n_rem]
+
+    def _append_remainder(self, far_k: list[Tensor], far_v: list[Tensor], far_pos: list[Tensor], far_end: int) -> None:
+        """Tail tokens out of the window of some query of the group (not yet in a block)."""
+        rem_start = max(self.tail_start, self.config.n_init)
+        if far_end > rem_start:
+            r0, r1 = rem_start - self.tail_start, far_end - self.tail_start
+            far_k.append(self.tail_k[:, r0:r1])
+            far_v.append(self.tail_v[:, r0:r1])
+            far_pos.append(self._arange(rem_start, far_end))
+
+    def _block_positions(self, blocks: Tensor) -> Tensor:
+        """Positions (m * block_size,) of the tokens of `blocks` (m,), block by block."""
+        return (self.layout.start(blocks[:, None]) + self._arange(0, self.config.block_size)).flatten()
 
     def _lookup(self, query: Tensor) -> Tensor:
         """Blocks the group of `query` (heads, n_q, head_dim) attends: (rows, m) indices, each row ascending

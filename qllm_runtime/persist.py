@@ -44,8 +44,9 @@ FORMAT = 1
 SUFFIX = ".qmem"
 # Fields that act only when answering (the question term) or only on where blocks live: a memory read
 # under one value answers under any other. Every other field changes what a reading stores.
-ANSWER_OR_PLACEMENT_FIELDS = frozenset({"question_weight", "question_topk", "question_scale", "offload",
-                                        "device_pool_gb", "max_cached_blocks", "max_context_tokens"})
+ANSWER_OR_PLACEMENT_FIELDS = frozenset({"question_weight", "question_topk", "question_scale", "evidence_tokens",
+                                        "evidence_neighbors", "offload", "device_pool_gb", "max_cached_blocks",
+                                        "max_context_tokens"})
 _SAMPLES_PER_WEIGHT = 64
 
 

@@ -58,6 +58,7 @@ CASES = {
     "not a number": (["ask", "report.txt", "Q?", "--topk", "many"], None, ["--topk", "invalid int value: 'many'"]),
     "unknown mode": (["ask", "report.txt", "Q?", "--mode", "turbo"], None, ["--mode", "'turbo'", "'qllm'"]),
     "unknown offload": (["demo", "--offload", "disk"], None, ["--offload", "'disk'", "'device'"]),
+    "bad evidence": (["ask", "report.txt", "Q?", "--evidence-tokens", "0"], None, ["--evidence-tokens", "auto or off"]),
     "truncated model": (["ask", "report.txt", "Q?", "--model", "cut.gguf"], None, ["cut.gguf is truncated"]),
     "not a model": (["ask", "report.txt", "Q?", "--model", "notes.gguf"], None, ["notes.gguf is not a GGUF file"]),
     "missing model": (["ask", "report.txt", "Q?", "--model", "absent.gguf"], None, ["GGUF file not found"]),
@@ -93,3 +94,10 @@ def test_closed_stdin_in_a_real_process():
     assert result.returncode == 2
     assert result.stderr.splitlines() == ["quickllama: stdin is closed: pipe the text in, e.g. quickllama ask - "
                                           "'question' < FILE"]
+
+
+@pytest.mark.parametrize(("given", "expected"), [("off", None), ("auto", "auto"), ("2048", 2048), (None, "auto")])
+def test_evidence_tokens_option(given, expected):
+    argv = ["ask", "report.txt", "Q?", "--model", "m.gguf"] + (["--evidence-tokens", given] if given else [])
+    args = cli.build_parser().parse_args(argv)
+    assert cli._config(args).evidence_tokens == expected

@@ -51,8 +51,9 @@ def test_choose_evidence_brings_neighbours_and_keeps_document_order():
 
 
 def test_every_layer_attends_the_evidence_while_answering(llama, monkeypatch):
-    """From the question turn on, every layer's far part is exactly the evidence blocks (plus init and the
-    remainder): the same blocks in every layer and for every generated token."""
+    """From the question turn on, each query of every layer attends exactly once: init, the evidence blocks (the
+    same in every layer) and every token after the blocks that existed when the evidence was chosen (the turn and
+    the answer so far, in blocks made since, the remainder or the window); nothing else."""
     model, tokenizer = llama
     config = QLLMConfig(mode="qllm", evidence_tokens=4 * TINY_WINDOWS["block_size"], **TINY_WINDOWS)
     recorder = AttendedPositions()
@@ -60,7 +61,7 @@ def test_every_layer_attends_the_evidence_while_answering(llama, monkeypatch):
     monkeypatch.setattr(ModelMemory, "attend", recorder.wrap(ModelMemory.attend))
     engine = QLLMEngine(model, tokenizer, config)
     context, turn = random_ids(300, len(tokenizer), seed=4), random_ids(10, len(tokenizer), seed=5)
-    session = engine._new_session(330)
+    session = engine._new_session(400)
     session.set_question(engine._question("Which number comes after the word apple?"))
     session.feed(context)
     session.choose_evidence(engine._evidence_blocks())
@@ -69,14 +70,16 @@ def test_every_layer_attends_the_evidence_while_answering(llama, monkeypatch):
     assert len(set(map(tuple, evidence.values()))) == 1 and len(evidence[0]) == 4  # one set, of the budget
     assert evidence[0] != list(range(4))  # chosen, not the first blocks
     blocks_end = config.n_init + layers[0].n_blocks * config.block_size
-    expected = {config.n_init + b * config.block_size + j for b in evidence[0] for j in range(config.block_size)}
+    chosen = {config.n_init + b * config.block_size + j for b in evidence[0] for j in range(config.block_size)}
     session.feed(turn)
-    for token in random_ids(6, len(tokenizer), seed=6):
+    answer = random_ids(40, len(tokenizer), seed=6)  # long enough to make blocks of its own
+    for token in answer:
         session.feed([token])
+    assert layers[0].n_blocks > layers[0].evidence_end
     for layer, record in recorder.seen.items():
-        for q in range(len(context), len(context) + len(turn) + 6):
-            far_blocks = {k for k in record[q] if config.n_init <= k < blocks_end and q - k >= config.n_local}
-            assert far_blocks == expected, f"layer {layer}, position {q}"
+        for q in range(len(context), len(context) + len(turn) + len(answer)):
+            expected = set(range(config.n_init)) | chosen | set(range(blocks_end, q + 1))
+            assert record[q] == dict.fromkeys(expected, 1), f"layer {layer}, position {q}"
 
 
 def test_evidence_of_every_block_is_full_attention(tiny):
@@ -156,3 +159,8 @@ def test_without_evidence_answers_look_blocks_up_per_token(llama):
         assert all(layer.evidence is None for layer in session.memory.layers.values())
     auto = QLLMEngine(model, tokenizer, QLLMConfig(**TINY_WINDOWS))
     assert auto._evidence_blocks() == model.config.max_position_embeddings // 2 // TINY_WINDOWS["block_size"]
+    model.config.max_position_embeddings = 1 << 17  # a 128K window: capped at 16K tokens
+    try:
+        assert auto._evidence_blocks() == 16384 // TINY_WINDOWS["block_size"]
+    finally:
+        model.config.max_position_embeddings = 4096

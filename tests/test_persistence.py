@@ -123,7 +123,8 @@ def test_another_config_is_refused(saved, tiny_llama, tokenizer, change, message
 
 def test_answer_time_fields_may_differ(saved, tiny_llama, tokenizer):
     _, memory, path = saved
-    other = engine_of(tiny_llama, tokenizer, **TINY_WINDOWS, question_weight=0.5, max_cached_blocks=4)
+    other = engine_of(tiny_llama, tokenizer, **TINY_WINDOWS, question_weight=0.5, max_cached_blocks=4,
+                      evidence_tokens=None, evidence_neighbors=0)
     assert other.load_memory(path).context == memory.context
 
 
