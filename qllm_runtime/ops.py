@@ -1,7 +1,8 @@
-"""Which implementation runs: the Triton kernels (`qllm_kernels`) on CUDA, the PyTorch references elsewhere.
+"""Which implementation runs: the Triton kernels (`qllm_kernels`) on CUDA, the tiled PyTorch attention
+(`attention_cpu`) on the CPU, the PyTorch references elsewhere.
 
-The references are the CPU path, the spec and the test oracle. `QUICKLLAMA_KERNELS=0` forces them on CUDA too
-(to compare or debug).
+The references are the spec and the test oracle. `QUICKLLAMA_KERNELS=0` forces them on CUDA and CPU alike (to
+compare or debug).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .attention import attend_reference
+from .attention_cpu import attend_tiled
 
 log = logging.getLogger("quickllama")
 
@@ -42,8 +44,10 @@ def kernels(device: torch.device) -> ModuleType | None:
 
 
 def attention_op(device: torch.device, head_dim: int) -> AttendFn:
-    """The attention for tensors on `device` (head_dim outside the kernel's 32/64/128 uses the reference)."""
+    """The attention for tensors on `device` (on CUDA, head_dim outside the kernel's 32/64/128 uses the reference)."""
     module = kernels(device)
     if module is not None and module.supports_head_dim(head_dim):
         return module.attention
+    if device.type == "cpu" and os.environ.get("QUICKLLAMA_KERNELS", "1") != "0":
+        return attend_tiled
     return attend_reference

@@ -28,6 +28,7 @@ pytest.importorskip("triton")
 import qllm_kernels as qk
 
 from qllm_runtime.attention import apply_rope, attend_reference
+from qllm_runtime.attention_cpu import attend_tiled
 from qllm_runtime.lookup import block_scores_reference, select_blocks
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -163,7 +164,8 @@ def _rope_attention(query, q_pos, k, v, k_pos, visible, cos, sin):
     return (probs @ v.repeat_interleave(group, 0)).transpose(0, 1), probs
 
 
-ATTEND_FNS = pytest.mark.parametrize("attend", [attend_reference, qk.attention], ids=["reference", "kernel"])
+ATTEND_FNS = pytest.mark.parametrize("attend", [attend_reference, attend_tiled, qk.attention],
+                                     ids=["reference", "cpu-tiled", "kernel"])
 
 
 def _randn(gen, *shape):

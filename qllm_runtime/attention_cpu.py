@@ -1,0 +1,83 @@
+"""The CPU fast path of `attention.attend_reference`: the same attention, computed in query tiles.
+
+A lookup group's local part is a band (each query sees the `n_local` keys before it), so the reference's
+(queries × window) rectangle is about half masked. Here the queries go in tiles of `tile` rows; a tile's local
+logits cover only the keys its band reaches, its far logits follow, and one softmax over both is taken in place
+(shared maximum, exp, one sum) without concatenating them. Same inputs, outputs and masks as the reference, which
+tests compare it against on random inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .attention import apply_rope
+
+TILE = 128  # queries per tile: the band of a 128-query tile spans n_local + 127 keys
+
+
+def attend_tiled(
+    query: Tensor,
+    q_start: int,
+    local_k: Tensor,
+    local_v: Tensor,
+    local_start: int,
+    far_k: Tensor,
+    far_v: Tensor,
+    far_pos: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    n_local: int,
+    scaling: float,
+    *,
+    far_origin: int | None = None,
+    tile: int = TILE,
+) -> tuple[Tensor, Tensor]:
+    """`attend_reference`, tiled over queries (see there for the arguments and shapes)."""
+    heads, n_q, head_dim = query.shape
+    kv_heads, n_loc, _ = local_k.shape
+    group = heads // kv_heads
+    device = query.device
+    q = query.float().view(kv_heads, group, n_q, head_dim) * scaling  # GQA: a KV head's query heads side by side
+    q_rel = torch.arange(q_start - local_start, q_start - local_start + n_q, device=device)
+    q_local = apply_rope(q, cos[q_rel], sin[q_rel])
+    k_local = apply_rope(local_k.float(), cos[:n_loc], sin[:n_loc])  # (kv_heads, n_loc, head_dim)
+    v_local = local_v.float()
+
+    n_far = far_k.shape[1]
+    if far_origin is None:
+        q_far = apply_rope(q, cos[n_local], sin[n_local])
+        k_far = far_k.float()
+    else:  # as the reference: both rotated relative to far_origin, shifted so table rows stay non-negative
+        shift = max(far_origin - q_start, 0)
+        q_far_pos = torch.arange(n_q, device=device) + (q_start - far_origin + shift)
+        q_far = apply_rope(q, cos[q_far_pos], sin[q_far_pos])
+        k_far = apply_rope(far_k.float(), cos[shift : shift + n_far], sin[shift : shift + n_far])
+    k_far_t, v_far = k_far.transpose(1, 2), far_v.float()
+    far_hidden = (torch.arange(q_start, q_start + n_q, device=device)[:, None] - far_pos[None, :].to(device)) < n_local
+
+    out = torch.empty((kv_heads, group, n_q, head_dim), dtype=torch.float32, device=device)
+    received = torch.zeros((kv_heads, group, n_loc), dtype=torch.float32, device=device)
+    for t0 in range(0, n_q, tile):
+        t1 = min(n_q, t0 + tile)
+        rows = group * (t1 - t0)  # a KV head's query heads' rows, one batched matmul per KV head
+        lo, hi = max(0, int(q_rel[t0]) - n_local + 1), int(q_rel[t1 - 1]) + 1  # local keys the tile's band reaches
+        local = torch.bmm(q_local[:, :, t0:t1].reshape(kv_heads, rows, head_dim), k_local[:, lo:hi].transpose(1, 2))
+        dist = q_rel[t0:t1, None] - torch.arange(lo, hi, device=device)[None, :]
+        local.view(kv_heads, group, t1 - t0, hi - lo).masked_fill_((dist < 0) | (dist >= n_local), float("-inf"))
+        parts = [local]
+        if n_far:
+            far = torch.bmm(q_far[:, :, t0:t1].reshape(kv_heads, rows, head_dim), k_far_t)  # (kv_heads, rows, n_far)
+            far.view(kv_heads, group, t1 - t0, n_far).masked_fill_(far_hidden[t0:t1], float("-inf"))
+            parts.append(far)
+        peak = torch.stack([p.amax(dim=-1, keepdim=True) for p in parts]).amax(dim=0)  # finite: q sees itself
+        total = sum(p.sub_(peak).exp_().sum(dim=-1, keepdim=True) for p in parts)
+        for p in parts:
+            p.div_(total)
+        tile_out = torch.bmm(local, v_local[:, lo:hi])
+        if n_far:
+            tile_out.baddbmm_(far, v_far)
+        out[:, :, t0:t1] = tile_out.view(kv_heads, group, t1 - t0, head_dim)
+        received[..., lo:hi] += local.view(kv_heads, group, t1 - t0, hi - lo).sum(dim=2)
+    return out.view(heads, n_q, head_dim).transpose(0, 1).to(query.dtype), received.view(heads, n_loc)
