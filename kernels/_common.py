@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 import triton
 import triton.language as tl
@@ -29,6 +31,12 @@ def dot_dtype(dtype: torch.dtype) -> tl.dtype:
     if _INTERPRETED and dtype == torch.bfloat16:
         return tl.float32
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
+
+
+def on_device(device: torch.device) -> AbstractContextManager:
+    """Where a launch must run: Triton launches on the current CUDA device, which need not be the inputs' (a
+    model split across GPUs)."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
 def check_device(tensors: list[Tensor]) -> torch.device:

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import FLOAT_DTYPES, check_device, dot_dtype
+from ._common import FLOAT_DTYPES, check_device, dot_dtype, on_device
 
 __all__ = ["attention"]
 
@@ -281,23 +281,24 @@ def attention(
     meta = dict(HEAD_DIM=head_dim, DOT_DTYPE=dot_dtype(query.dtype), BLOCK_N=block_n)
     meta.update(num_warps=4, num_stages=2)
     block_m = min(64, max(16, triton.next_power_of_2(group * n_q)))
-    _attn_fwd_kernel[(triton.cdiv(group * n_q, block_m), kv_heads)](
-        query, local_k, local_v, far_k, far_v, far_pos, cos, sin, out, lse,
-        query.stride(0), query.stride(1),
-        local_k.stride(0), local_k.stride(1), local_v.stride(0), local_v.stride(1),
-        far_k.stride(0), far_k.stride(1), far_v.stride(0), far_v.stride(1),
-        cos.stride(0), sin.stride(0), out.stride(0), out.stride(1), lse.stride(0),
-        n_q, n_loc, n_far, q_rel_start, q_start, n_local, q_far_start, k_far_start, group, qk_scale,
-        BLOCK_M=block_m, ORDERED=far_origin is not None, **meta,
-    )  # fmt: skip
-    block_m = min(64, max(16, triton.next_power_of_2(n_q)))
-    _received_kernel[(triton.cdiv(n_loc, block_n), heads)](
-        query, local_k, cos, sin, lse, received,
-        query.stride(0), query.stride(1), local_k.stride(0), local_k.stride(1),
-        cos.stride(0), sin.stride(0), lse.stride(0), received.stride(0),
-        n_q, n_loc, q_rel_start, n_local, group, qk_scale,
-        BLOCK_M=block_m, **meta,
-    )  # fmt: skip
+    with on_device(device):
+        _attn_fwd_kernel[(triton.cdiv(group * n_q, block_m), kv_heads)](
+            query, local_k, local_v, far_k, far_v, far_pos, cos, sin, out, lse,
+            query.stride(0), query.stride(1),
+            local_k.stride(0), local_k.stride(1), local_v.stride(0), local_v.stride(1),
+            far_k.stride(0), far_k.stride(1), far_v.stride(0), far_v.stride(1),
+            cos.stride(0), sin.stride(0), out.stride(0), out.stride(1), lse.stride(0),
+            n_q, n_loc, n_far, q_rel_start, q_start, n_local, q_far_start, k_far_start, group, qk_scale,
+            BLOCK_M=block_m, ORDERED=far_origin is not None, **meta,
+        )  # fmt: skip
+        block_m = min(64, max(16, triton.next_power_of_2(n_q)))
+        _received_kernel[(triton.cdiv(n_loc, block_n), heads)](
+            query, local_k, cos, sin, lse, received,
+            query.stride(0), query.stride(1), local_k.stride(0), local_k.stride(1),
+            cos.stride(0), sin.stride(0), lse.stride(0), received.stride(0),
+            n_q, n_loc, q_rel_start, n_local, group, qk_scale,
+            BLOCK_M=block_m, **meta,
+        )  # fmt: skip
     return out, received
 
 

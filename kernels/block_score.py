@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import FLOAT_DTYPES, check_device, dot_dtype
+from ._common import FLOAT_DTYPES, check_device, dot_dtype, on_device
 
 __all__ = ["block_score"]
 
@@ -94,12 +94,13 @@ def block_score(
         block_g = min(64, max(16, triton.next_power_of_2(n_groups)))
         block_b = 32 if n_groups <= 16 else 64  # few groups (decode): more programs over the blocks
         grid = (triton.cdiv(n_blocks, block_b), triton.cdiv(n_groups, block_g))
-        _block_score_kernel[grid](
-            group_queries, repr_keys, question_scores if has_question else scores, scores,
-            group_queries.stride(0), repr_keys.stride(0), scores.stride(0),
-            n_groups, n_blocks, heads * head_dim, float(beta),
-            HAS_QUESTION=has_question, DOT_DTYPE=tl.float32 if mixed else dot_dtype(repr_keys.dtype),
-            BLOCK_G=block_g, BLOCK_B=block_b, BLOCK_K=64,
-        )  # fmt: skip
+        with on_device(device):
+            _block_score_kernel[grid](
+                group_queries, repr_keys, question_scores if has_question else scores, scores,
+                group_queries.stride(0), repr_keys.stride(0), scores.stride(0),
+                n_groups, n_blocks, heads * head_dim, float(beta),
+                HAS_QUESTION=has_question, DOT_DTYPE=tl.float32 if mixed else dot_dtype(repr_keys.dtype),
+                BLOCK_G=block_g, BLOCK_B=block_b, BLOCK_K=64,
+            )  # fmt: skip
     indices = scores.topk(min(topk, n_blocks), dim=-1).indices
     return scores, indices

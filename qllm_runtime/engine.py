@@ -71,10 +71,12 @@ class QLLMEngine:
     @classmethod
     def from_pretrained(
         cls, source: str | os.PathLike, config: QLLMConfig | None = None, *, device=None, dtype=None,
-        lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
+        device_map: str | dict | None = None, lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
     ) -> QLLMEngine:
-        """Load a local HF directory, a hub id, or a .gguf file (converted once and cached)."""
-        model, tokenizer = load(source, device=device, dtype=dtype)
+        """Load a local HF directory, a hub id, or a .gguf file (converted once and cached). `device_map` (e.g.
+        "auto", needs accelerate): one model across several GPUs; each layer's block memory, RoPE tables and
+        kernel launches then live on that layer's GPU."""
+        model, tokenizer = load(source, device=device, dtype=dtype, device_map=device_map)
         return cls(model, tokenizer, config, model_name=Path(str(source)).name, lock_timeout=lock_timeout)
 
     @classmethod

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InvalidModelFileError, ModelNotFoundError
+from .errors import InvalidInputError, InvalidModelFileError, ModelNotFoundError
 
 log = logging.getLogger("quickllama")
 
@@ -54,10 +54,15 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load(source: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-    """(model, tokenizer) from a local HF directory, a hub id, or a GGUF file (any other file is an error)."""
+def load(source: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+         device_map: str | dict | None = None):
+    """(model, tokenizer) from a local HF directory, a hub id, or a GGUF file (any other file is an error).
+    `device_map` (e.g. "auto"): spread the layers over the GPUs with accelerate instead of moving the model to
+    `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if device_map is not None and device is not None:
+        raise InvalidInputError("give device or device_map, not both")
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     path = Path(source)
@@ -68,8 +73,9 @@ def load(source: str | os.PathLike, device: str | torch.device | None = None, dt
     elif not path.exists() and (str(source).startswith((".", "/", "~")) or str(source).count("/") > 1):
         raise ModelNotFoundError(f"model directory not found: {source}")
     tokenizer = AutoTokenizer.from_pretrained(path if path.exists() else source)
-    model = AutoModelForCausalLM.from_pretrained(path if path.exists() else source, dtype=dtype)
-    return model.to(device).eval(), tokenizer
+    placed = {} if device_map is None else {"device_map": device_map}
+    model = AutoModelForCausalLM.from_pretrained(path if path.exists() else source, dtype=dtype, **placed)
+    return (model if device_map is not None else model.to(device)).eval(), tokenizer
 
 
 def check_gguf(path: Path) -> None:

@@ -159,7 +159,7 @@ class LayerMemory:
             fk, fv, fp = self._far_set(query, n_init_far, far_end)
         # ordered: far keys packed in document order so that the last one sits just before far_end
         far_origin = far_end - fp.shape[0] if cfg.far_positions == "ordered" else None
-        cos, sin = self.rope.get(cfg.n_local + max(n_q, fp.shape[0]) + 1)
+        cos, sin = self.rope.get(cfg.n_local + max(n_q, fp.shape[0]) + 1, self.device)
         out, received = self.attend(
             query, q_start, self.tail_k[:, lo:hi], self.tail_v[:, lo:hi], local_start,
             fk, fv, fp, cos, sin, cfg.n_local, scaling, far_origin=far_origin,
@@ -238,7 +238,7 @@ class LayerMemory:
             picked = self._arange(0, n).expand(rows, n)
         else:
             pinned = self.pinned if answering and cfg.pin_question_blocks else None
-            cos, sin = self.rope.get(cfg.n_local + 1)
+            cos, sin = self.rope.get(cfg.n_local + 1, self.device)
             far_q = apply_rope(query.float().mean(dim=1), cos[cfg.n_local], sin[cfg.n_local])  # (heads, head_dim)
             if rows > 1:  # row h keeps only the query heads of KV head h: its score sums over those heads
                 owner = torch.arange(self.heads, device=self.device) // (self.heads // self.kv_heads)

@@ -40,7 +40,7 @@ class QuestionProbe:
 
     def attend(self, layer_idx: int, query: Tensor, key: Tensor, value: Tensor, scaling: float) -> Tensor:
         heads, n, _ = query.shape
-        cos, sin = self.rope.get(max(n, self.n_local + 1))
+        cos, sin = self.rope.get(max(n, self.n_local + 1), query.device)
         q = apply_rope(query.float(), cos[:n], sin[:n])
         k = apply_rope(key.float(), cos[:n], sin[:n]).repeat_interleave(heads // key.shape[0], dim=0)
         v = value.float().repeat_interleave(heads // key.shape[0], dim=0)

@@ -23,21 +23,28 @@ class RotaryTables:
     """cos/sin for positions 0 .. n-1, shape (n, head_dim), float32, without attention scaling.
 
     The model is run with all position ids 0, where its rotary module has already multiplied q and k
-    by `attention_scaling` once; dividing it out here keeps it from being applied twice.
+    by `attention_scaling` once; dividing it out here keeps it from being applied twice. Tables are computed
+    where the rotary module lives and kept on every device asked for (a model split across GPUs); `device` is
+    the default one.
     """
 
     def __init__(self, model: nn.Module, device: torch.device) -> None:
         self.rotary = find_rotary(model)
         self.device = device
-        self.cos = self.sin = torch.empty(0, device=device)
+        self.tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
-    def get(self, n: int) -> tuple[Tensor, Tensor]:
-        if self.cos.shape[0] < n:
-            size = max(n, 2 * self.cos.shape[0])
-            positions = torch.arange(size, device=self.device)[None]
-            probe = torch.zeros(1, dtype=torch.float32, device=self.device)
+    def get(self, n: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+        """cos, sin (n, head_dim) on `device` (default: the engine's)."""
+        device = self.device if device is None else device
+        cos, sin = self.tables.get(device, (None, None))
+        if cos is None or cos.shape[0] < n:
+            size = max(n, 2 * (0 if cos is None else cos.shape[0]))
+            home = self.rotary.inv_freq.device
+            positions = torch.arange(size, device=home)[None]
+            probe = torch.zeros(1, dtype=torch.float32, device=home)
             with torch.no_grad():
                 cos, sin = self.rotary(probe, positions)
             scale = float(getattr(self.rotary, "attention_scaling", 1.0))
-            self.cos, self.sin = cos[0].float() / scale, sin[0].float() / scale
-        return self.cos[:n], self.sin[:n]
+            cos, sin = (cos[0].float() / scale).to(device), (sin[0].float() / scale).to(device)
+            self.tables[device] = cos, sin
+        return cos[:n], sin[:n]

@@ -40,3 +40,44 @@ def test_gpu_answer_equals_cpu_answer(default_model):
         model.to("cpu")
     assert gpu.text == cpu.text
     assert [b.start for b in gpu.blocks[:4]] == [b.start for b in cpu.blocks[:4]]
+
+
+def test_evidence_answer_with_kernels_equals_reference(tokenizer, monkeypatch):
+    """Evidence blocks (chosen once, gathered once into a buffer) through the Triton kernels."""
+    model = tiny_model("llama", len(tokenizer), hidden_size=256).to("cuda")
+    context = " ".join(f"Fact {i}: the box {i} holds {i * 7 % 13} coins." for i in range(120))
+    config = QLLMConfig(evidence_tokens=128, **WINDOWS)
+    fast = QLLMEngine(model, tokenizer, config).ask(context, "Box 7?", max_new_tokens=12)
+    monkeypatch.setenv("QUICKLLAMA_KERNELS", "0")
+    reference = QLLMEngine(model, tokenizer, config).ask(context, "Box 7?", max_new_tokens=12)
+    assert (fast.text, fast.blocks) == (reference.text, reference.blocks)
+
+
+def _split_across_two_gpus(model):
+    """The model with its first half of layers on cuda:0 and the rest on cuda:1 (accelerate's dispatch)."""
+    from accelerate import dispatch_model
+
+    n = model.config.num_hidden_layers
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 1, "lm_head": 0}
+    device_map.update({f"model.layers.{i}": int(i >= n // 2) for i in range(n)})
+    return dispatch_model(model, device_map=device_map)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_model_split_across_two_gpus_answers_as_on_one(default_model):
+    """Each layer's block memory, RoPE tables and kernel launches on that layer's GPU: the same answer and
+    looked-up passages as the whole model on one GPU."""
+    import copy
+
+    model, tokenizer = default_model
+    context = "The vault code is 7. " + "Filler sentence about nothing. " * 300
+    config = QLLMConfig(n_init=64, n_local=128, block_size=32, topk=4, lookup_chunk=64, evidence_tokens=512)
+    one = copy.deepcopy(model).to("cuda:0")
+    expected = QLLMEngine(one, tokenizer, config).ask(context, "What is the vault code?", max_new_tokens=10)
+    split = _split_across_two_gpus(copy.deepcopy(model))
+    engine = QLLMEngine(split, tokenizer, config)
+    got = engine.ask(context, "What is the vault code?", max_new_tokens=10)
+    assert (got.text, [b.start for b in got.blocks]) == (expected.text, [b.start for b in expected.blocks])
+    memory = engine.read(context)
+    devices = {layer.store.device.index for layer in memory.session.memory.layers.values()}
+    assert devices == {0, 1}

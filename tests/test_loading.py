@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from qllm_runtime import ModelNotFoundError, loading
-from qllm_runtime.errors import InvalidModelFileError
+from qllm_runtime.errors import InvalidInputError, InvalidModelFileError
 
 
 def write_gguf(path: Path) -> Path:
@@ -170,3 +170,12 @@ def test_partials_of_dead_processes_are_removed(conversions, cache, gguf_file):
     loading.load(gguf_file, device="cpu")
     assert [k for k, folder in partials.items() if folder.exists()] == ["alive", "other model"]
     assert (cache / name / "config.json").is_file()
+
+
+def test_device_map_places_the_model_with_accelerate():
+    """`device_map` loads through accelerate (here everything on the CPU) and skips the move to `device`;
+    giving both is refused."""
+    model, _ = loading.load(loading.default_gguf_path(), device_map={"": "cpu"})
+    assert {p.device.type for p in model.parameters()} == {"cpu"} and not model.training
+    with pytest.raises(InvalidInputError, match="device or device_map"):
+        loading.load(loading.default_gguf_path(), device="cpu", device_map="auto")
