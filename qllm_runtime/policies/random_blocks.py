@@ -18,7 +18,8 @@ class RandomPolicy(LookupPolicy):
         self._generator = torch.Generator(device=device).manual_seed(0)
 
     def scores(self, group_queries: Tensor, repr_keys: Tensor, block_terms: Tensor | None) -> Tensor:
-        return torch.rand(group_queries.shape[0], repr_keys.shape[0], generator=self._generator, device=self.device)
+        draws = torch.rand(group_queries.shape[0], repr_keys.shape[0], generator=self._generator, device=self.device)
+        return draws.to(repr_keys.device)  # a layer may sit on another GPU than the generator
 
     def evidence_scores(self, question_queries, header_queries, init_keys: Tensor, store) -> Tensor | None:
         if self.config.evidence_tokens is None:
