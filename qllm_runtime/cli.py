@@ -231,8 +231,10 @@ def cmd_demo(args: argparse.Namespace, config: QLLMConfig) -> int:
     print(f"Document: {n_tokens} tokens of filler (the model was trained on 8K). Needle at token {needle_token} "
           f"({n_tokens - needle_token} tokens before the question), characters {start}-{start + len(needle)}:")
     print(f"  {needle}")
+    evidence = engine._evidence_blocks() if engine.config.mode == "qllm" else None
+    answering = f"evidence of {evidence} blocks while answering" if evidence else "per-token lookups while answering"
     print(f"Mode {engine.config.mode}: local window {engine.config.n_local}, blocks of {engine.config.block_size}, "
-          f"top-{engine.config.topk}.")
+          f"top-{engine.config.topk} while reading, {answering}.")
     print(f"Q: {question}\nA: ", end="", flush=True)
     t0 = time.perf_counter()
     answer = _stream_answer(engine.stream(context, question, max_new_tokens=24, progress=_ProgressBar()))
@@ -240,7 +242,7 @@ def cmd_demo(args: argparse.Namespace, config: QLLMConfig) -> int:
     print(f"{'correct' if found else 'WRONG'} (expected {code}); {time.perf_counter() - t0:.1f} s on {engine.device}")
     hit = any(b.start <= start < b.end or start <= b.start < start + len(needle) for b in answer.blocks[:4])
     where = "among the top 4" if hit else "not in the top 4"
-    print(f"Looked-up passages (most selected first; the needle's is {where}):")
+    print(f"Looked-up passages (most favoured first; the needle's is {where}):")
     _print_passages(answer, limit=4, mark=(start, start + len(needle)))
     return 0 if found else 1
 
