@@ -190,7 +190,7 @@ class LayerMemory:
         """`_far_set` while answering from evidence: init and the evidence blocks (with those made since) are
         gathered once into a buffer, and each step only writes the remainder after them."""
         if self._evidence_buffer is None or self._evidence_buffer[3] != self.n_blocks:
-            blocks = torch.cat([self.evidence, self._arange(self.evidence_end, self.n_blocks)[None]], dim=1)
+            blocks = self._evidence_blocks()
             block_k, block_v = self.store.gather(blocks)
             fixed = self.init_len + block_k.shape[1]
             shape = (self.kv_heads, fixed + self.tail_k.shape[1], self.head_dim)  # the remainder lies in the tail
@@ -222,6 +222,10 @@ class LayerMemory:
             far_v.append(self.tail_v[:, r0:r1])
             far_pos.append(self._arange(rem_start, far_end))
 
+    def _evidence_blocks(self) -> Tensor:
+        """(1, m): the evidence, then every block made since it was chosen, ascending."""
+        return torch.cat([self.evidence, self._arange(self.evidence_end, self.n_blocks)[None]], dim=1)
+
     def _block_positions(self, blocks: Tensor) -> Tensor:
         """Positions (m * block_size,) of the tokens of `blocks` (m,), block by block."""
         return (self.layout.start(blocks[:, None]) + self._arange(0, self.config.block_size)).flatten()
@@ -231,7 +235,7 @@ class LayerMemory:
         (document order, which `ordered` far positions rely on); one row, or one per KV head."""
         cfg, n, k = self.config, self.n_blocks, self.config.topk
         if self.evidence is not None:
-            return torch.cat([self.evidence, self._arange(self.evidence_end, n)[None]], dim=1)
+            return self._evidence_blocks()
         rows = self.kv_heads if cfg.lookup_heads == "kv_head" else 1
         answering = query.shape[1] == 1
         if n <= k:
