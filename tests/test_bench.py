@@ -430,3 +430,18 @@ def test_cli_worker_processes(tmp_path: Path):
     assert cli.run(argv) == 0  # nothing left to run
     assert {p: (out / "parts" / p / "log.txt").stat().st_mtime_ns for p in parts} == logs
     assert json.loads((out / "results.json").read_text())["rows"] == rows
+
+
+@pytest.mark.slow
+@needs_lce
+def test_evidence_recall_compares_every_scoring(capsys):
+    """`python -m benchmarks.evidence_recall`: one table row per scoring, the engine's among them."""
+    from benchmarks import evidence_recall
+
+    evidence_recall.main(["--tasks", "niah", "--lengths", "1K", "--samples", "1", "--depths", "50",
+                          "--budgets", "128,512", "--set", "n_local=128", "--set", "n_init=16"])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| niah |")]
+    assert {row[3].strip() for row in rows} == {
+        "mean", "max_token", "max_minus_header", "mean_minus_header", "last_8_tokens", "top_10pct_heads",
+        "rank_fusion", "log_mean"}
+    assert all(0 <= float(cell) <= 100 for row in rows for cell in row[4:6])
