@@ -23,7 +23,7 @@ from benchmarks import data
 from benchmarks.cli import _key_values, _load, _tasks, build_parser
 from benchmarks.tasks import generate
 from qllm_runtime import QLLMConfig, hook
-from qllm_runtime.lookup import block_attention, choose_evidence
+from qllm_runtime.lookup import attention_added, block_attention, choose_evidence
 from qllm_runtime.question import QuestionProbe
 
 
@@ -38,7 +38,7 @@ def scorings(att: Tensor, n_header: int) -> dict[str, Tensor]:
     return {
         "mean": mean.sum(dim=(0, 1)),
         "max_token": question.amax(dim=2).sum(dim=(0, 1)),
-        "max_minus_header": (question.amax(dim=2) - header.mean(dim=2)).sum(dim=(0, 1)),
+        "max_minus_header": attention_added(att, n_header).sum(dim=0),
         "mean_minus_header": (mean - header.mean(dim=2)).sum(dim=(0, 1)),
         "last_8_tokens": question[:, :, -8:].mean(dim=2).sum(dim=(0, 1)),
         "top_10pct_heads": mean.flatten(0, 1)[top_heads].sum(dim=0),

@@ -28,6 +28,32 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotate_half(x) * sin
 
 
+def rotate(
+    q: Tensor, q_start: int, local_k: Tensor, local_start: int, far_k: Tensor, cos: Tensor, sin: Tensor,
+    n_local: int, far_origin: int | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """RoPE for one lookup group, as `attend_reference` specifies it.
+
+    q: (kv_heads, group, n_q, head_dim) float, raw (the query heads of each KV head side by side); local_k,
+    far_k: (kv_heads, n, head_dim), raw. Returns q_local, q_far (like q), k_local, k_far (float) and q_rel
+    (n_q,), the queries' positions relative to local_start.
+    """
+    n_q = q.shape[2]
+    q_rel = torch.arange(q_start - local_start, q_start - local_start + n_q, device=q.device)
+    q_local = apply_rope(q, cos[q_rel], sin[q_rel])
+    k_local = apply_rope(local_k.float(), cos[: local_k.shape[1]], sin[: local_k.shape[1]])
+    n_far = far_k.shape[1]
+    if far_origin is None:
+        return q_local, apply_rope(q, cos[n_local], sin[n_local]), k_local, far_k.float(), q_rel
+    # <rope(q, q_pos), rope(k_j, far_origin + j)> = <rope(q, q_pos - far_origin + s), rope(k_j, j + s)>;
+    # the shift s keeps both table rows non-negative
+    shift = max(far_origin - q_start, 0)
+    q_far_pos = torch.arange(n_q, device=q.device) + (q_start - far_origin + shift)
+    q_far = apply_rope(q, cos[q_far_pos], sin[q_far_pos])
+    k_far = apply_rope(far_k.float(), cos[shift : shift + n_far], sin[shift : shift + n_far])
+    return q_local, q_far, k_local, k_far, q_rel
+
+
 def attend_reference(
     query: Tensor,
     q_start: int,
@@ -65,26 +91,15 @@ def attend_reference(
     group = heads // kv_heads
     device = query.device
     # GQA without repeating K/V: query heads of one kv head become extra rows, (kv_heads, group * n_q, d)
-    q = query.float().reshape(kv_heads, group * n_q, head_dim)
-
-    q_rel = torch.arange(q_start - local_start, q_start - local_start + n_q, device=device)
-    q_local = apply_rope(q.view(kv_heads, group, n_q, head_dim), cos[q_rel], sin[q_rel]).flatten(1, 2)
-    k_local = apply_rope(local_k.float(), cos[:n_loc], sin[:n_loc])
+    q = query.float().view(kv_heads, group, n_q, head_dim)
+    q_local, q_far, k_local, k_far, q_rel = rotate(q, q_start, local_k, local_start, far_k, cos, sin, n_local,
+                                                   far_origin)
+    q_local, q_far = q_local.flatten(1, 2), q_far.flatten(1, 2)
     dist = q_rel[:, None] - torch.arange(n_loc, device=device)[None, :]  # (n_q, n_loc)
     local_logits = (q_local @ k_local.transpose(1, 2)).view(kv_heads, group, n_q, n_loc)
     local_logits.masked_fill_(~((dist >= 0) & (dist < n_local)), float("-inf"))
 
     n_far = far_k.shape[1]
-    if far_origin is None:
-        q_far = apply_rope(q, cos[n_local], sin[n_local])
-        k_far = far_k.float()
-    else:
-        # <rope(q, q_pos), rope(k_j, far_origin + j)> = <rope(q, q_pos - far_origin + s), rope(k_j, j + s)>;
-        # the shift s keeps both table rows non-negative
-        shift = max(far_origin - q_start, 0)
-        q_far_pos = torch.arange(n_q, device=device) + (q_start - far_origin + shift)
-        q_far = apply_rope(q.view(kv_heads, group, n_q, head_dim), cos[q_far_pos], sin[q_far_pos]).flatten(1, 2)
-        k_far = apply_rope(far_k.float(), cos[shift : shift + n_far], sin[shift : shift + n_far])
     q_pos = torch.arange(q_start, q_start + n_q, device=device)
     far_hidden = (q_pos[:, None] - far_pos[None, :].to(device)) < n_local  # (n_q, n_far)
     far_logits = (q_far @ k_far.transpose(1, 2)).view(kv_heads, group, n_q, n_far)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .attention import apply_rope
+from .attention import rotate
 
 TILE = 128  # queries per tile: the band of a 128-query tile spans n_local + 127 keys
 
@@ -40,20 +40,10 @@ def attend_tiled(
     group = heads // kv_heads
     device = query.device
     q = query.float().view(kv_heads, group, n_q, head_dim) * scaling  # GQA: a KV head's query heads side by side
-    q_rel = torch.arange(q_start - local_start, q_start - local_start + n_q, device=device)
-    q_local = apply_rope(q, cos[q_rel], sin[q_rel])
-    k_local = apply_rope(local_k.float(), cos[:n_loc], sin[:n_loc])  # (kv_heads, n_loc, head_dim)
+    q_local, q_far, k_local, k_far, q_rel = rotate(q, q_start, local_k, local_start, far_k, cos, sin, n_local,
+                                                   far_origin)
     v_local = local_v.float()
-
     n_far = far_k.shape[1]
-    if far_origin is None:
-        q_far = apply_rope(q, cos[n_local], sin[n_local])
-        k_far = far_k.float()
-    else:  # as the reference: both rotated relative to far_origin, shifted so table rows stay non-negative
-        shift = max(far_origin - q_start, 0)
-        q_far_pos = torch.arange(n_q, device=device) + (q_start - far_origin + shift)
-        q_far = apply_rope(q, cos[q_far_pos], sin[q_far_pos])
-        k_far = apply_rope(far_k.float(), cos[shift : shift + n_far], sin[shift : shift + n_far])
     k_far_t, v_far = k_far.transpose(1, 2), far_v.float()
     far_hidden = (torch.arange(q_start, q_start + n_q, device=device)[:, None] - far_pos[None, :].to(device)) < n_local
 

@@ -69,12 +69,17 @@ def question_attention(
     gain nothing.) question_queries: (heads, m, head_dim); header_queries: (heads, n_header, head_dim), may be
     empty. Returns (n_blocks,) float32.
     """
-    m = question_queries.shape[1]
-    attention = block_attention(torch.cat([question_queries, header_queries], dim=1), init_keys, block_keys)
-    added = attention[:, :m].amax(dim=1)  # (heads, n_blocks)
-    if attention.shape[1] > m:
-        added = added - attention[:, m:].mean(dim=1)
-    return added.sum(dim=0)
+    queries = torch.cat([header_queries, question_queries], dim=1)
+    return attention_added(block_attention(queries, init_keys, block_keys), header_queries.shape[1])
+
+
+def attention_added(attention: Tensor, n_header: int) -> Tensor:
+    """`question_attention` from `block_attention`'s output: attention (..., heads, n_header + m, n_blocks), the
+    header's tokens first. Returns (..., n_blocks)."""
+    added = attention[..., n_header:, :].amax(dim=-2)  # (..., heads, n_blocks)
+    if n_header:
+        added = added - attention[..., :n_header, :].mean(dim=-2)
+    return added.sum(dim=-2)
 
 
 def choose_evidence(scores: Tensor, count: int, neighbors: int) -> Tensor:
