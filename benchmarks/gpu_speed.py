@@ -1,6 +1,7 @@
 """GPU speed and memory of the engine against stock SDPA full attention, on a LLaMA-3-8B-shaped model.
 
     python -m benchmarks.gpu_speed --lengths 32768 100000 --profile-length 32768
+    python -m benchmarks.gpu_speed --gpus 2 --lengths 1048576 --no-full --offload-lengths  # layers split over 2 GPUs
 
 Random bf16 weights of the real shape (speed and memory only, never accuracy). Full attention is one
 forward of the stock model (SDPA) with a DynamicCache, then single-token decode steps. QuickLLaMA reads
@@ -25,7 +26,9 @@ QLLM_WINDOWS = dict(n_init=128, n_local=1024, block_size=128, topk=8, repr_topk=
                     prefill_chunk=8192, question_weight=4.0)
 
 
-def llama3_8b(layers: int):
+def llama3_8b(layers: int, gpus: int = 1):
+    """The model on cuda:0, or with its layers split evenly over `gpus` GPUs (accelerate's dispatch_model)."""
+    from accelerate import dispatch_model
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(hidden_size=4096, num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8,
@@ -33,7 +36,27 @@ def llama3_8b(layers: int):
                          max_position_embeddings=131072)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    if gpus > 1:
+        device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": gpus - 1, "lm_head": gpus - 1}
+        device_map.update({f"model.layers.{i}": i * gpus // layers for i in range(layers)})
+        model = dispatch_model(model, device_map=device_map)
     return model.eval()
+
+
+def synchronize() -> None:
+    for device in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(device)
+
+
+def reset_peaks() -> None:
+    torch.cuda.empty_cache()
+    for device in range(torch.cuda.device_count()):
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peaks_gb() -> list[float]:
+    """Peak allocated memory of each GPU since `reset_peaks`."""
+    return [torch.cuda.max_memory_allocated(device) / 2**30 for device in range(torch.cuda.device_count())]
 
 
 def word_tokenizer():
@@ -47,18 +70,17 @@ def word_tokenizer():
 
 
 def timed(fn):
-    torch.cuda.synchronize()
+    synchronize()
     t0 = time.perf_counter()
     out = fn()
-    torch.cuda.synchronize()
+    synchronize()
     return out, time.perf_counter() - t0
 
 
 def run_full(model, ids: list[int], decode_steps: int) -> dict:
     from transformers import DynamicCache
 
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    reset_peaks()
     cache = DynamicCache(config=model.config)
     x = torch.tensor([ids], device="cuda")
     with torch.inference_mode():
@@ -70,18 +92,18 @@ def run_full(model, ids: list[int], decode_steps: int) -> dict:
             _, dt = timed(lambda t=token, p=pos: model(input_ids=t, position_ids=p, past_key_values=cache,
                                                       use_cache=True, logits_to_keep=1))
             steps.append(dt)
-    return {"prefill_s": prefill, "decode_ms": 1000 * statistics.median(steps),
-            "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+    return {"prefill_s": prefill, "decode_ms": 1000 * statistics.median(steps), "peak_gb": peaks_gb()}
 
 
 def run_qllm(engine, ids: list[int], decode_steps: int) -> dict:
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    reset_peaks()
     session = engine._new_session(len(ids) + decode_steps)
     heads, head_dim = engine.model.config.num_attention_heads, engine._head_dim
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    def random(*shape: int) -> dict[int, torch.Tensor]:
-        return {i: torch.randn(*shape, device="cuda", generator=generator) for i in range(engine._n_layers)}
+    devices = [layer.self_attn.o_proj.weight.device for layer in engine.model.model.layers]
+    generator = torch.Generator().manual_seed(0)
+
+    def random(*shape: int) -> dict[int, torch.Tensor]:  # on each layer's GPU
+        return {i: torch.randn(*shape, generator=generator).to(devices[i]) for i in range(engine._n_layers)}
 
     # a random 16-token question after a 4-token header: vectors bias the reading, queries choose the evidence
     question = Question(random(heads, head_dim), random(heads, 16, head_dim), random(heads, 4, head_dim))
@@ -92,8 +114,7 @@ def run_qllm(engine, ids: list[int], decode_steps: int) -> dict:
     steps = [timed(lambda t=t: session.feed([t]))[1] for t in ids[:decode_steps]]
     layer = next(iter(session.memory.layers.values()))
     result = {"prefill_s": prefill, "decode_ms": 1000 * statistics.median(steps),
-              "peak_gb": torch.cuda.max_memory_allocated() / 2**30,
-              "blocks_per_layer": layer.n_blocks, "offloaded_per_layer": layer.store.offloaded}
+              "peak_gb": peaks_gb(), "blocks_per_layer": layer.n_blocks, "offloaded_per_layer": layer.store.offloaded}
     return result
 
 
@@ -133,12 +154,13 @@ def main() -> None:
     parser.add_argument("--offload-lengths", type=int, nargs="*", default=[100000])
     parser.add_argument("--profile-length", type=int, default=0)
     parser.add_argument("--no-full", action="store_true")
+    parser.add_argument("--gpus", type=int, default=1, help="split the layers evenly over this many GPUs")
     parser.add_argument("--out", default="gpu_speed.json")
     args = parser.parse_args()
 
     from qllm_runtime import QLLMConfig, QLLMEngine
 
-    model = llama3_8b(args.layers)
+    model = llama3_8b(args.layers, args.gpus)
     tokenizer = word_tokenizer()
     device_pool = QLLMEngine(model, tokenizer, QLLMConfig(offload="device", **QLLM_WINDOWS))
     offloaded = QLLMEngine(model, tokenizer, QLLMConfig(offload="auto", device_pool_gb=args.offload_gb,
@@ -163,7 +185,8 @@ def main() -> None:
             row["qllm_offload"] = run_qllm(offloaded, ids, args.decode_steps)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "config": QLLM_WINDOWS,
+    report = {"device": torch.cuda.get_device_name(), "gpus": args.gpus, "torch": torch.__version__,
+              "config": QLLM_WINDOWS,
               "rows": rows}
     if args.profile_length:
         ids = torch.randint(0, 128000, (args.profile_length,), generator=rng).tolist()
@@ -171,8 +194,8 @@ def main() -> None:
         print(json.dumps(report["profile"]), flush=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
-    print(f"\n{report['device']}, torch {report['torch']}, LLaMA-3-8B shape ({args.layers} layers), bf16")
-    print("| tokens | method | prefill s | decode ms/tok | peak GB | prefill vs full | decode vs full |")
+    print(f"\n{args.gpus} × {report['device']}, torch {report['torch']}, LLaMA-3-8B shape ({args.layers} layers), bf16")
+    print("| tokens | method | prefill s | decode ms/tok | peak GB per GPU | prefill vs full | decode vs full |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         full = row.get("full", {})
@@ -183,9 +206,10 @@ def main() -> None:
             if "error" in r:
                 print(f"| {row['tokens']} | {method} | {r['error']} | | | | |")
                 continue
+            peaks = " / ".join(f"{gb:.1f}" for gb in r["peak_gb"][: args.gpus])
             ratio = (f"{r['prefill_s'] / full['prefill_s']:.2f}× | {r['decode_ms'] / full['decode_ms']:.2f}×"
                      if "prefill_s" in full else "– | –")
-            print(f"| {row['tokens']} | {method} | {r['prefill_s']:.2f} | {r['decode_ms']:.1f} | {r['peak_gb']:.1f} "
+            print(f"| {row['tokens']} | {method} | {r['prefill_s']:.2f} | {r['decode_ms']:.1f} | {peaks} "
                   f"| {ratio} |")
 
 

@@ -43,7 +43,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                             help=f"{field.description or name} (default: {field.default})")
     parser.add_argument("--evidence-tokens", type=_evidence_tokens, default=None, metavar="N|auto|off",
                         help="evidence every layer attends while answering, in tokens; off: per-token lookups "
-                        "(default: auto, half the model's window, at most 16K)")
+                        "(default: auto, half the model's window, at most 4K)")
 
 
 def _evidence_tokens(text: str) -> int | str:

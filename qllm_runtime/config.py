@@ -57,7 +57,7 @@ class QLLMConfig(BaseModel):
     evidence_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         "auto", description="while answering, every layer attends the same evidence blocks, chosen once by the "
         "question (the blocks to which it adds the most attention, over all layers), up to this many tokens; "
-        "`auto` = half the model's trained window, at most 16K; None = each answer token looks blocks up itself "
+        "`auto` = half the model's trained window, at most 4K; None = each answer token looks blocks up itself "
         "(InfLLM)"
     )
     evidence_neighbors: int = Field(

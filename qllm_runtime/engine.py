@@ -30,7 +30,9 @@ from .rope import RotaryTables
 from .session import FullSession, MemorySession, Progress, Session
 
 log = logging.getLogger("quickllama")
-AUTO_EVIDENCE_CAP = 16384  # evidence tokens at most for evidence_tokens="auto": each answer token attends them
+# evidence tokens at most for evidence_tokens="auto": a short evidence is read better (Qwen-0.5B SQuAD at 32K and 128K:
+# 50 % with 4K, 33 / 17 % with 16K; BENCHMARKS.md §7 D) and decodes faster
+AUTO_EVIDENCE_CAP = 4096
 
 
 class QLLMEngine:

@@ -159,8 +159,8 @@ def test_without_evidence_answers_look_blocks_up_per_token(llama):
         assert all(layer.evidence is None for layer in session.memory.layers.values())
     auto = QLLMEngine(model, tokenizer, QLLMConfig(**TINY_WINDOWS))
     assert auto._evidence_blocks() == model.config.max_position_embeddings // 2 // TINY_WINDOWS["block_size"]
-    model.config.max_position_embeddings = 1 << 17  # a 128K window: capped at 16K tokens
+    model.config.max_position_embeddings = 1 << 17  # a 128K window: capped at 4K tokens
     try:
-        assert auto._evidence_blocks() == 16384 // TINY_WINDOWS["block_size"]
+        assert auto._evidence_blocks() == 4096 // TINY_WINDOWS["block_size"]
     finally:
         model.config.max_position_embeddings = 4096
