@@ -445,3 +445,26 @@ def test_evidence_recall_compares_every_scoring(capsys):
         "mean", "max_token", "max_minus_header", "mean_minus_header", "last_8_tokens", "top_10pct_heads",
         "rank_fusion", "log_mean"}
     assert all(0 <= float(cell) <= 100 for row in rows for cell in row[4:6])
+
+
+def test_infllm_reference_samples_and_comparison(tmp_path, tokenizer):
+    """The reference script writes our bench's samples with the prompt our engine feeds, and compares per cell on
+    the (sample, query) pairs both runs scored only."""
+    from benchmarks import infllm_reference as ref
+
+    samples = tmp_path / "samples.jsonl"
+    ref.main(["--write-samples", str(samples), "--tasks", "niah", "--lengths", "1024", "--samples", "1",
+              "--depths", "20,80"])
+    lines = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert [(s["task"], s["length"], s["sample"], s["depth"]) for s in lines] == [
+        ("niah", 1024, 0, 0.2), ("niah", 1024, 1, 0.8)]
+    for s in lines:
+        prompt = tokenizer.decode(s["prompt_ids"])
+        assert s["question"] in prompt and s["context"][-200:] in prompt and prompt.index(s["question"]) > 0
+    ref_rows = [{**{k: s[k] for k in ref.KEY}, "method": "infllm-ref[qwen]", "score": float(i == 0)}
+                for i, s in enumerate(lines)]
+    ours = [{**{k: s[k] for k in ref.KEY}, "method": "qllm", "score": 1.0, "error": None} for s in lines]
+    ours.append({**ours[0], "sample": 7})  # a sample the reference did not run: left out
+    (tmp_path / "ours.json").write_text(json.dumps({"rows": ours}))
+    table = ref.compare(tmp_path / "ours.json", ref_rows)
+    assert "| niah | 1024 | 50 (2) | 100 (2) |" in table and "on the 2 (sample, query) pairs" in table
