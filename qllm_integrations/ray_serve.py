@@ -157,14 +157,15 @@ def _replica_errors() -> Iterator[None]:
 
 
 def ray_app(engine: EngineFactory, store: str | os.PathLike = DEFAULT_STORE, *, replicas: int | None = None,
-            max_new_tokens: int = 64, cached_documents: int = 4) -> Application:
+            max_new_tokens: int = 64, cached_documents: int = 4, device: str | None = None) -> Application:
     """The application: `replicas` engines made by `engine()` (None: one per GPU of this machine, else one),
     documents' memories saved in `store`, `cached_documents` memories held per replica; `max_new_tokens`
-    applies when a request sets no limit."""
+    applies when a request sets no limit. Each replica takes one GPU from Ray, or a share of the CPU cores when
+    `device` is a CPU (None: the GPUs where CUDA is available)."""
+    on_gpus = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     if replicas is None:
-        replicas = max(torch.cuda.device_count(), 1)
-    resources = ({"num_gpus": 1} if torch.cuda.is_available()
-                 else {"num_cpus": max(1, (os.cpu_count() or 1) // replicas)})
+        replicas = max(torch.cuda.device_count(), 1) if on_gpus else 1
+    resources = {"num_gpus": 1} if on_gpus else {"num_cpus": max(1, (os.cpu_count() or 1) // replicas)}
     engines = EngineReplica.options(num_replicas=replicas, ray_actor_options=resources)
     return Gateway.bind(engines.bind(engine, str(store), max_new_tokens, cached_documents), str(store))
 
@@ -189,12 +190,12 @@ def app_builder(args: dict[str, Any]) -> Application:
     config = QLLMConfig(**{**base.model_dump(), **options.config})
     engine = functools.partial(shared_engine, options.model, config, options.device)
     return ray_app(engine, options.store, replicas=options.replicas, max_new_tokens=options.max_new_tokens,
-                   cached_documents=options.cached_documents)
+                   cached_documents=options.cached_documents, device=options.device)
 
 
 def serve_ray(engine: EngineFactory, *, host: str = "127.0.0.1", port: int = 8000,
               store: str | os.PathLike = DEFAULT_STORE, replicas: int | None = None, max_new_tokens: int = 64,
-              cached_documents: int = 4) -> None:
+              cached_documents: int = 4, device: str | None = None) -> None:
     """Serve `ray_app(...)` on `host:port` until Ctrl-C or SIGTERM, on a Ray instance started here (or the
     cluster at RAY_ADDRESS); the application is deleted on the way out."""
     serve.start(http_options={"host": host, "port": port})
@@ -202,7 +203,7 @@ def serve_ray(engine: EngineFactory, *, host: str = "127.0.0.1", port: int = 800
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         serve.run(ray_app(engine, store, replicas=replicas, max_new_tokens=max_new_tokens,
-                          cached_documents=cached_documents), blocking=True)
+                          cached_documents=cached_documents, device=device), blocking=True)
     except KeyboardInterrupt:
         pass
     finally:

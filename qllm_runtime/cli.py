@@ -166,7 +166,8 @@ def cmd_serve(args: argparse.Namespace, config: QLLMConfig) -> int:
             from qllm_integrations.ray_serve import serve_ray
         except ImportError as error:
             raise InvalidInputError(f"serve --ray needs Ray Serve ({error}): pip install 'quickllama[ray]'") from error
-        serve_ray(partial(shared_engine, args.model, config, args.device), replicas=args.replicas, **options)
+        serve_ray(partial(shared_engine, args.model, config, args.device), replicas=args.replicas,
+                  device=args.device, **options)
         return 0
     try:
         from qllm_integrations.server import serve
