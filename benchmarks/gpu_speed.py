@@ -1,7 +1,8 @@
 """GPU speed and memory of the engine against stock SDPA full attention, on a LLaMA-3-8B-shaped model.
 
     python -m benchmarks.gpu_speed --lengths 32768 100000 --profile-length 32768
-    python -m benchmarks.gpu_speed --gpus 2 --lengths 1048576 --no-full --offload-lengths  # layers split over 2 GPUs
+    python -m benchmarks.gpu_speed --gpus 2 --lengths 1000000 --no-full --offload-lengths  # layers split over 2 GPUs
+    python -m benchmarks.gpu_speed --kv-dtype float8_e4m3 --lengths 100000 1000000 --no-full --offload-lengths
 
 Random bf16 weights of the real shape (speed and memory only, never accuracy). Full attention is one
 forward of the stock model (SDPA) with a DynamicCache, then single-token decode steps. QuickLLaMA reads
@@ -155,6 +156,7 @@ def main() -> None:
     parser.add_argument("--profile-length", type=int, default=0)
     parser.add_argument("--no-full", action="store_true")
     parser.add_argument("--gpus", type=int, default=1, help="split the layers evenly over this many GPUs")
+    parser.add_argument("--kv-dtype", choices=["auto", "float8_e4m3"], default="auto", help="block storage")
     parser.add_argument("--out", default="gpu_speed.json")
     args = parser.parse_args()
 
@@ -162,9 +164,9 @@ def main() -> None:
 
     model = llama3_8b(args.layers, args.gpus)
     tokenizer = word_tokenizer()
-    device_pool = QLLMEngine(model, tokenizer, QLLMConfig(offload="device", **QLLM_WINDOWS))
-    offloaded = QLLMEngine(model, tokenizer, QLLMConfig(offload="auto", device_pool_gb=args.offload_gb,
-                                                        **QLLM_WINDOWS))
+    windows = {**QLLM_WINDOWS, "kv_dtype": args.kv_dtype}
+    device_pool = QLLMEngine(model, tokenizer, QLLMConfig(offload="device", **windows))
+    offloaded = QLLMEngine(model, tokenizer, QLLMConfig(offload="auto", device_pool_gb=args.offload_gb, **windows))
     rng = torch.Generator().manual_seed(0)
     warm = torch.randint(0, 128000, (4096,), generator=rng).tolist()
     run_qllm(device_pool, warm, 2)
@@ -186,7 +188,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     report = {"device": torch.cuda.get_device_name(), "gpus": args.gpus, "torch": torch.__version__,
-              "config": QLLM_WINDOWS,
+              "config": windows,
               "rows": rows}
     if args.profile_length:
         ids = torch.randint(0, 128000, (args.profile_length,), generator=rng).tolist()

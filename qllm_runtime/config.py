@@ -68,6 +68,10 @@ class QLLMConfig(BaseModel):
         True, description="without evidence: keep attending the blocks the question turn looked up (besides each "
         "generated token's own picks), so an answer does not lose its evidence mid-copy"
     )
+    kv_dtype: Literal["auto", "float8_e4m3"] = Field(
+        "auto", description="how blocks are stored: auto = in the model's dtype; float8_e4m3 = one byte per value "
+        "with a float32 scale per block and KV head (half of bf16's memory), de-quantised when gathered"
+    )
     offload: Offload = Field("auto", description="block placement: device pool, CPU + device LRU cache, or auto")
     device_pool_gb: float | None = Field(
         None, gt=0, description="auto: bytes of blocks (all layers) kept on the device before offloading; "

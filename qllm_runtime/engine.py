@@ -249,7 +249,7 @@ class QLLMEngine:
 
     def _placement(self, n_tokens: int) -> Placement:
         """Block placement for a reading of about `n_tokens` tokens by this model."""
-        itemsize = next(self.model.parameters()).element_size()
+        itemsize = 1 if self.config.kv_dtype == "float8_e4m3" else next(self.model.parameters()).element_size()
         kv_bytes_per_token = 2 * self._n_layers * self._kv_heads * self._head_dim * itemsize
         return plan_placement(self.config, n_tokens, self.device, kv_bytes_per_token)
 

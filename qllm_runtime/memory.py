@@ -76,7 +76,7 @@ class LayerMemory:
         self.seen = 0  # tokens appended so far = next absolute position
         self.store = BlockStore(
             kv_heads, config.block_size, head_dim, dtype, device,
-            placement.device_limit, placement.max_cached, placement.expected_blocks,
+            placement.device_limit, placement.max_cached, placement.expected_blocks, config.kv_dtype == "float8_e4m3",
         )
         n_repr = max(placement.expected_blocks, 16)
         self.repr_keys = torch.empty((n_repr, heads, head_dim), dtype=dtype, device=device)

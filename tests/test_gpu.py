@@ -31,6 +31,20 @@ def test_kernel_path_matches_reference_path(tokenizer, dtype, offload, far_posit
         torch.testing.assert_close(f, r, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("offload", ["device", "cpu"])
+def test_fp8_blocks_kernel_path_matches_reference_path(tokenizer, offload, monkeypatch):
+    """float8 blocks, de-quantised on the GPU from the pool or through the offload cache, read by the kernels =
+    read by the reference ops."""
+    model = tiny_model("llama", len(tokenizer), hidden_size=256).to("cuda")
+    ids = random_ids(700, len(tokenizer))
+    config = QLLMConfig(offload=offload, max_cached_blocks=4, kv_dtype="float8_e4m3", **WINDOWS)
+    fast = session_logits(QLLMEngine(model, tokenizer, config), ids, 8)
+    monkeypatch.setenv("QUICKLLAMA_KERNELS", "0")
+    reference = session_logits(QLLMEngine(model, tokenizer, config), ids, 8)
+    for f, r in zip(fast, reference, strict=True):
+        torch.testing.assert_close(f, r, rtol=1e-3, atol=1e-3)
+
+
 def test_gpu_answer_equals_cpu_answer(default_model):
     model, tokenizer = default_model
     context = "The vault code is 7. " + "Filler sentence about nothing. " * 300

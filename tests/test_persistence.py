@@ -40,9 +40,10 @@ def saved(tiny_llama, tokenizer, tmp_path_factory):
     return engine, memory, memory.save(tmp_path_factory.mktemp("saved") / "doc.qmem")
 
 
-@pytest.mark.parametrize("mode", ["qllm", "infllm", "streaming", "full"])
+@pytest.mark.parametrize("mode", ["qllm", "infllm", "streaming", "full", "qllm-fp8"])
 def test_loaded_memory_answers_as_saved_twice_over(tiny_llama, tokenizer, tmp_path, mode):
-    config = {"mode": mode} if mode == "full" else {**TINY_WINDOWS, "mode": mode}
+    configs = {"full": {"mode": "full"}, "qllm-fp8": {**TINY_WINDOWS, "kv_dtype": "float8_e4m3"}}
+    config = configs.get(mode, {**TINY_WINDOWS, "mode": mode})
     engine = engine_of(tiny_llama, tokenizer, **config)
     memory = engine.read(TEXT)
     once = engine.load_memory(memory.save(tmp_path / "a.qmem"))
@@ -51,7 +52,7 @@ def test_loaded_memory_answers_as_saved_twice_over(tiny_llama, tokenizer, tmp_pa
     assert twice.tokens.offsets == memory.tokens.offsets
     same_answers(memory, twice)
     same_answers(memory, once)  # asking left both unchanged
-    if mode in ("qllm", "infllm"):
+    if mode in ("qllm", "infllm", "qllm-fp8"):
         assert memory.ask(QUESTION, max_new_tokens=1).blocks  # the test looks blocks up
     more = " " + " ".join(haystack(10, seed=6))
     memory.extend(more)
