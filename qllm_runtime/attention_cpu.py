@@ -59,15 +59,17 @@ def attend_tiled(
         parts = [local]
         if n_far:
             far = torch.bmm(q_far[:, :, t0:t1].reshape(kv_heads, rows, head_dim), k_far_t)  # (kv_heads, rows, n_far)
-            far.view(kv_heads, group, t1 - t0, n_far).masked_fill_(far_hidden[t0:t1], float("-inf"))
+            if (hidden := far_hidden[t0:t1]).any():  # far keys are mostly seen by every query of a tile
+                far.view(kv_heads, group, t1 - t0, n_far).masked_fill_(hidden, float("-inf"))
             parts.append(far)
         peak = torch.stack([p.amax(dim=-1, keepdim=True) for p in parts]).amax(dim=0)  # finite: q sees itself
-        total = sum(p.sub_(peak).exp_().sum(dim=-1, keepdim=True) for p in parts)
-        for p in parts:
-            p.div_(total)
+        inv_total = sum(p.sub_(peak).exp_().sum(dim=-1, keepdim=True) for p in parts).reciprocal_()  # (kv, rows, 1)
+        # normalise the (rows × head_dim) output and the (heads × keys) received sums, not the probabilities
         tile_out = torch.bmm(local, v_local[:, lo:hi])
         if n_far:
             tile_out.baddbmm_(far, v_far)
-        out[:, :, t0:t1] = tile_out.view(kv_heads, group, t1 - t0, head_dim)
-        received[..., lo:hi] += local.view(kv_heads, group, t1 - t0, hi - lo).sum(dim=2)
+        out[:, :, t0:t1] = tile_out.mul_(inv_total).view(kv_heads, group, t1 - t0, head_dim)
+        per_head = (kv_heads * group, t1 - t0)
+        received[..., lo:hi] += torch.bmm(inv_total.view(*per_head, 1).transpose(1, 2),
+                                          local.view(*per_head, hi - lo)).view(kv_heads, group, hi - lo)
     return out.view(heads, n_q, head_dim).transpose(0, 1).to(query.dtype), received.view(heads, n_loc)
