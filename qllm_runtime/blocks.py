@@ -10,7 +10,8 @@ everything. With `fp8` the blocks are kept as float8 e4m3 bits with a float32 sc
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -18,9 +19,27 @@ from torch import Tensor
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 
-# A block's K and V as stored, and their scales ((kv_heads,) each; None unless fp8); the pool and the cache hold
-# the same four planes with a leading block / slot dimension.
-Planes = tuple[Tensor, Tensor, Tensor | None, Tensor | None]
+@dataclass
+class Planes:
+    """K and V as stored, and (fp8) their scales: for one block (kv_heads, block_size, head_dim) and (kv_heads,);
+    the pool, the cache and a gather hold the same with leading dimensions."""
+
+    k: Tensor
+    v: Tensor
+    k_scale: Tensor | None = None
+    v_scale: Tensor | None = None
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> Planes:
+        return Planes(*(None if t is None else fn(t) for t in self.tensors()))
+
+    def tensors(self) -> list[Tensor | None]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    def copy_to(self, target: Planes, fn: Callable[[Tensor, Tensor], None]) -> None:
+        """fn(target plane, own plane) for each plane both hold."""
+        for mine, theirs in zip(self.tensors(), target.tensors(), strict=True):
+            if mine is not None and theirs is not None:
+                fn(theirs, mine)
 
 
 def quantize(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -69,21 +88,20 @@ class BlockStore:
         """Room for n blocks on the device."""
         k = torch.empty((n, *self.shape), dtype=torch.uint8 if self.fp8 else self.dtype, device=self.device)
         if not self.fp8:
-            return k, torch.empty_like(k), None, None
+            return Planes(k, torch.empty_like(k))
         scales = torch.empty((n, self.shape[0]), dtype=torch.float32, device=self.device)
-        return k, torch.empty_like(k), scales, torch.empty_like(scales)
+        return Planes(k, torch.empty_like(k), scales, torch.empty_like(scales))
 
     def _encode(self, k: Tensor, v: Tensor) -> Planes:
         if not self.fp8:
-            return k, v, None, None
-        (k, k_scale), (v, v_scale) = quantize(k), quantize(v)
-        return k, v, k_scale, v_scale
+            return Planes(k, v)
+        (k_bits, k_scale), (v_bits, v_scale) = quantize(k), quantize(v)
+        return Planes(k_bits, v_bits, k_scale, v_scale)
 
     def _decode(self, planes: Planes) -> tuple[Tensor, Tensor]:
-        k, v, k_scale, v_scale = planes
-        if k_scale is None or v_scale is None:
-            return k, v
-        return dequantize(k, k_scale, self.dtype), dequantize(v, v_scale, self.dtype)
+        if planes.k_scale is None or planes.v_scale is None:
+            return planes.k, planes.v
+        return dequantize(planes.k, planes.k_scale, self.dtype), dequantize(planes.v, planes.v_scale, self.dtype)
 
     def add(self, k: Tensor, v: Tensor) -> None:
         """Append blocks. k, v: (count, kv_heads, block_size, head_dim)."""
@@ -91,30 +109,25 @@ class BlockStore:
         planes = self._encode(k, v)
         pooled = max(0, min(count, self.device_limit - first))
         if pooled:
-            if first + pooled > self._pool[0].shape[0]:
-                self._grow_pool(min(self.device_limit, max(2 * self._pool[0].shape[0], first + pooled)))
-            for pool, new in zip(self._pool, planes, strict=True):
-                if pool is not None:
-                    pool[first : first + pooled] = new[:pooled]
+            if first + pooled > self._pool.k.shape[0]:
+                self._grow_pool(min(self.device_limit, max(2 * self._pool.k.shape[0], first + pooled)))
+            planes.map(lambda t: t[:pooled]).copy_to(self._pool.map(lambda t: t[first : first + pooled]),
+                                                      Tensor.copy_)
         for i in range(pooled, count):
-            host = []
-            for plane in planes:
-                if plane is None:
-                    host.append(None)
-                    continue
-                host.append(torch.empty(plane.shape[1:], dtype=plane.dtype, pin_memory=self._pin))
-                host[-1].copy_(plane[i])
-            self._host.append(tuple(host))  # type: ignore[arg-type]
+            host = planes.map(lambda t: torch.empty(t.shape[1:], dtype=t.dtype, pin_memory=self._pin))
+            planes.map(lambda t, i=i: t[i]).copy_to(host, Tensor.copy_)
+            self._host.append(host)
         self.n_blocks += count
 
     def _pooled(self, start: int, end: int) -> Planes:
-        return tuple(None if p is None else p[start:end] for p in self._pool)  # type: ignore[return-value]
+        return self._pool.map(lambda t: t[start:end])
 
     def _offloaded(self, start: int, end: int, device: torch.device) -> Planes:
         """Offloaded blocks start .. end-1 (of the offloaded ones), stacked, on `device`."""
         host = self._host[start:end]
-        return tuple(None if host[0][i] is None else torch.stack([b[i] for b in host]).to(device, non_blocking=True)
-                     for i in range(4))  # type: ignore[return-value]
+        stacked = [None if t is None else torch.stack([b.tensors()[i] for b in host]).to(device, non_blocking=True)
+                   for i, t in enumerate(host[0].tensors())]
+        return Planes(*stacked)
 
     def export(self) -> tuple[Tensor, Tensor]:
         """K and V of every block, pooled and offloaded, in order, de-quantised:
@@ -150,40 +163,37 @@ class BlockStore:
         m = indices.shape[1]
         if self.n_blocks <= self.device_limit:  # all pooled: stays on the device, no host sync
             rows, heads = indices.expand(kv_heads, m), torch.arange(kv_heads, device=self.device)[:, None]
-            planes = tuple(None if p is None else p[rows, heads] for p in self._pool)
+            planes = self._pool.map(lambda t: t[rows, heads])
         else:
             blocks = indices.expand(kv_heads, m).tolist()  # host sync: offloaded blocks go through the LRU cache
-            planes = tuple(None if p is None else p.new_empty((kv_heads, m, *p.shape[2:])) for p in self._cache)
+            planes = self._cache.map(lambda t: t.new_empty((kv_heads, m, *t.shape[2:])))
             for h, row in enumerate(blocks):
                 for i, block in enumerate(row):  # copy at once: a later miss may reuse this slot
-                    for out, plane in zip(planes, self._fetch(block), strict=True):
-                        if out is not None:
+                    for out, plane in zip(planes.tensors(), self._fetch(block).tensors(), strict=True):
+                        if out is not None and plane is not None:
                             out[h, i] = plane[h]
-        k, v = self._decode(planes)  # type: ignore[arg-type]
+        k, v = self._decode(planes)
         return k.reshape(kv_heads, m * block_size, head_dim), v.reshape(kv_heads, m * block_size, head_dim)
 
     def _fetch(self, block: int) -> Planes:
         """A block's stored planes on the device: from the pool, or through the LRU cache."""
         if block < self.device_limit:
-            return tuple(None if p is None else p[block] for p in self._pool)  # type: ignore[return-value]
+            return self._pool.map(lambda t: t[block])
         slot = self._slots.get(block)
         if slot is None:
             self.cache_misses += 1
-            if len(self._slots) < self._cache[0].shape[0]:
+            if len(self._slots) < self._cache.k.shape[0]:
                 slot = len(self._slots)
             else:
                 _, slot = self._slots.popitem(last=False)
-            for cache, host in zip(self._cache, self._host[block - self.device_limit], strict=True):
-                if cache is not None:
-                    cache[slot].copy_(host, non_blocking=True)
+            self._host[block - self.device_limit].copy_to(self._cache.map(lambda t: t[slot]),
+                                                          lambda dst, src: dst.copy_(src, non_blocking=True))
             self._slots[block] = slot
         else:
             self._slots.move_to_end(block)
-        return tuple(None if p is None else p[slot] for p in self._cache)  # type: ignore[return-value]
+        return self._cache.map(lambda t: t[slot])
 
     def _grow_pool(self, capacity: int) -> None:
         grown = self._empty(capacity)
-        for old, new in zip(self._pool, grown, strict=True):
-            if old is not None:
-                new[: old.shape[0]] = old
+        self._pool.copy_to(grown.map(lambda t: t[: self._pool.k.shape[0]]), Tensor.copy_)
         self._pool = grown

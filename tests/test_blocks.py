@@ -55,7 +55,7 @@ def test_fp8_store_gathers_what_it_stored_on_every_path(device_limit):
 def test_fp8_pool_takes_a_quarter_of_float32():
     def pool_bytes(fp8: bool) -> int:
         store = BlockStore(*SHAPE, torch.float32, torch.device("cpu"), 100, 2, expected_blocks=64, fp8=fp8)
-        return sum(p.numel() * p.element_size() for p in store._pool if p is not None)
+        return sum(p.numel() * p.element_size() for p in store._pool.tensors() if p is not None)
 
     assert pool_bytes(True) < 0.26 * pool_bytes(False)
 
