@@ -126,9 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     args.cached_documents = args.cached_documents or args.documents
     import torch
 
-    on_gpus = torch.cuda.is_available() if args.device is None else args.device == "cuda"
-    if on_gpus and max(args.replicas) > torch.cuda.device_count():  # else serve.run waits
-        parser.error(f"each replica takes a GPU (ray_serve.ray_app): at most {torch.cuda.device_count()} replicas")
+    from qllm_integrations.ray_serve import replica_resources
+
+    _, resources = replica_resources(args.device, max(args.replicas))
+    if "num_gpus" in resources and max(args.replicas) > torch.cuda.device_count():  # else serve.run waits
+        parser.error(f"each replica takes a GPU: at most {torch.cuda.device_count()} replicas")
 
     docs = [document(i, args.doc_tokens, args.facts) for i in range(args.documents)]
     questions = [(i % args.documents, (i // args.documents) % args.facts) for i in range(args.questions)]

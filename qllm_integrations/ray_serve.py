@@ -156,16 +156,22 @@ def _replica_errors() -> Iterator[None]:
         raise error.cause from None
 
 
+def replica_resources(device: str | None, replicas: int | None) -> tuple[int, dict[str, float]]:
+    """(replicas, each replica's Ray resources): one GPU each when `device` is CUDA, or unset where CUDA is
+    available (replicas None: one per GPU); else a share of the CPU cores (replicas None: one)."""
+    on_gpus = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    if replicas is None:
+        replicas = max(torch.cuda.device_count(), 1) if on_gpus else 1
+    return replicas, {"num_gpus": 1} if on_gpus else {"num_cpus": max(1, (os.cpu_count() or 1) // replicas)}
+
+
 def ray_app(engine: EngineFactory, store: str | os.PathLike = DEFAULT_STORE, *, replicas: int | None = None,
             max_new_tokens: int = 64, cached_documents: int = 4, device: str | None = None) -> Application:
     """The application: `replicas` engines made by `engine()` (None: one per GPU of this machine, else one),
     documents' memories saved in `store`, `cached_documents` memories held per replica; `max_new_tokens`
     applies when a request sets no limit. Each replica takes one GPU from Ray, or a share of the CPU cores when
     `device` is a CPU (None: the GPUs where CUDA is available)."""
-    on_gpus = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
-    if replicas is None:
-        replicas = max(torch.cuda.device_count(), 1) if on_gpus else 1
-    resources = {"num_gpus": 1} if on_gpus else {"num_cpus": max(1, (os.cpu_count() or 1) // replicas)}
+    replicas, resources = replica_resources(device, replicas)
     engines = EngineReplica.options(num_replicas=replicas, ray_actor_options=resources)
     return Gateway.bind(engines.bind(engine, str(store), max_new_tokens, cached_documents), str(store))
 

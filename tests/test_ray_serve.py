@@ -28,7 +28,7 @@ from tests.conftest import SMALL_WINDOWS
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-from qllm_integrations.ray_serve import ray_app  # noqa: E402 (needs ray)
+from qllm_integrations.ray_serve import ray_app, replica_resources  # noqa: E402 (needs ray)
 
 pytestmark = pytest.mark.slow
 APP = "quickllama-test"
@@ -122,6 +122,18 @@ def wait_for_replicas(n: int, timeout: float = 60) -> None:
     while serve.status().applications[APP].deployments["EngineReplica"].replica_states.get("RUNNING", 0) < n:
         assert time.monotonic() < deadline, "no replacement replica started"
         time.sleep(0.2)
+
+
+def test_replicas_take_gpus_only_for_a_cuda_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert replica_resources(None, None) == (2, {"num_gpus": 1})  # one replica per GPU
+    assert replica_resources("cuda", 1) == (1, {"num_gpus": 1})
+    assert replica_resources("cpu", None) == (1, {"num_cpus": 8})  # CPU replicas on a GPU machine
+    assert replica_resources("cpu", 4) == (4, {"num_cpus": 2})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert replica_resources(None, 3) == (3, {"num_cpus": 2})
 
 
 def test_ray_is_imported_only_by_the_ray_app():
