@@ -165,13 +165,14 @@ class BlockStore:
             rows, heads = indices.expand(kv_heads, m), torch.arange(kv_heads, device=self.device)[:, None]
             planes = self._pool.map(lambda t: t[rows, heads])
         else:
-            blocks = indices.expand(kv_heads, m).tolist()  # host sync: offloaded blocks go through the LRU cache
+            blocks = indices.tolist()  # host sync: offloaded blocks go through the LRU cache
             planes = self._cache.map(lambda t: t.new_empty((kv_heads, m, *t.shape[2:])))
-            for h, row in enumerate(blocks):
+            for h, row in enumerate(blocks):  # one row: the same blocks for every KV head, copied whole
+                heads = slice(None) if len(blocks) == 1 else slice(h, h + 1)
                 for i, block in enumerate(row):  # copy at once: a later miss may reuse this slot
                     for out, plane in zip(planes.tensors(), self._fetch(block).tensors(), strict=True):
                         if out is not None and plane is not None:
-                            out[h, i] = plane[h]
+                            out[heads, i] = plane[heads]
         k, v = self._decode(planes)
         return k.reshape(kv_heads, m * block_size, head_dim), v.reshape(kv_heads, m * block_size, head_dim)
 
