@@ -124,10 +124,8 @@ class BlockStore:
 
     def _offloaded(self, start: int, end: int, device: torch.device) -> Planes:
         """Offloaded blocks start .. end-1 (of the offloaded ones), stacked, on `device`."""
-        host = self._host[start:end]
-        stacked = [None if t is None else torch.stack([b.tensors()[i] for b in host]).to(device, non_blocking=True)
-                   for i, t in enumerate(host[0].tensors())]
-        return Planes(*stacked)
+        planes = zip(*(block.tensors() for block in self._host[start:end]), strict=True)  # per plane, every block
+        return Planes(*(None if p[0] is None else torch.stack(p).to(device, non_blocking=True) for p in planes))
 
     def export(self) -> tuple[Tensor, Tensor]:
         """K and V of every block, pooled and offloaded, in order, de-quantised:

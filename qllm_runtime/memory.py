@@ -202,8 +202,7 @@ class LayerMemory:
             pos[n_init:fixed] = self._block_positions(blocks[0])
             self._evidence_buffer = (k, v, pos, self.n_blocks, fixed)
         k, v, pos, _, fixed = self._evidence_buffer
-        rem_start = max(self.tail_start, self.config.n_init)
-        n_rem = max(0, far_end - rem_start)
+        rem_start, n_rem = self._remainder(far_end)
         if fixed + n_rem > k.shape[1]:  # the tail grew past the buffer: gather again
             self._evidence_buffer = None
             return self._evidence_far_set(far_end)
@@ -213,14 +212,19 @@ class LayerMemory:
         pos[fixed : fixed + n_rem] = self._arange(rem_start, rem_start + n_rem)
         return k[:, : fixed + n_rem], v[:, : fixed + n_rem], pos[: fixed + n_rem]
 
-    def _append_remainder(self, far_k: list[Tensor], far_v: list[Tensor], far_pos: list[Tensor], far_end: int) -> None:
-        """Tail tokens out of the window of some query of the group (not yet in a block)."""
+    def _remainder(self, far_end: int) -> tuple[int, int]:
+        """(first position, count) of the remainder: tail tokens out of the window of some query of the group,
+        not yet in a block."""
         rem_start = max(self.tail_start, self.config.n_init)
-        if far_end > rem_start:
-            r0, r1 = rem_start - self.tail_start, far_end - self.tail_start
-            far_k.append(self.tail_k[:, r0:r1])
-            far_v.append(self.tail_v[:, r0:r1])
-            far_pos.append(self._arange(rem_start, far_end))
+        return rem_start, max(0, far_end - rem_start)
+
+    def _append_remainder(self, far_k: list[Tensor], far_v: list[Tensor], far_pos: list[Tensor], far_end: int) -> None:
+        rem_start, n_rem = self._remainder(far_end)
+        if n_rem:
+            r0 = rem_start - self.tail_start
+            far_k.append(self.tail_k[:, r0 : r0 + n_rem])
+            far_v.append(self.tail_v[:, r0 : r0 + n_rem])
+            far_pos.append(self._arange(rem_start, rem_start + n_rem))
 
     def _evidence_blocks(self) -> Tensor:
         """(1, m): the evidence, then every block made since it was chosen, ascending."""
