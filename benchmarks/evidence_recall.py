@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.description = __doc__
     parser.add_argument("--budgets", default="4096,16384", help="evidence budgets in tokens")
     args = parser.parse_args(argv)
-    base = QLLMConfig.model_validate({**QLLMConfig().model_dump(),
+    base = QLLMConfig.model_validate({**QLLMConfig().model_dump(), "full_within_window": False,
                                       **{k: v[0] for k, v in _key_values(args.set, "--set").items()}})
     engine = _load(args, base)
     counter, budgets = data.TokenCounter(engine.tokenizer), [int(b) for b in args.budgets.split(",")]

@@ -155,6 +155,7 @@ def main() -> None:
     parser.add_argument("--offload-lengths", type=int, nargs="*", default=[100000])
     parser.add_argument("--profile-length", type=int, default=0)
     parser.add_argument("--no-full", action="store_true")
+    parser.add_argument("--full-max", type=int, default=None, help="full attention only up to this many tokens")
     parser.add_argument("--gpus", type=int, default=1, help="split the layers evenly over this many GPUs")
     parser.add_argument("--kv-dtype", choices=["auto", "float8_e4m3"], default="auto", help="block storage")
     parser.add_argument("--out", default="gpu_speed.json")
@@ -177,7 +178,7 @@ def main() -> None:
     for length in args.lengths:
         ids = torch.randint(0, 128000, (length,), generator=rng).tolist()
         row = {"tokens": length}
-        if not args.no_full:
+        if not args.no_full and length <= (args.full_max or length):
             try:
                 row["full"] = run_full(model, ids, args.decode_steps)
             except torch.cuda.OutOfMemoryError:

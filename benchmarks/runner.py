@@ -151,6 +151,7 @@ class Runner:
             "score": task.score(answer.text, query),
             "evidence_recall": recall,
             "blocks": len(answer.blocks),
+            "full_attention": answer.full_attention,
             "engine_context_tokens": answer.usage.context_tokens,
             "question_tokens": answer.usage.question_tokens,
             "generated_tokens": answer.usage.generated_tokens,

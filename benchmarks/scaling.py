@@ -17,7 +17,8 @@ import subprocess
 import sys
 import time
 
-WINDOWS = dict(n_init=64, n_local=512, block_size=64, topk=8, lookup_chunk=256, prefill_chunk=4096)
+WINDOWS = dict(n_init=64, n_local=512, block_size=64, topk=8, lookup_chunk=256, prefill_chunk=4096,
+               full_within_window=False)
 
 
 def measure(mode: str, length: int, model: str | None, device: str | None, new_tokens: int) -> dict:

@@ -45,6 +45,9 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--evidence-tokens", type=_evidence_tokens, default=None, metavar="N|auto|off",
                         help="evidence every layer attends while answering, in tokens; off: per-token lookups "
                         "(default: auto, half the model's window, at most 4K)")
+    parser.add_argument("--full-within-window", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"{QLLMConfig.model_fields['full_within_window'].description} (default: on; off for "
+                        "the embedded model)")
 
 
 def _evidence_tokens(text: str) -> int | str:
@@ -62,6 +65,8 @@ def _config(args: argparse.Namespace, saved: dict | None = None) -> QLLMConfig:
     values = {name: getattr(args, name) for name in _CONFIG_FLAGS if getattr(args, name) is not None}
     if args.evidence_tokens is not None:
         values["evidence_tokens"] = None if args.evidence_tokens == "off" else args.evidence_tokens
+    if args.full_within_window is not None:
+        values["full_within_window"] = args.full_within_window
     try:
         base = QLLMConfig() if args.model else EMBEDDED_MODEL_CONFIG
         return QLLMConfig(**{**base.model_dump(), **args.config_defaults, **(saved or {}), **values})
@@ -135,7 +140,10 @@ def _stream_answer(stream) -> Answer:
 
 def cmd_ask(args: argparse.Namespace, config: QLLMConfig) -> int:
     if args.file != "-" and is_memory_file(args.file):  # a saved memory: its config unless options override it
-        config = _config(args, read_manifest(args.file)["config"])
+        saved = read_manifest(args.file)["config"]
+        if saved.get("mode") == "full":  # a full-attention reading loads into an engine of any mode
+            saved = {"prefill_chunk": saved["prefill_chunk"]}
+        config = _config(args, saved)
         stream = _engine(args, config).load_memory(args.file).stream(args.question, max_new_tokens=args.max_new_tokens)
     else:
         text = _read_text(args.file)

@@ -68,6 +68,11 @@ class QLLMConfig(BaseModel):
         True, description="without evidence: keep attending the blocks the question turn looked up (besides each "
         "generated token's own picks), so an answer does not lose its evidence mid-copy"
     )
+    full_within_window: bool = Field(
+        True, description="a reading that fits the model's trained window (max_position_embeddings: the context, "
+        "question turn and answer) uses the model's own full attention, exact; block memory takes over beyond it "
+        "(False: block memory at every length)"
+    )
     kv_dtype: Literal["auto", "float8_e4m3"] = Field(
         "auto", description="how blocks are stored: auto = in the model's dtype; float8_e4m3 = one byte per value "
         "with a float32 scale per block and KV head (half of bf16's memory), de-quantised when gathered"
@@ -102,6 +107,7 @@ class QLLMConfig(BaseModel):
 
 # The embedded SmolLM2-135M (8K-trained, weak) reads a single fact from far blocks better with InfLLM's shared
 # far positions and top-8 than with the ordered top-32 that models which can read need (BENCHMARKS.md §4, §5;
-# evidence blocks help it too, 7 / 8 against 6 / 8):
+# evidence blocks help it too, 7 / 8 against 6 / 8); and within its own 8K window it reads the pass-key from
+# block memory, not with full attention (8K: 100 % against 0 %, BENCHMARKS.md §3), so block memory at every length:
 # what QLLMEngine.default(), the CLI and the adapters use for it when no config is given.
-EMBEDDED_MODEL_CONFIG = QLLMConfig(far_positions="shared", topk=8)
+EMBEDDED_MODEL_CONFIG = QLLMConfig(far_positions="shared", topk=8, full_within_window=False)

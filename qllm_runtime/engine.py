@@ -33,6 +33,8 @@ log = logging.getLogger("quickllama")
 # evidence tokens at most for evidence_tokens="auto": a short evidence is read better (Qwen-0.5B SQuAD at 32K and 128K:
 # 50 % with 4K, 33 / 17 % with 16K; BENCHMARKS.md §7 D) and decodes faster
 AUTO_EVIDENCE_CAP = 4096
+# tokens left free for a question turn and its answer when a document read once is held with full attention
+READ_ROOM = 1024
 
 
 class QLLMEngine:
@@ -138,7 +140,7 @@ class QLLMEngine:
         self._check_capacity(len(tokens.ids), "the context")
         with self._lock.hold(f"engine.read of {len(tokens.ids)} tokens", self.lock_timeout):
             t0 = perf_counter()
-            session = self._new_session(len(tokens.ids))
+            session = self._new_session(len(tokens.ids), full=self._fits_window(len(tokens.ids) + READ_ROOM))
             session.feed(tokens.ids, progress)
             log.info("read %d tokens in %.2f s%s", len(tokens.ids), perf_counter() - t0, _describe(session))
         return Memory(self, session, tokens)
@@ -172,13 +174,16 @@ class QLLMEngine:
         the call fails or is abandoned."""
         with self._lock.hold(f"answer stream for {parts.question!r:.80}", self.lock_timeout):
             t0 = perf_counter()
+            n_more = len(parts.turn_ids) + gen.max_new_tokens
             if memory is None:
-                session = self._new_session(len(parts.context.ids) + len(parts.turn_ids) + gen.max_new_tokens)
+                n_tokens = len(parts.context.ids) + n_more
+                session = self._new_session(n_tokens, full=self._fits_window(n_tokens))
                 snapshot, cached = None, 0
             else:
+                memory._fit(n_more)
                 session, snapshot, cached = memory.session, memory.session.snapshot(), len(parts.context.ids)
             try:
-                session.set_question(self._question(parts.question))
+                session.set_question(self._question(parts.question) if isinstance(session, MemorySession) else None)
                 if memory is None:
                     session.feed(parts.context.ids, progress)
                 if (evidence := self._evidence_blocks()) is not None:
@@ -197,7 +202,8 @@ class QLLMEngine:
                  " looked up", len(parts.context.ids), t1 - t0, len(parts.turn_ids), t2 - t1,
                  len(assembler.ids), t3 - t2, len(blocks))
         usage = Usage(len(parts.context.ids), len(parts.turn_ids), len(assembler.ids), cached)
-        return Answer(assembler.text, usage, blocks, finish, Timings(t1 - t0, t2 - t1, t3 - t2))
+        return Answer(assembler.text, usage, blocks, finish, Timings(t1 - t0, t2 - t1, t3 - t2),
+                      full_attention=isinstance(session, FullSession))
 
     def _generate(self, session: Session, logits: Tensor, gen: GenerationSettings
                   ) -> Generator[str, None, tuple[TextAssembler, str]]:
@@ -239,9 +245,15 @@ class QLLMEngine:
             tokens = min((self._native_window() or 8192) // 2, AUTO_EVIDENCE_CAP)
         return None if tokens is None else max(1, tokens // self.config.block_size)
 
-    def _new_session(self, n_tokens: int) -> Session:
+    def _fits_window(self, n_tokens: int) -> bool:
+        """Whether a reading of `n_tokens` tokens is held with the model's own full attention
+        (`QLLMConfig.full_within_window`): it fits the model's trained window."""
+        return self.config.full_within_window and n_tokens <= self._native_window()
+
+    def _new_session(self, n_tokens: int, full: bool = False) -> Session:
+        """A reading of about `n_tokens` tokens: block memory, or full attention (mode full, or `full`)."""
         cfg = self.config
-        if cfg.mode == "full":
+        if cfg.mode == "full" or full:
             return FullSession(self.model, cfg.prefill_chunk, self.device)
         attend = attention_op(self.device, self._head_dim)
         memory = ModelMemory(cfg, self._rope, self._placement(n_tokens), attend, make_policy(cfg, self.device))
@@ -299,6 +311,17 @@ class Memory:
         parts = PromptParts(self.tokens, self.engine.prompts.turn_ids(turn, tools), question)
         return self.engine._start(parts, gen, memory=self)
 
+    def _fit(self, n_more: int) -> None:
+        """A reading held with full attention that `n_more` more tokens would take past the model's window is read
+        again, as block memory (caller holds the model)."""
+        engine = self.engine
+        if (isinstance(self.session, FullSession) and engine.config.mode != "full"
+                and not engine._fits_window(self.session.seen + n_more)):
+            log.info("%d tokens outgrow the model's window: reading them again as block memory", self.session.seen)
+            session = engine._new_session(self.session.seen + n_more)
+            session.feed(self.tokens.ids)
+            self.session = session
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write this memory to one file (`.qmem`, safetensors + manifest), atomically; load it with
         `engine.load_memory(path)` on an engine of the same model, tokenizer and config."""
@@ -312,6 +335,7 @@ class Memory:
         ids, offsets = self.engine.prompts.encode_with_offsets(text)
         self.engine._check_capacity(self.n_tokens + len(ids), "the memory with the added text")
         with self.engine._lock.hold(f"memory.extend of {len(ids)} tokens", self.engine.lock_timeout):
+            self._fit(len(ids) + READ_ROOM)
             snapshot = self.session.snapshot()
             try:
                 self.session.feed(ids, progress)

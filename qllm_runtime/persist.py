@@ -10,7 +10,8 @@ every tensor's bytes in name order, so an altered byte anywhere is caught. Manif
   model                   config (dict, without paths and dtype), weights (sha256 of names and shapes),
                           weight_sample (sha256 of a fixed sample of weight values)
   tokenizer, chat_template  sha256 of the vocabulary and special tokens, of the chat template
-  config                  the QLLMConfig fields that shape a reading (`memory_fields`)
+  config                  the QLLMConfig fields that shape a reading (`memory_fields`; a reading held with full
+                          attention, in mode full or within the model's window, records mode "full")
   dtype                   the model's dtype (the memory's)
   document                sha256 and token count of the text read
 
@@ -24,7 +25,7 @@ import hashlib
 import json
 import os
 import tempfile
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,25 +37,28 @@ from torch import Tensor
 from .config import QLLMConfig
 from .errors import MemoryFileError, MemoryMismatchError
 from .prompt import ContextTokens
+from .session import FullSession
 
 if TYPE_CHECKING:
     from .engine import Memory, QLLMEngine
 
 FORMAT = 1
 SUFFIX = ".qmem"
-# Fields that act only when answering (the question term) or only on where blocks live: a memory read
-# under one value answers under any other. Every other field changes what a reading stores.
+# Fields that act only when answering (the question term), only on where blocks live, or only on whether a reading
+# is held with full attention: a block memory read under one value answers under any other. Every other field
+# changes what a block reading stores.
 ANSWER_OR_PLACEMENT_FIELDS = frozenset({"question_weight", "question_topk", "question_scale", "evidence_tokens",
                                         "evidence_neighbors", "offload", "device_pool_gb", "max_cached_blocks",
-                                        "max_context_tokens"})
+                                        "max_context_tokens", "full_within_window"})
 _SAMPLES_PER_WEIGHT = 64
 
 
-def memory_fields(config: QLLMConfig) -> dict:
-    """The config fields a saved reading depends on (mode full: only mode and prefill_chunk)."""
+def memory_fields(config: QLLMConfig, full: bool = False) -> dict:
+    """The config fields a saved reading depends on; a full-attention reading (`full`, or mode full): mode "full"
+    and prefill_chunk."""
     values = config.model_dump()
-    if config.mode == "full":
-        return {"mode": values["mode"], "prefill_chunk": values["prefill_chunk"]}
+    if full or config.mode == "full":
+        return {"mode": "full", "prefill_chunk": values["prefill_chunk"]}
     return {k: v for k, v in values.items() if k not in ANSWER_OR_PLACEMENT_FIELDS}
 
 
@@ -66,8 +70,8 @@ def save_memory(memory: Memory, path: str | os.PathLike) -> Path:
         tensors.update({f"layers.{idx}.{name}": t.detach().cpu().contiguous() for name, t in state.items()})
     engine = memory.engine
     manifest = {
-        "format": FORMAT, "quickllama": version("quickllama"), **_fingerprint(engine),
-        "config": memory_fields(engine.config),
+        "format": FORMAT, "quickllama": _package_version(), **_fingerprint(engine),
+        "config": memory_fields(engine.config, full=isinstance(memory.session, FullSession)),
         "document": {"sha256": hashlib.sha256(memory.tokens.text.encode()).hexdigest(), "tokens": memory.n_tokens},
     }
     text = json.dumps(manifest, sort_keys=True)
@@ -96,7 +100,7 @@ def load_memory(engine: QLLMEngine, path: str | os.PathLike) -> Memory:
         if name.startswith("layers."):
             _, idx, key = name.split(".", 2)
             states.setdefault(int(idx), {})[key] = tensor
-    session = engine._new_session(n_tokens)
+    session = engine._new_session(n_tokens, full=manifest["config"].get("mode") == "full")
     session.load_state(states)
     offsets = [None if a < 0 else (a, b) for a, b in tensors["context.offsets"].tolist()]
     text = bytes(tensors["context.text"].numpy()).decode()
@@ -165,7 +169,8 @@ def is_memory_file(path: str | os.PathLike) -> bool:
 def _check_match(manifest: dict, engine: QLLMEngine, path: Path) -> None:
     """MemoryMismatchError naming the first thing that differs between the file and `engine`."""
     ours = _fingerprint(engine)
-    saved_cfg, our_cfg = manifest["config"], memory_fields(engine.config)
+    saved_cfg = manifest["config"]
+    our_cfg = memory_fields(engine.config, full=saved_cfg.get("mode") == "full")  # any engine holds a full reading
     if saved_cfg.get("mode") != our_cfg["mode"] and "full" in (saved_cfg.get("mode"), our_cfg["mode"]):
         diffs = [f"mode: saved {saved_cfg.get('mode')!r}, this engine {our_cfg['mode']!r}"]
     else:
@@ -230,6 +235,14 @@ def _checksum(manifest: str, tensors: dict[str, Tensor]) -> str:
         digest.update(name.encode())
         digest.update(tensors[name].contiguous().view(torch.uint8).numpy())
     return digest.hexdigest()
+
+
+def _package_version() -> str:
+    """This package's version, or "source" when it runs from a checkout that was never installed."""
+    try:
+        return version("quickllama")
+    except PackageNotFoundError:
+        return "source"
 
 
 def _sha256(text: str) -> str:

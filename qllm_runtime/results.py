@@ -54,6 +54,7 @@ class Answer:
     blocks: list[BlockSpan]
     finish_reason: str  # "stop" (end of turn or stop string) or "length"
     timings: Timings
+    full_attention: bool = False  # the reading fit the model's window and was held with its own full attention
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,11 @@ from qllm_runtime.policies import POLICIES
 SMALL_WINDOWS = QLLMConfig(**{**EMBEDDED_MODEL_CONFIG.model_dump(), **dict(
     n_init=128, n_local=256, block_size=64, topk=8, lookup_chunk=128, prefill_chunk=1024)})
 # windows for the tiny models: a few hundred tokens fill several blocks; COVERING holds any test sequence
-TINY_WINDOWS = dict(n_init=4, n_local=32, block_size=8, topk=2, lookup_chunk=16, prefill_chunk=64)
-COVERING = dict(n_init=8, n_local=4096, block_size=16, topk=2, lookup_chunk=16, prefill_chunk=64)
+# (block memory at every length: a tiny model's 4096-token window would hold every test reading in full attention)
+TINY_WINDOWS = dict(n_init=4, n_local=32, block_size=8, topk=2, lookup_chunk=16, prefill_chunk=64,
+                    full_within_window=False)
+COVERING = dict(n_init=8, n_local=4096, block_size=16, topk=2, lookup_chunk=16, prefill_chunk=64,
+                full_within_window=False)
 
 
 def pytest_collection_modifyitems(config, items):

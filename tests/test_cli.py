@@ -101,3 +101,13 @@ def test_evidence_tokens_option(given, expected):
     argv = ["ask", "report.txt", "Q?", "--model", "m.gguf"] + (["--evidence-tokens", given] if given else [])
     args = cli.build_parser().parse_args(argv)
     assert cli._config(args).evidence_tokens == expected
+
+
+@pytest.mark.parametrize(("flag", "expected"), [([], True), (["--no-full-within-window"], False),
+                                                (["--full-within-window"], True)])
+def test_full_within_window_option(flag, expected):
+    args = cli.build_parser().parse_args(["ask", "report.txt", "Q?", "--model", "m.gguf", *flag])
+    assert cli._config(args).full_within_window is expected
+    embedded = cli.build_parser().parse_args(["ask", "report.txt", "Q?", *flag])
+    assert cli._config(embedded).full_within_window is (expected if flag else False)
+

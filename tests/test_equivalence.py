@@ -42,6 +42,7 @@ def test_ordered_with_every_block_looked_up_is_full_attention(tiny, window, look
     ordered = QLLMEngine(model, tokenizer, QLLMConfig(
         mode="infllm", far_positions="ordered", n_init=n_init, n_local=n_local, block_size=block_size, topk=1000,
         repr_topk=1, lookup_chunk=lookup_chunk, prefill_chunk=prefill_chunk, lookup_heads=lookup_heads,
+        full_within_window=False,
     ))
     assert_same_logits(session_logits(ordered, ids, 6), session_logits(full, ids, 6))
 
@@ -52,7 +53,7 @@ def test_shared_with_every_block_looked_up_is_not_full_attention(tiny):
     ids = random_ids(150, len(tokenizer), seed=2)
     full = QLLMEngine(model, tokenizer, QLLMConfig(mode="full", prefill_chunk=64))
     shared = QLLMEngine(model, tokenizer, QLLMConfig(mode="infllm", far_positions="shared", n_init=4, n_local=32,
-                                                     block_size=8, topk=1000))
+                                                     block_size=8, topk=1000, full_within_window=False))
     assert not torch.allclose(session_logits(shared, ids, 0)[0], session_logits(full, ids, 0)[0], atol=1e-4)
 
 
@@ -60,7 +61,8 @@ def test_ordered_same_greedy_answer_as_full_attention(tiny):
     _, model, tokenizer = tiny
     context = "Tiny models say odd things. " * 20
     full = QLLMEngine(model, tokenizer, QLLMConfig(mode="full")).ask(context, "What?", max_new_tokens=12)
-    config = QLLMConfig(mode="qllm", far_positions="ordered", n_init=4, n_local=32, block_size=8, topk=1000)
+    config = QLLMConfig(mode="qllm", far_positions="ordered", n_init=4, n_local=32, block_size=8, topk=1000,
+                        full_within_window=False)
     ours = QLLMEngine(model, tokenizer, config).ask(context, "What?", max_new_tokens=12)
     assert ours.text == full.text
     assert ours.usage.generated_tokens == full.usage.generated_tokens
@@ -93,3 +95,59 @@ def test_model_left_usable_for_plain_generate(tiny):
     QLLMEngine(model, tokenizer, QLLMConfig(**COVERING)).ask("Some context. " * 10, "Why?", max_new_tokens=3)
     assert model.config._attn_implementation == before
     assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), reference)
+
+
+# ---- full_within_window: a reading that fits the model's trained window is held with full attention ----------
+WINDOW = 1500  # a tiny qwen2's trained window for these tests (its RoPE does not depend on it)
+NEAR = dict(n_init=4, n_local=32, block_size=8, topk=2, lookup_chunk=16, prefill_chunk=64)
+
+
+def assert_same_answer(got, expected) -> None:
+    assert (got.text, got.blocks, got.usage, got.full_attention) == (
+        expected.text, expected.blocks, expected.usage, expected.full_attention)
+
+
+@pytest.fixture
+def windowed(tokenizer):
+    from .conftest import tiny_model
+
+    model = tiny_model("qwen2", len(tokenizer), seed=5)
+    model.config.max_position_embeddings = WINDOW
+    return model, tokenizer
+
+
+def test_within_window_single_shot_is_full_attention_and_beyond_it_block_memory(windowed):
+    model, tokenizer = windowed
+    full = QLLMEngine(model, tokenizer, QLLMConfig(mode="full"))
+    within = QLLMEngine(model, tokenizer, QLLMConfig(**NEAR))
+    blocks = QLLMEngine(model, tokenizer, QLLMConfig(**NEAR, full_within_window=False))
+    short = "Tiny models say odd things. " * 30  # ~180 tokens + question + 12 generated < WINDOW
+    answer = within.ask(short, "What?", max_new_tokens=12)
+    assert answer.full_attention and not answer.blocks
+    assert answer.text == full.ask(short, "What?", max_new_tokens=12).text
+    assert not blocks.ask(short, "What?", max_new_tokens=12).full_attention
+    long = "Tiny models say odd things. " * 300  # ~1.8K tokens: past the window, so block memory as configured
+    answer = within.ask(long, "What?", max_new_tokens=12)
+    assert not answer.full_attention and answer.blocks
+    assert_same_answer(answer, blocks.ask(long, "What?", max_new_tokens=12))
+
+
+def test_read_once_within_window_then_extended_past_it_reads_again_as_block_memory(windowed, tmp_path):
+    model, tokenizer = windowed
+    within = QLLMEngine(model, tokenizer, QLLMConfig(**NEAR))
+    blocks = QLLMEngine(model, tokenizer, QLLMConfig(**NEAR, full_within_window=False))
+    full = QLLMEngine(model, tokenizer, QLLMConfig(mode="full"))
+    first, more = "Tiny models say odd things. " * 30, " Other lines follow here." * 80  # ~180, then ~400 tokens
+    memory, reference = within.read(first), full.read(first)
+    assert memory.ask("What?", max_new_tokens=8).full_attention
+    assert memory.ask("What?", max_new_tokens=8).text == reference.ask("What?", max_new_tokens=8).text
+    loaded = within.load_memory(memory.save(tmp_path / "full.qmem"))  # a full reading loads as one
+    assert loaded.ask("What?", max_new_tokens=8).text == reference.ask("What?", max_new_tokens=8).text
+    # asking for more than the window holds: read again as block memory, as an engine without the option reads
+    big = memory.ask("What?", max_new_tokens=WINDOW)
+    assert not big.full_attention
+    expected = blocks.read(first)
+    assert big.text == expected.ask("What?", max_new_tokens=WINDOW).text
+    memory.extend(more)
+    expected.extend(more)
+    assert_same_answer(memory.ask("Why?", max_new_tokens=8), expected.ask("Why?", max_new_tokens=8))

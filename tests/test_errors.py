@@ -10,7 +10,8 @@ from qllm_runtime import InvalidInputError, ModelNotFoundError, QLLMConfig, QLLM
 
 from .conftest import tiny_model
 
-WINDOWS = dict(n_init=4, n_local=32, block_size=8, topk=2, lookup_chunk=16, prefill_chunk=64)
+WINDOWS = dict(n_init=4, n_local=32, block_size=8, topk=2, lookup_chunk=16, prefill_chunk=64,
+               full_within_window=False)
 
 
 @pytest.fixture(scope="module")

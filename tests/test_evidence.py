@@ -88,7 +88,7 @@ def test_evidence_of_every_block_is_full_attention(tiny):
     _, model, tokenizer = tiny
     context = "Tiny models say odd things. " * 20
     full = QLLMEngine(model, tokenizer, QLLMConfig(mode="full")).ask(context, "What?", max_new_tokens=10)
-    windows = dict(n_init=4, n_local=32, block_size=8, topk=1000)
+    windows = dict(n_init=4, n_local=32, block_size=8, topk=1000, full_within_window=False)
     every = QLLMEngine(model, tokenizer, QLLMConfig(evidence_tokens=1 << 16, **windows))
     assert every.ask(context, "What?", max_new_tokens=10).text == full.text
     ids = random_ids(150, len(tokenizer), seed=3)

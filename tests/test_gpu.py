@@ -10,7 +10,8 @@ from qllm_runtime import QLLMConfig, QLLMEngine
 from .conftest import random_ids, session_logits, tiny_model
 
 pytestmark = pytest.mark.gpu
-WINDOWS = dict(n_init=8, n_local=64, block_size=16, topk=3, lookup_chunk=32, prefill_chunk=256)
+WINDOWS = dict(n_init=8, n_local=64, block_size=16, topk=3, lookup_chunk=32, prefill_chunk=256,
+               full_within_window=False)
 
 
 @pytest.mark.parametrize("far_positions", ["shared", "ordered"])
@@ -48,7 +49,7 @@ def test_fp8_blocks_kernel_path_matches_reference_path(tokenizer, offload, monke
 def test_gpu_answer_equals_cpu_answer(default_model):
     model, tokenizer = default_model
     context = "The vault code is 7. " + "Filler sentence about nothing. " * 300
-    config = QLLMConfig(n_init=64, n_local=128, block_size=32, topk=4, lookup_chunk=64)
+    config = QLLMConfig(n_init=64, n_local=128, block_size=32, topk=4, lookup_chunk=64, full_within_window=False)
     cpu = QLLMEngine(model, tokenizer, config).ask(context, "What is the vault code?", max_new_tokens=10)
     gpu_model = model.to("cuda")
     try:
@@ -89,7 +90,8 @@ def test_model_split_across_two_gpus_answers_as_on_one(default_model):
 
     model, tokenizer = default_model
     context = "The vault code is 7. " + "Filler sentence about nothing. " * 300
-    config = QLLMConfig(n_init=64, n_local=128, block_size=32, topk=4, lookup_chunk=64, evidence_tokens=512)
+    config = QLLMConfig(n_init=64, n_local=128, block_size=32, topk=4, lookup_chunk=64, evidence_tokens=512,
+                        full_within_window=False)
     one = copy.deepcopy(model).to("cuda:0")
     expected = QLLMEngine(one, tokenizer, config).ask(context, "What is the vault code?", max_new_tokens=10)
     split = _split_across_two_gpus(copy.deepcopy(model))

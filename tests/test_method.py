@@ -78,7 +78,8 @@ def test_every_key_attended_exactly_once(llama, window, topk, mode, monkeypatch)
     model, tokenizer = llama
     n_init, n_local, block_size, lookup_chunk, prefill_chunk = window
     config = QLLMConfig(mode=mode, n_init=n_init, n_local=n_local, block_size=block_size, topk=topk, repr_topk=1,
-                        lookup_chunk=lookup_chunk, prefill_chunk=prefill_chunk, far_positions="ordered")
+                        lookup_chunk=lookup_chunk, prefill_chunk=prefill_chunk, far_positions="ordered",
+                        full_within_window=False)
     ids = random_ids(157, len(tokenizer), seed=3)
     recorder, layers = run_recorded(model, tokenizer, config, ids, decode=12, monkeypatch=monkeypatch)
     total = len(ids) + 12

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from importlib.metadata import PackageNotFoundError
 
 import pytest
 import torch
@@ -157,6 +158,19 @@ def test_a_failed_write_leaves_no_file(saved, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["doc.qmem"] and target.read_bytes() == b"the previous version"
 
 
+def test_a_checkout_that_was_never_installed_saves_too(saved, tmp_path, monkeypatch):
+    """Run from a source tree (no package metadata), a memory still saves and loads (seen on the GPU box)."""
+    engine, memory, _ = saved
+
+    def not_installed(name):
+        raise PackageNotFoundError(name)
+
+    monkeypatch.setattr(persist, "version", not_installed)
+    path = memory.save(tmp_path / "source.qmem")
+    assert persist.read_manifest(path)["quickllama"] == "source"
+    same_answers(engine.load_memory(path), memory)
+
+
 def test_memory_files_are_recognised(saved, tmp_path):
     _, _, path = saved
     copy = tmp_path / "doc.bin"
@@ -181,7 +195,7 @@ def test_cli_reads_once_then_asks_the_saved_memory(default_model, tmp_path, caps
     (tmp_path / "report.txt").write_text(TEXT, encoding="utf-8")
     assert run(["read", "report.txt", "-o", "report.qmem", "--n-local", "128"], capsys)[0] == 0
     direct = QLLMEngine(model, tokenizer, QLLMConfig(**{**persist.memory_fields(cli.EMBEDDED_MODEL_CONFIG),
-                                                          "n_local": 128}))
+                                                          "n_local": 128, "full_within_window": False}))
     expected = direct.read(TEXT).ask(QUESTION, max_new_tokens=6).text
     capsys.readouterr()
     monkeypatch.setattr(cli, "_engine", lambda args, config: NoReading(model, tokenizer, config))

@@ -21,7 +21,8 @@ from qllm_runtime.session import FullSession
 
 from .conftest import tiny_model
 
-WINDOWS = dict(n_init=4, n_local=32, block_size=8, topk=2, lookup_chunk=16, prefill_chunk=64)
+WINDOWS = dict(n_init=4, n_local=32, block_size=8, topk=2, lookup_chunk=16, prefill_chunk=64,
+               full_within_window=False)
 CONTEXT = "The cat sat on the mat. The dog slept by the door. " * 12
 MORE = " Later the bird sang in the old oak tree by the river. " * 12
 TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.",
