@@ -51,11 +51,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()  # quickllama-bench's flags (--model, --device, --tasks, --lengths, --samples, --set ...)
     parser.description = __doc__
     parser.add_argument("--budgets", default="4096,16384", help="evidence budgets in tokens")
+    parser.add_argument("--neighbors", help="evidence_neighbors values to compare, e.g. 0,1,1g (default: the config's;"
+                        " Ng: a neighbour joins only where its own score is above the median block's)")
     args = parser.parse_args(argv)
     base = QLLMConfig.model_validate({**QLLMConfig().model_dump(), "full_within_window": False,
                                       **{k: v[0] for k, v in _key_values(args.set, "--set").items()}})
     engine = _load(args, base)
     counter, budgets = data.TokenCounter(engine.tokenizer), [int(b) for b in args.budgets.split(",")]
+    neighbors = args.neighbors.split(",") if args.neighbors else [str(base.evidence_neighbors)]
     recall: dict[tuple, list[float]] = defaultdict(list)
     best_rank: dict[tuple, list[int]] = defaultdict(list)
     t0 = time.perf_counter()
@@ -68,16 +71,31 @@ def main(argv: list[str] | None = None) -> None:
                     evidence = _evidence_blocks(memory, query.evidence, base, att.shape[-1])
                     if not evidence:
                         continue
-                    for name, score in scorings(att, n_header).items():
+                    for scoring, score in scorings(att, n_header).items():
                         rank = score.argsort(descending=True).argsort().cpu()
-                        best_rank[(task.name, length, name)] += [int(min(rank[b] for b in s)) for s in evidence]
-                        for budget in budgets:
-                            count = budget // base.block_size
-                            chosen = set(choose_evidence(score, count, base.evidence_neighbors).tolist())
-                            hit = sum(bool(s & chosen) for s in evidence) / len(evidence)
-                            recall[(task.name, length, name, budget)].append(hit)
+                        for near in neighbors:
+                            name = scoring if len(neighbors) == 1 else f"{scoring}, neighbours {near}"
+                            best_rank[(task.name, length, name)] += [int(min(rank[b] for b in s)) for s in evidence]
+                            for budget in budgets:
+                                chosen = _chosen(score, budget // base.block_size, near)
+                                hit = sum(bool(s & chosen) for s in evidence) / len(evidence)
+                                recall[(task.name, length, name, budget)].append(hit)
             print(f"[{time.perf_counter() - t0:6.0f}s] {task.name} @ {length} done", flush=True)
             _table(recall, best_rank, budgets)
+
+
+def _chosen(score: Tensor, count: int, near: str) -> set[int]:
+    """The evidence blocks at `count` blocks: the engine's `choose_evidence` with `near` neighbours, or ("Ng") the
+    best blocks each with those of its N neighbours whose own score is above the median block's."""
+    if not near.endswith("g"):
+        return set(choose_evidence(score, count, int(near)).tolist())
+    reach, keep, chosen = int(near[:-1]), score > score.median(), []
+    for b in score.argsort(descending=True).tolist():
+        around = [b + d for d in range(-reach, reach + 1) if d and 0 <= b + d < len(score) and keep[b + d]]
+        chosen += [x for x in [b, *around] if x not in chosen][: count - len(chosen)]
+        if len(chosen) >= count:
+            break
+    return set(chosen)
 
 
 @torch.inference_mode()

@@ -37,6 +37,8 @@ def _score_cell(rows: list[Row]) -> str:
     ok = [r["score"] for r in rows if r["error"] is None]
     errors = len(rows) - len(ok)
     text = f"{100 * fmean(ok):.0f}" if ok else "–"
+    if any(r.get("full_attention") for r in rows):  # the reading fit the model's window (`full_within_window`)
+        text += "ᶠ"
     return text + (f" ({errors} err)" if errors else "")
 
 
@@ -64,6 +66,9 @@ def summarize(rows: Sequence[Row]) -> str:
     if any(r.get("evidence_recall") is not None for r in rows):
         parts.append(_table("evidence in looked-up blocks (%, block-memory methods)", rows, _recall_cell))
     parts.append(_table("seconds per question (read-once pass shared among its questions)", rows, _time_cell))
+    if any(r.get("full_attention") for r in rows):
+        parts.append("ᶠ answered with the model's own full attention: the reading fit its trained window "
+                     "(`full_within_window`; `--set full_within_window=false` measures block memory there too)")
     return "\n\n".join(parts) + "\n"
 
 

@@ -180,8 +180,9 @@ class QLLMEngine:
                 session = self._new_session(n_tokens, full=self._fits_window(n_tokens))
                 snapshot, cached = None, 0
             else:
-                memory._fit(n_more)
-                session, snapshot, cached = memory.session, memory.session.snapshot(), len(parts.context.ids)
+                session = memory._session_for(n_more)
+                own = session is memory.session  # else a block reading made for this question alone
+                snapshot, cached = (session.snapshot(), len(parts.context.ids)) if own else (None, 0)
             try:
                 session.set_question(self._question(parts.question) if isinstance(session, MemorySession) else None)
                 if memory is None:
@@ -311,16 +312,25 @@ class Memory:
         parts = PromptParts(self.tokens, self.engine.prompts.turn_ids(turn, tools), question)
         return self.engine._start(parts, gen, memory=self)
 
-    def _fit(self, n_more: int) -> None:
-        """A reading held with full attention that `n_more` more tokens would take past the model's window is read
-        again, as block memory (caller holds the model)."""
+    def _outgrows(self, n_more: int) -> bool:
+        """Whether this reading is held with full attention and `n_more` more tokens would take it past the model's
+        window."""
         engine = self.engine
-        if (isinstance(self.session, FullSession) and engine.config.mode != "full"
-                and not engine._fits_window(self.session.seen + n_more)):
-            log.info("%d tokens outgrow the model's window: reading them again as block memory", self.session.seen)
-            session = engine._new_session(self.session.seen + n_more)
-            session.feed(self.tokens.ids)
-            self.session = session
+        return (isinstance(self.session, FullSession) and engine.config.mode != "full"
+                and not engine._fits_window(self.session.seen + n_more))
+
+    def _as_blocks(self, n_more: int) -> Session:
+        """This memory's tokens read again as block memory, with room for `n_more` more (caller holds the model)."""
+        log.info("%d tokens would outgrow the model's window: reading them again as block memory", self.n_tokens)
+        session = self.engine._new_session(self.n_tokens + n_more)
+        session.feed(self.tokens.ids)
+        return session
+
+    def _session_for(self, n_more: int) -> Session:
+        """The reading that answers a question turn and answer of `n_more` tokens: this memory's own, or a block
+        reading for this question alone where its full-attention reading would outgrow the window (the memory
+        stays as it is: each question leaves it unchanged)."""
+        return self._as_blocks(n_more) if self._outgrows(n_more) else self.session
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write this memory to one file (`.qmem`, safetensors + manifest), atomically; load it with
@@ -335,7 +345,8 @@ class Memory:
         ids, offsets = self.engine.prompts.encode_with_offsets(text)
         self.engine._check_capacity(self.n_tokens + len(ids), "the memory with the added text")
         with self.engine._lock.hold(f"memory.extend of {len(ids)} tokens", self.engine.lock_timeout):
-            self._fit(len(ids) + READ_ROOM)
+            if self._outgrows(len(ids) + READ_ROOM):  # the memory itself grows: it becomes block memory
+                self.session = self._as_blocks(len(ids) + READ_ROOM)
             snapshot = self.session.snapshot()
             try:
                 self.session.feed(ids, progress)

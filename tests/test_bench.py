@@ -343,6 +343,9 @@ def test_summary_and_heatmap(tmp_path):
     rows.append({**rows[0], "error": "OutOfMemoryError", "score": None})
     text = report.summarize(rows)
     assert "| full | 50 (1 err) | 50 |" in text and "| qllm | 100 | 100 |" in text
+    assert "ᶠ" not in text
+    within = [{**r, "full_attention": r["method"] == "qllm" and r["length"] == 1024} for r in _rows()]
+    assert "| qllm | 100ᶠ | 100 |" in report.summarize(within) and "ᶠ answered with" in report.summarize(within)
     assert report.plot_niah(rows, tmp_path / "map.png").stat().st_size > 1000
     assert report.plot_niah([{**r, "task": "kv"} for r in rows], tmp_path / "none.png") is None
     written = report.write(tmp_path / "w", {}, [*rows, *({**r, "task": "niah-word"} for r in rows)])
@@ -445,6 +448,10 @@ def test_evidence_recall_compares_every_scoring(capsys):
         "mean", "max_token", "max_minus_header", "mean_minus_header", "last_8_tokens", "top_10pct_heads",
         "rank_fusion", "log_mean"}
     assert all(0 <= float(cell) <= 100 for row in rows for cell in row[4:6])
+    evidence_recall.main(["--tasks", "niah", "--lengths", "1K", "--samples", "1", "--depths", "50", "--budgets", "128",
+                          "--set", "n_local=128", "--set", "n_init=16", "--neighbors", "0,1,1g"])
+    names = {line.split("|")[3].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("| niah |")}
+    assert {f"max_minus_header, neighbours {n}" for n in ("0", "1", "1g")} <= names
 
 
 def test_infllm_reference_samples_and_comparison(tmp_path, tokenizer):

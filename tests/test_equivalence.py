@@ -143,11 +143,13 @@ def test_read_once_within_window_then_extended_past_it_reads_again_as_block_memo
     assert memory.ask("What?", max_new_tokens=8).text == reference.ask("What?", max_new_tokens=8).text
     loaded = within.load_memory(memory.save(tmp_path / "full.qmem"))  # a full reading loads as one
     assert loaded.ask("What?", max_new_tokens=8).text == reference.ask("What?", max_new_tokens=8).text
-    # asking for more than the window holds: read again as block memory, as an engine without the option reads
+    # a question and answer longer than the window holds: answered from the same tokens read as block memory, as
+    # an engine without the option answers; the memory itself stays a full reading
     big = memory.ask("What?", max_new_tokens=WINDOW)
-    assert not big.full_attention
+    assert not big.full_attention and big.usage.cached_tokens == 0
     expected = blocks.read(first)
     assert big.text == expected.ask("What?", max_new_tokens=WINDOW).text
-    memory.extend(more)
+    assert memory.ask("What?", max_new_tokens=8).full_attention
+    memory.extend(more)  # the memory grows past the window: it becomes block memory
     expected.extend(more)
     assert_same_answer(memory.ask("Why?", max_new_tokens=8), expected.ask("Why?", max_new_tokens=8))

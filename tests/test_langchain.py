@@ -290,6 +290,7 @@ def test_document_block_is_context_and_question_drives_lookup(chat, tokenizer) -
     assert "58291" in result.text
     passages = result.response_metadata["passages"]
     assert passages and any("58291" in p["text"] for p in passages)
+    assert result.response_metadata["full_attention"] is False
     assert result.usage_metadata["input_tokens"] > 1200
     assert result.response_metadata["finish_reason"] in ("stop", "length")
 
