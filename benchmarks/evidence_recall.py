@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     counter, budgets = data.TokenCounter(engine.tokenizer), [int(b) for b in args.budgets.split(",")]
     neighbors = args.neighbors.split(",") if args.neighbors else [str(base.evidence_neighbors)]
     recall: dict[tuple, list[float]] = defaultdict(list)
+    cover: dict[tuple, list[float]] = defaultdict(list)  # share of each span's blocks inside the evidence
     best_rank: dict[tuple, list[int]] = defaultdict(list)
     t0 = time.perf_counter()
     for length in args.lengths:
@@ -80,8 +81,10 @@ def main(argv: list[str] | None = None) -> None:
                                 chosen = _chosen(score, budget // base.block_size, near)
                                 hit = sum(bool(s & chosen) for s in evidence) / len(evidence)
                                 recall[(task.name, length, name, budget)].append(hit)
+                                whole = sum(len(s & chosen) / len(s) for s in evidence) / len(evidence)
+                                cover[(task.name, length, name, budget)].append(whole)
             print(f"[{time.perf_counter() - t0:6.0f}s] {task.name} @ {length} done", flush=True)
-            _table(recall, best_rank, budgets)
+            _table(recall, cover, best_rank, budgets)
 
 
 def _chosen(score: Tensor, count: int, near: str) -> set[int]:
@@ -124,11 +127,15 @@ def _evidence_blocks(memory, spans, config: QLLMConfig, n_blocks: int) -> list[s
     return out
 
 
-def _table(recall: dict, best_rank: dict, budgets: list[int]) -> None:
-    print("| task | length | scoring | " + " | ".join(f"recall@{b}" for b in budgets) + " | median best rank |")
-    print("|---|---:|---|" + "---:|" * (len(budgets) + 1))
+def _table(recall: dict, cover: dict, best_rank: dict, budgets: list[int]) -> None:
+    """recall@B: share of evidence spans with a block inside the evidence at B tokens; cover@B: share of each span's
+    blocks inside it (a passage read whole)."""
+    heads = [f"recall@{b}" for b in budgets] + [f"cover@{b}" for b in budgets]
+    print("| task | length | scoring | " + " | ".join(heads) + " | median best rank |")
+    print("|---|---:|---|" + "---:|" * (len(heads) + 1))
     for (task, length, name) in sorted(best_rank):
-        cells = [f"{100 * statistics.mean(recall[(task, length, name, b)]):.0f}" for b in budgets]
+        cells = [f"{100 * statistics.mean(table[(task, length, name, b)]):.0f}"
+                 for table in (recall, cover) for b in budgets]
         print(f"| {task} | {length} | {name} | " + " | ".join(cells)
               + f" | {statistics.median(best_rank[(task, length, name)]):.0f} |")
 

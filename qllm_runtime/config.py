@@ -70,8 +70,9 @@ class QLLMConfig(BaseModel):
     )
     full_within_window: bool = Field(
         True, description="a reading that fits the model's trained window (max_position_embeddings: the context, "
-        "question turn and answer) uses the model's own full attention, exact; block memory takes over beyond it "
-        "(False: block memory at every length)"
+        "question turn and answer) uses the model's own full attention, exact, where its keys and values fit the "
+        "device as the blocks would (offload, device_pool_gb); block memory takes over beyond it (False: block "
+        "memory at every length)"
     )
     kv_dtype: Literal["auto", "float8_e4m3"] = Field(
         "auto", description="how blocks are stored: auto = in the model's dtype; float8_e4m3 = one byte per value "

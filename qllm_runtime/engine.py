@@ -248,8 +248,13 @@ class QLLMEngine:
 
     def _fits_window(self, n_tokens: int) -> bool:
         """Whether a reading of `n_tokens` tokens is held with the model's own full attention
-        (`QLLMConfig.full_within_window`): it fits the model's trained window."""
-        return self.config.full_within_window and n_tokens <= self._native_window()
+        (`QLLMConfig.full_within_window`): it fits the model's trained window, and its keys and values (in the
+        model's dtype) fit where the block memory's placement would keep every block on the device, so full
+        attention never needs memory that block memory would offload (`offload`, `device_pool_gb`)."""
+        if not (self.config.full_within_window and n_tokens <= self._native_window()):
+            return False
+        placement = self._placement(n_tokens, next(self.model.parameters()).element_size())
+        return placement.device_limit >= BlockLayout.of(self.config).count(n_tokens) + 1
 
     def _new_session(self, n_tokens: int, full: bool = False) -> Session:
         """A reading of about `n_tokens` tokens: block memory, or full attention (mode full, or `full`)."""
@@ -260,9 +265,11 @@ class QLLMEngine:
         memory = ModelMemory(cfg, self._rope, self._placement(n_tokens), attend, make_policy(cfg, self.device))
         return MemorySession(self.model, memory, self.device)
 
-    def _placement(self, n_tokens: int) -> Placement:
-        """Block placement for a reading of about `n_tokens` tokens by this model."""
-        itemsize = 1 if self.config.kv_dtype == "float8_e4m3" else next(self.model.parameters()).element_size()
+    def _placement(self, n_tokens: int, itemsize: int | None = None) -> Placement:
+        """Block placement for a reading of about `n_tokens` tokens by this model (`itemsize`: bytes per stored value,
+        default the block storage's)."""
+        if itemsize is None:
+            itemsize = 1 if self.config.kv_dtype == "float8_e4m3" else next(self.model.parameters()).element_size()
         kv_bytes_per_token = 2 * self._n_layers * self._kv_heads * self._head_dim * itemsize
         return plan_placement(self.config, n_tokens, self.device, kv_bytes_per_token)
 

@@ -126,6 +126,8 @@ def test_within_window_single_shot_is_full_attention_and_beyond_it_block_memory(
     assert answer.full_attention and not answer.blocks
     assert answer.text == full.ask(short, "What?", max_new_tokens=12).text
     assert not blocks.ask(short, "What?", max_new_tokens=12).full_attention
+    offloaded = QLLMEngine(model, tokenizer, QLLMConfig(**NEAR, offload="cpu"))  # blocks kept off the device:
+    assert not offloaded.ask(short, "What?", max_new_tokens=12).full_attention  # so is the reading
     long = "Tiny models say odd things. " * 300  # ~1.8K tokens: past the window, so block memory as configured
     answer = within.ask(long, "What?", max_new_tokens=12)
     assert not answer.full_attention and answer.blocks
