@@ -235,7 +235,7 @@ class ChatQLLM(BaseChatModel):
                 "finish_reason": "tool_calls" if calls else answers[-1].finish_reason,
                 "passages": [{"start": b.start, "end": b.end, "text": b.text, "hits": b.hits}
                              for a in answers[:1] for b in a.blocks],
-                "full_attention": answers[0].full_attention,  # the reading fit the model's window: no passages
+                "full_attention": any(a.full_attention for a in answers[:1]),  # fit the model's window: no passages
             },
             chunk_position="last",
         )
