@@ -102,6 +102,10 @@ class QLLMEngine:
         """Tokens this engine accepts as context (memory capacity, not the model's native window)."""
         return self.config.max_context_tokens if self.config.mode != "full" else self._native_window()
 
+    def _model_itemsize(self) -> int:
+        """Bytes per value of the model's dtype (of its keys and values)."""
+        return next(self.model.parameters()).element_size()
+
     def _native_window(self) -> int:
         return int(getattr(self.model.config.get_text_config(), "max_position_embeddings", 0) or 0)
 
@@ -253,7 +257,7 @@ class QLLMEngine:
         attention never needs memory that block memory would offload (`offload`, `device_pool_gb`)."""
         if not (self.config.full_within_window and n_tokens <= self._native_window()):
             return False
-        placement = self._placement(n_tokens, next(self.model.parameters()).element_size())
+        placement = self._placement(n_tokens, self._model_itemsize())
         return placement.device_limit >= BlockLayout.of(self.config).count(n_tokens) + 1
 
     def _new_session(self, n_tokens: int, full: bool = False) -> Session:
@@ -269,7 +273,7 @@ class QLLMEngine:
         """Block placement for a reading of about `n_tokens` tokens by this model (`itemsize`: bytes per stored value,
         default the block storage's)."""
         if itemsize is None:
-            itemsize = 1 if self.config.kv_dtype == "float8_e4m3" else next(self.model.parameters()).element_size()
+            itemsize = 1 if self.config.kv_dtype == "float8_e4m3" else self._model_itemsize()
         kv_bytes_per_token = 2 * self._n_layers * self._kv_heads * self._head_dim * itemsize
         return plan_placement(self.config, n_tokens, self.device, kv_bytes_per_token)
 
