@@ -3,12 +3,14 @@
     python -m benchmarks.gpu_speed --lengths 32768 100000 --profile-length 32768
     python -m benchmarks.gpu_speed --gpus 2 --lengths 1000000 --no-full --offload-lengths  # layers split over 2 GPUs
     python -m benchmarks.gpu_speed --kv-dtype float8_e4m3 --lengths 100000 1000000 --no-full --offload-lengths
+    python -m benchmarks.gpu_speed --lengths 100000 --offload-lengths --far-positions ordered shared
 
 Random bf16 weights of the real shape (speed and memory only, never accuracy). Full attention is one
 forward of the stock model (SDPA) with a DynamicCache, then single-token decode steps. QuickLLaMA reads
 the same tokens through its block memory (chunked prefill), then decodes. Each length reports prefill
 seconds, decode ms/token and peak GPU memory, and the ratios against full attention measured in the same
-run; `--profile-length` adds a breakdown of GPU time by stage (linear layers, attention kernel, lookup,
+run; `--far-positions ordered shared` times the device pool with each far-position scheme (rows `qllm` and
+`qllm_shared`); `--profile-length` adds a breakdown of GPU time by stage (linear layers, attention kernel, lookup,
 copies, other) and the host time the GPU sat idle.
 """
 
@@ -158,6 +160,8 @@ def main() -> None:
     parser.add_argument("--full-max", type=int, default=None, help="full attention only up to this many tokens")
     parser.add_argument("--gpus", type=int, default=1, help="split the layers evenly over this many GPUs")
     parser.add_argument("--kv-dtype", choices=["auto", "float8_e4m3"], default="auto", help="block storage")
+    parser.add_argument("--far-positions", choices=["ordered", "shared"], nargs="+", default=["ordered"],
+                        help="far-position schemes of the device pool; the first is row `qllm`, others `qllm_NAME`")
     parser.add_argument("--out", default="gpu_speed.json")
     args = parser.parse_args()
 
@@ -166,12 +170,15 @@ def main() -> None:
     model = llama3_8b(args.layers, args.gpus)
     tokenizer = word_tokenizer()
     windows = {**QLLM_WINDOWS, "kv_dtype": args.kv_dtype}
-    device_pool = QLLMEngine(model, tokenizer, QLLMConfig(offload="device", **windows))
-    offloaded = QLLMEngine(model, tokenizer, QLLMConfig(offload="auto", device_pool_gb=args.offload_gb, **windows))
+    first = args.far_positions[0]
+    pools = {("qllm" if p == first else f"qllm_{p}"): QLLMEngine(
+        model, tokenizer, QLLMConfig(offload="device", far_positions=p, **windows)) for p in args.far_positions}
+    offloaded = QLLMEngine(model, tokenizer, QLLMConfig(offload="auto", device_pool_gb=args.offload_gb,
+                                                        far_positions=first, **windows))
     rng = torch.Generator().manual_seed(0)
     warm = torch.randint(0, 128000, (4096,), generator=rng).tolist()
-    run_qllm(device_pool, warm, 2)
-    run_qllm(offloaded, warm, 2)
+    for engine in [*pools.values(), offloaded]:
+        run_qllm(engine, warm, 2)
     if not args.no_full:
         run_full(model, warm, 2)
     rows = []
@@ -183,17 +190,18 @@ def main() -> None:
                 row["full"] = run_full(model, ids, args.decode_steps)
             except torch.cuda.OutOfMemoryError:
                 row["full"] = {"error": "out of memory"}
-        row["qllm"] = run_qllm(device_pool, ids, args.decode_steps)
+        for name, engine in pools.items():
+            row[name] = run_qllm(engine, ids, args.decode_steps)
         if length in args.offload_lengths:
             row["qllm_offload"] = run_qllm(offloaded, ids, args.decode_steps)
         rows.append(row)
         print(json.dumps(row), flush=True)
     report = {"device": torch.cuda.get_device_name(), "gpus": args.gpus, "torch": torch.__version__,
-              "config": windows,
+              "config": {**windows, "far_positions": args.far_positions},
               "rows": rows}
     if args.profile_length:
         ids = torch.randint(0, 128000, (args.profile_length,), generator=rng).tolist()
-        report["profile"] = {"tokens": args.profile_length, **profile_breakdown(device_pool, ids)}
+        report["profile"] = {"tokens": args.profile_length, **profile_breakdown(pools["qllm"], ids)}
         print(json.dumps(report["profile"]), flush=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
@@ -202,7 +210,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         full = row.get("full", {})
-        for method in ("full", "qllm", "qllm_offload"):
+        for method in ("full", *pools, "qllm_offload"):
             r = row.get(method)
             if not r:
                 continue
