@@ -22,7 +22,7 @@ from qllm_runtime.policies import POLICIES
 
 METHODS = ("full", *sorted(POLICIES), "qllm-read")  # every registered lookup policy is a method
 _QUESTION_KEYS = {"question_weight", "question_topk", "question_scale"}
-_MEMORY_KEYS = {"block_size", "topk", "repr_topk", "lookup_chunk", "offload", "device_pool_gb", "max_cached_blocks",
+_MEMORY_KEYS = {"block_size", "topk", "repr_topk", "lookup_chunk", "offload", "device_pool_gb",
                 "pin_question_blocks", *_QUESTION_KEYS}
 # Config keys a method does not read: sweeping them would only repeat identical runs.
 _IGNORED: dict[str, set[str] | None] = {

@@ -1,4 +1,4 @@
-"""Triton kernels for QuickLLaMA: the block scorer and the fused [local | far] attention.
+"""Triton kernels for QuickLLaMA: the block scorer, the fused [local | far] attention and the block gather.
 
 Each op has a plain-PyTorch reference in `qllm_runtime` (the spec and the CPU path). Kernels are compiled
 for CUDA, or run by Triton's CPU interpreter when TRITON_INTERPRET=1 is set before Triton is first
@@ -8,5 +8,6 @@ imported; `triton_available(device)` says which devices they can run on.
 from ._common import triton_available
 from .attention import attention, supports_head_dim
 from .block_score import block_score
+from .gather import gather_blocks
 
-__all__ = ["attention", "block_score", "supports_head_dim", "triton_available"]
+__all__ = ["attention", "block_score", "gather_blocks", "supports_head_dim", "triton_available"]

@@ -1,15 +1,15 @@
 """BlockStore: where one layer's finished memory blocks live.
 
-Blocks 0 .. device_limit-1 sit in a device pool (gathered by index on the device, no host sync);
-later blocks are offloaded to CPU (pinned when the device is CUDA) and served through a per-layer
-device LRU cache of `max_cached` slots. `device_limit` = inf puts everything in the pool, 0 offloads
-everything. With `fp8` the blocks are kept as float8 e4m3 bits with a float32 scale per block and KV head
+Blocks 0 .. device_limit-1 sit in a device pool; later blocks are offloaded to host memory (pinned when the device
+is CUDA), one growing tensor per plane. A gather reads both kinds by index in one step (`GatherFn`): on CUDA the
+`qllm_kernels` gather reads offloaded blocks in place from pinned memory (no host sync, no copy per block); the
+reference, `gather_reference`, indexes each source and merges. `device_limit` = inf puts everything in the pool, 0
+offloads everything. With `fp8` the blocks are kept as float8 e4m3 bits with a float32 scale per block and KV head
 (the block's largest magnitude maps to e4m3's largest value) and come out de-quantised to `dtype`.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
@@ -19,10 +19,11 @@ from torch import Tensor
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 
+
 @dataclass
 class Planes:
     """K and V as stored, and (fp8) their scales: for one block (kv_heads, block_size, head_dim) and (kv_heads,);
-    the pool, the cache and a gather hold the same with leading dimensions."""
+    the pool, the host planes and a gather hold the same with leading dimensions."""
 
     k: Tensor
     v: Tensor
@@ -54,6 +55,44 @@ def dequantize(bits: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     return (bits.view(FP8).float() * scale[..., None, None]).to(dtype)
 
 
+GatherFn = Callable[[Planes, Planes, Tensor, int, torch.dtype], tuple[Tensor, Tensor]]
+
+
+def gather_reference(pool: Planes, host: Planes, indices: Tensor, device_limit: int, dtype: torch.dtype
+                     ) -> tuple[Tensor, Tensor]:
+    """K and V of the blocks `indices`, de-quantised to `dtype`, concatenated per KV head: (kv_heads, m * block_size,
+    head_dim) on the indices' device.
+
+    pool, host: planes (n, kv_heads, block_size, head_dim) (and scales (n, kv_heads)); block b < device_limit is
+    pool[b], a later one host[b - device_limit]; either may hold no blocks. indices: (1, m), the same blocks for
+    every KV head, or (kv_heads, m), row h for KV head h.
+    """
+    kv_heads, head_dim = pool.k.shape[1], pool.k.shape[3]
+    rows = indices.expand(kv_heads, indices.shape[1])
+    heads = torch.arange(kv_heads, device=indices.device)[:, None]
+    sources = [(rows < device_limit, pool, rows)] if pool.k.shape[0] else []
+    if host.k.shape[0]:  # on CUDA, moving the indices to the host waits for the stream: offloaded blocks are written
+        sources.append((rows >= device_limit, host, rows - device_limit))
+    picked = []
+    for chosen, planes, index in sources:
+        index, where = index.clamp(0, planes.k.shape[0] - 1).to(planes.k.device), heads.to(planes.k.device)
+        picked.append((chosen, planes.map(lambda t, i=index, h=where: t[i, h].to(indices.device))))
+    (_, planes), *others = picked
+    for chosen, other in others:  # (kv_heads, m) -> broadcast over each plane's trailing dims
+        planes = Planes(*(None if mine is None else torch.where(chosen.view(*chosen.shape, *[1] * (mine.dim() - 2)),
+                                                                 theirs, mine)
+                          for mine, theirs in zip(planes.tensors(), other.tensors(), strict=True)))
+    k, v = decode(planes, dtype)
+    return k.reshape(kv_heads, -1, head_dim), v.reshape(kv_heads, -1, head_dim)
+
+
+def decode(planes: Planes, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """K and V of `planes` in `dtype` (de-quantised when they hold float8 bits)."""
+    if planes.k_scale is None or planes.v_scale is None:
+        return planes.k.to(dtype), planes.v.to(dtype)
+    return dequantize(planes.k, planes.k_scale, dtype), dequantize(planes.v, planes.v_scale, dtype)
+
+
 class BlockStore:
     """K/V of full blocks: each block is (kv_heads, block_size, head_dim), stored in `dtype` or as float8."""
 
@@ -65,43 +104,40 @@ class BlockStore:
         dtype: torch.dtype,
         device: torch.device,
         device_limit: int,
-        max_cached: int,
         expected_blocks: int = 0,
         fp8: bool = False,
+        gather: GatherFn = gather_reference,
     ) -> None:
         self.shape = (kv_heads, block_size, head_dim)
         self.dtype, self.device, self.fp8 = dtype, device, fp8
-        self.device_limit = device_limit
+        self.device_limit, self.expected_blocks = device_limit, expected_blocks
         self.n_blocks = 0
-        self._pool = self._empty(min(device_limit, max(expected_blocks, 16)))
-        self._host: list[Planes] = []  # offloaded blocks, index = block - device_limit
-        self._pin = device.type == "cuda"
-        self._cache = self._empty(max_cached)
-        self._slots: OrderedDict[int, int] = OrderedDict()  # block -> cache slot, least recently used first
-        self.cache_misses = 0
+        self._pool = self._empty(min(device_limit, max(expected_blocks, 16)), device)
+        self._host = self._empty(0, torch.device("cpu"))  # grown when the first block is offloaded
+        self._gather = gather
 
     @property
     def offloaded(self) -> int:
-        return len(self._host)
+        return max(0, self.n_blocks - self.device_limit)
 
-    def _empty(self, n: int) -> Planes:
-        """Room for n blocks on the device."""
-        k = torch.empty((n, *self.shape), dtype=torch.uint8 if self.fp8 else self.dtype, device=self.device)
-        if not self.fp8:
-            return Planes(k, torch.empty_like(k))
-        scales = torch.empty((n, self.shape[0]), dtype=torch.float32, device=self.device)
-        return Planes(k, torch.empty_like(k), scales, torch.empty_like(scales))
+    def _empty(self, n: int, device: torch.device) -> Planes:
+        """Room for n blocks on `device` (host memory is pinned when the blocks' device is CUDA)."""
+        pin = device.type == "cpu" and self.device.type == "cuda"
+
+        def new(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+            return torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
+
+        stored = torch.uint8 if self.fp8 else self.dtype
+        planes = [new((n, *self.shape), stored), new((n, *self.shape), stored)]
+        if self.fp8:
+            planes += [new((n, self.shape[0]), torch.float32), new((n, self.shape[0]), torch.float32)]
+        return Planes(*planes)
 
     def _encode(self, k: Tensor, v: Tensor) -> Planes:
         if not self.fp8:
             return Planes(k, v)
         (k_bits, k_scale), (v_bits, v_scale) = quantize(k), quantize(v)
         return Planes(k_bits, v_bits, k_scale, v_scale)
-
-    def _decode(self, planes: Planes) -> tuple[Tensor, Tensor]:
-        if planes.k_scale is None or planes.v_scale is None:
-            return planes.k, planes.v
-        return dequantize(planes.k, planes.k_scale, self.dtype), dequantize(planes.v, planes.v_scale, self.dtype)
 
     def add(self, k: Tensor, v: Tensor) -> None:
         """Append blocks. k, v: (count, kv_heads, block_size, head_dim)."""
@@ -110,30 +146,48 @@ class BlockStore:
         pooled = max(0, min(count, self.device_limit - first))
         if pooled:
             if first + pooled > self._pool.k.shape[0]:
-                self._grow_pool(min(self.device_limit, max(2 * self._pool.k.shape[0], first + pooled)))
+                self._pool = self._grown(self._pool, min(self.device_limit, max(2 * self._pool.k.shape[0],
+                                                                                first + pooled)), self.device)
             planes.map(lambda t: t[:pooled]).copy_to(self._pool.map(lambda t: t[first : first + pooled]),
                                                       Tensor.copy_)
-        for i in range(pooled, count):
-            host = planes.map(lambda t: torch.empty(t.shape[1:], dtype=t.dtype, pin_memory=self._pin))
-            planes.map(lambda t, i=i: t[i]).copy_to(host, Tensor.copy_)
-            self._host.append(host)
+        if count > pooled:  # device -> pinned host, ordered on the stream before any later gather
+            start, end = self.offloaded, self.offloaded + count - pooled
+            if end > self._host.k.shape[0]:
+                expected = self.expected_blocks - self.device_limit
+                self._host = self._grown(self._host, max(end, 2 * self._host.k.shape[0], expected, 16),
+                                         torch.device("cpu"))
+            planes.map(lambda t: t[pooled:]).copy_to(self._host.map(lambda t: t[start:end]),
+                                                     lambda dst, src: dst.copy_(src, non_blocking=True))
         self.n_blocks += count
 
-    def _pooled(self, start: int, end: int) -> Planes:
-        return self._pool.map(lambda t: t[start:end])
+    def _grown(self, planes: Planes, capacity: int, device: torch.device) -> Planes:
+        """`planes` copied into room for `capacity` blocks on `device`."""
+        if device.type == "cpu":
+            self._settle()  # copies into the old host planes, and gathers from them, may still be under way
+        grown = self._empty(capacity, device)
+        planes.copy_to(grown.map(lambda t: t[: planes.k.shape[0]]), Tensor.copy_)
+        return grown
 
-    def _offloaded(self, start: int, end: int, device: torch.device) -> Planes:
-        """Offloaded blocks start .. end-1 (of the offloaded ones), stacked, on `device`."""
-        planes = zip(*(block.tensors() for block in self._host[start:end]), strict=True)  # per plane, every block
-        return Planes(*(None if p[0] is None else torch.stack(p).to(device, non_blocking=True) for p in planes))
+    def _settle(self) -> None:
+        """Wait for the device's queued work, before the host reads or frees offloaded blocks."""
+        if self.device.type == "cuda" and self._host.k.shape[0]:
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def _stored(self, start: int, end: int) -> Planes:
+        """Stored planes of blocks start .. end-1, all pooled or all offloaded."""
+        if end <= self.device_limit:
+            return self._pool.map(lambda t: t[start:end])
+        return self._host.map(lambda t: t[start - self.device_limit : end - self.device_limit])
 
     def export(self) -> tuple[Tensor, Tensor]:
         """K and V of every block, pooled and offloaded, in order, de-quantised:
         (n_blocks, kv_heads, block_size, head_dim)."""
-        k, v = self._decode(self._pooled(0, min(self.n_blocks, self.device_limit)))
-        if not self._host:
+        pooled = min(self.n_blocks, self.device_limit)
+        k, v = decode(self._stored(0, pooled), self.dtype)
+        if not self.offloaded:
             return k, v
-        host_k, host_v = self._decode(self._offloaded(0, len(self._host), torch.device("cpu")))
+        self._settle()
+        host_k, host_v = decode(self._stored(self.device_limit, self.n_blocks), self.dtype)
         return torch.cat([k.cpu(), host_k]), torch.cat([v.cpu(), host_v])
 
     def key_chunks(self, per_chunk: int) -> Iterator[Tensor]:
@@ -141,15 +195,13 @@ class BlockStore:
         block_size, head_dim); offloaded blocks are copied over chunk by chunk."""
         pooled = min(self.n_blocks, self.device_limit)
         for start in range(0, pooled, per_chunk):
-            yield self._decode(self._pooled(start, min(pooled, start + per_chunk)))[0]
-        for start in range(0, len(self._host), per_chunk):
-            yield self._decode(self._offloaded(start, start + per_chunk, self.device))[0]
+            yield decode(self._stored(start, min(pooled, start + per_chunk)), self.dtype)[0]
+        for start in range(pooled, self.n_blocks, per_chunk):
+            planes = self._stored(start, min(self.n_blocks, start + per_chunk))
+            yield decode(planes.map(lambda t: t.to(self.device, non_blocking=True)), self.dtype)[0]
 
     def truncate(self, n_blocks: int) -> None:
         """Forget blocks n_blocks.. (restoring a memory after a question)."""
-        del self._host[max(0, n_blocks - self.device_limit) :]
-        for block in [b for b in self._slots if b >= n_blocks]:
-            del self._slots[block]
         self.n_blocks = n_blocks
 
     def gather(self, indices: Tensor) -> tuple[Tensor, Tensor]:
@@ -157,42 +209,6 @@ class BlockStore:
 
         indices: (1, m), the same blocks for every KV head, or (kv_heads, m), row h for KV head h.
         """
-        kv_heads, block_size, head_dim = self.shape
-        m = indices.shape[1]
-        if self.n_blocks <= self.device_limit:  # all pooled: stays on the device, no host sync
-            rows, heads = indices.expand(kv_heads, m), torch.arange(kv_heads, device=self.device)[:, None]
-            planes = self._pool.map(lambda t: t[rows, heads])
-        else:
-            blocks = indices.tolist()  # host sync: offloaded blocks go through the LRU cache
-            planes = self._cache.map(lambda t: t.new_empty((kv_heads, m, *t.shape[2:])))
-            for h, row in enumerate(blocks):  # one row: the same blocks for every KV head, copied whole
-                heads = slice(None) if len(blocks) == 1 else slice(h, h + 1)
-                for i, block in enumerate(row):  # copy at once: a later miss may reuse this slot
-                    for out, plane in zip(planes.tensors(), self._fetch(block).tensors(), strict=True):
-                        if out is not None and plane is not None:
-                            out[heads, i] = plane[heads]
-        k, v = self._decode(planes)
-        return k.reshape(kv_heads, m * block_size, head_dim), v.reshape(kv_heads, m * block_size, head_dim)
-
-    def _fetch(self, block: int) -> Planes:
-        """A block's stored planes on the device: from the pool, or through the LRU cache."""
-        if block < self.device_limit:
-            return self._pool.map(lambda t: t[block])
-        slot = self._slots.get(block)
-        if slot is None:
-            self.cache_misses += 1
-            if len(self._slots) < self._cache.k.shape[0]:
-                slot = len(self._slots)
-            else:
-                _, slot = self._slots.popitem(last=False)
-            self._host[block - self.device_limit].copy_to(self._cache.map(lambda t: t[slot]),
-                                                          lambda dst, src: dst.copy_(src, non_blocking=True))
-            self._slots[block] = slot
-        else:
-            self._slots.move_to_end(block)
-        return self._cache.map(lambda t: t[slot])
-
-    def _grow_pool(self, capacity: int) -> None:
-        grown = self._empty(capacity)
-        self._pool.copy_to(grown.map(lambda t: t[: self._pool.k.shape[0]]), Tensor.copy_)
-        self._pool = grown
+        pool = self._pool.map(lambda t: t[: min(self.n_blocks, self.device_limit)])
+        return self._gather(pool, self._stored(self.device_limit, self.n_blocks) if self.offloaded
+                            else self._host.map(lambda t: t[:0]), indices, self.device_limit, self.dtype)

@@ -78,12 +78,13 @@ class QLLMConfig(BaseModel):
         "auto", description="how blocks are stored: auto = in the model's dtype; float8_e4m3 = one byte per value "
         "with a float32 scale per block and KV head (half of bf16's memory), de-quantised when gathered"
     )
-    offload: Offload = Field("auto", description="block placement: device pool, CPU + device LRU cache, or auto")
+    offload: Offload = Field(
+        "auto", description="block placement: device pool, pinned CPU memory read in place, or auto"
+    )
     device_pool_gb: float | None = Field(
         None, gt=0, description="auto: bytes of blocks (all layers) kept on the device before offloading; "
         "None = half the free accelerator memory, unlimited on CPU"
     )
-    max_cached_blocks: int = Field(32, ge=1, description="per-layer device LRU cache size for offloaded blocks")
     max_context_tokens: int = Field(
         1 << 20, ge=1, description="most tokens one reading holds (context, question turn and answer); "
         "longer input is refused before reading; advertised to frameworks"

@@ -25,7 +25,7 @@ from .blocks import BlockStore
 from .config import QLLMConfig
 from .layout import BlockLayout
 from .lookup import choose_evidence
-from .ops import AttendFn
+from .ops import AttendFn, gather_op
 from .placement import Placement
 from .policies import LookupPolicy
 from .question import Question
@@ -75,8 +75,8 @@ class LayerMemory:
         self.tail_start = 0  # absolute position of tail[0]
         self.seen = 0  # tokens appended so far = next absolute position
         self.store = BlockStore(
-            kv_heads, config.block_size, head_dim, dtype, device,
-            placement.device_limit, placement.max_cached, placement.expected_blocks, config.kv_dtype == "float8_e4m3",
+            kv_heads, config.block_size, head_dim, dtype, device, placement.device_limit,
+            expected_blocks=placement.expected_blocks, fp8=config.kv_dtype == "float8_e4m3", gather=gather_op(device),
         )
         n_repr = max(placement.expected_blocks, 16)
         self.repr_keys = torch.empty((n_repr, heads, head_dim), dtype=dtype, device=device)

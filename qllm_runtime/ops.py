@@ -1,5 +1,5 @@
 """Which implementation runs: the Triton kernels (`qllm_kernels`) on CUDA, the tiled PyTorch attention
-(`attention_cpu`) on the CPU, the PyTorch references elsewhere.
+(`attention_cpu`) on the CPU, the PyTorch references elsewhere (attention, block gather).
 
 The references are the spec and the test oracle. `QUICKLLAMA_KERNELS=0` forces them on CUDA and CPU alike (to
 compare or debug).
@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .attention import attend_reference
 from .attention_cpu import attend_tiled
+from .blocks import GatherFn, Planes, gather_reference
 
 log = logging.getLogger("quickllama")
 
@@ -51,3 +52,18 @@ def attention_op(device: torch.device, head_dim: int) -> AttendFn:
     if device.type == "cpu" and os.environ.get("QUICKLLAMA_KERNELS", "1") != "0":
         return attend_tiled
     return attend_reference
+
+
+def gather_op(device: torch.device) -> GatherFn:
+    """The block gather for a layer on `device`: on CUDA the kernel, which reads offloaded blocks in place from
+    pinned host memory (no host sync); elsewhere the reference."""
+    module = kernels(device)
+    if module is None:
+        return gather_reference
+
+    def gather(pool: Planes, host: Planes, indices: Tensor, device_limit: int, dtype: torch.dtype
+               ) -> tuple[Tensor, Tensor]:
+        planes = [tuple(t for t in p.tensors() if t is not None) for p in (pool, host)]
+        return module.gather_blocks(*planes, indices, device_limit, dtype)
+
+    return gather

@@ -14,11 +14,10 @@ UNLIMITED = 1 << 62
 
 @dataclass(frozen=True)
 class Placement:
-    """Where blocks go: the first `device_limit` per layer in the device pool, the rest offloaded and
-    served through a device LRU cache of `max_cached` blocks; `expected_blocks` sizes the first allocation."""
+    """Where blocks go: the first `device_limit` per layer in the device pool, the rest offloaded to host memory;
+    `expected_blocks` (per layer, the whole reading) sizes the first allocations."""
 
     device_limit: int
-    max_cached: int
     expected_blocks: int = 0
 
 
@@ -37,4 +36,4 @@ def plan_placement(config: QLLMConfig, n_tokens: int, device: torch.device, kv_b
         budget = (config.device_pool_gb * 2**30 if config.device_pool_gb is not None
                   else 0.5 * torch.cuda.mem_get_info(device)[0])
         limit = int(budget // (kv_bytes_per_token * config.block_size))
-    return Placement(limit, max(config.max_cached_blocks, config.topk), min(expected, limit))
+    return Placement(limit, expected)

@@ -35,14 +35,14 @@ def test_quantize_keeps_e4m3_precision_per_block_and_head():
 @pytest.mark.parametrize("device_limit", [100, 3, 0])
 def test_fp8_store_gathers_what_it_stored_on_every_path(device_limit):
     x_k, x_v = blocks(7, seed=1), blocks(7, seed=2)
-    store = BlockStore(*SHAPE, torch.float32, torch.device("cpu"), device_limit, max_cached=2, fp8=True)
+    store = BlockStore(*SHAPE, torch.float32, torch.device("cpu"), device_limit, fp8=True)
     store.add(x_k[:4], x_v[:4])
     store.add(x_k[4:], x_v[4:])
     want_k, want_v = (dequantize(*quantize(x), torch.float32) for x in (x_k, x_v))
     k, v = store.export()
     assert torch.equal(k, want_k) and torch.equal(v, want_v)
     assert torch.equal(torch.cat(list(store.key_chunks(3))), want_k)
-    per_head = torch.tensor([[6, 0, 3], [2, 5, 5]])  # more blocks than cache slots, repeats, any order
+    per_head = torch.tensor([[6, 0, 3], [2, 5, 5]])  # pooled and offloaded, repeats, any order
     k, v = store.gather(per_head)
     for h in range(SHAPE[0]):
         assert torch.equal(k[h].view(3, *SHAPE[1:]), want_k[per_head[h], h])
@@ -52,9 +52,31 @@ def test_fp8_store_gathers_what_it_stored_on_every_path(device_limit):
     assert torch.equal(store.gather(torch.tensor([[5, 4]]))[0][0].view(2, *SHAPE[1:]), want_k[[0, 4], 0])
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["stored", "fp8"])
+def test_offloaded_blocks_outgrow_their_first_room(fp8):
+    """More offloaded blocks than the reading was expected to make (a long answer): the host planes grow, every
+    block keeps its values, and a truncated store takes new blocks where the dropped ones were."""
+    x_k, x_v = blocks(45, seed=3), blocks(45, seed=4)
+    store = BlockStore(*SHAPE, torch.float32, torch.device("cpu"), 3, expected_blocks=5, fp8=fp8)
+    for start in range(0, 40, 7):  # uneven chunks, the first one split between pool and host
+        store.add(x_k[start : min(40, start + 7)], x_v[start : min(40, start + 7)])
+    assert store.n_blocks == 40 and store.offloaded == 37 and store._host.k.shape[0] >= 37
+    stored = (lambda x: dequantize(*quantize(x), torch.float32)) if fp8 else (lambda x: x)
+    want_k, want_v = stored(x_k), stored(x_v)
+    assert torch.equal(store.export()[0], want_k[:40])
+    picked = torch.tensor([[39, 0, 2, 3, 17]])
+    k, v = store.gather(picked)
+    assert torch.equal(k.view(2, 5, *SHAPE[1:]).transpose(0, 1), want_k[picked[0]])
+    assert torch.equal(v.view(2, 5, *SHAPE[1:]).transpose(0, 1), want_v[picked[0]])
+    store.truncate(10)
+    store.add(x_k[40:], x_v[40:])
+    assert torch.equal(store.export()[0], torch.cat([want_k[:10], want_k[40:]]))
+    assert torch.equal(torch.cat(list(store.key_chunks(4))), torch.cat([want_k[:10], want_k[40:]]))
+
+
 def test_fp8_pool_takes_a_quarter_of_float32():
     def pool_bytes(fp8: bool) -> int:
-        store = BlockStore(*SHAPE, torch.float32, torch.device("cpu"), 100, 2, expected_blocks=64, fp8=fp8)
+        store = BlockStore(*SHAPE, torch.float32, torch.device("cpu"), 100, expected_blocks=64, fp8=fp8)
         return sum(p.numel() * p.element_size() for p in store._pool.tensors() if p is not None)
 
     assert pool_bytes(True) < 0.26 * pool_bytes(False)

@@ -23,7 +23,7 @@ def test_kernel_path_matches_reference_path(tokenizer, dtype, offload, far_posit
     # bf16: the kernels round rotated keys to bf16 where the reference keeps float32, which can flip a near-tied
     # top-k lookup (then the runs attend different blocks); every block selected leaves the arithmetic to compare
     windows = WINDOWS if dtype == torch.float32 else {**WINDOWS, "topk": 64}
-    config = QLLMConfig(offload=offload, max_cached_blocks=4, far_positions=far_positions, **windows)
+    config = QLLMConfig(offload=offload, far_positions=far_positions, **windows)
     fast = session_logits(QLLMEngine(model, tokenizer, config), ids, 8)
     monkeypatch.setenv("QUICKLLAMA_KERNELS", "0")
     reference = session_logits(QLLMEngine(model, tokenizer, config), ids, 8)
@@ -34,11 +34,11 @@ def test_kernel_path_matches_reference_path(tokenizer, dtype, offload, far_posit
 
 @pytest.mark.parametrize("offload", ["device", "cpu"])
 def test_fp8_blocks_kernel_path_matches_reference_path(tokenizer, offload, monkeypatch):
-    """float8 blocks, de-quantised on the GPU from the pool or through the offload cache, read by the kernels =
-    read by the reference ops."""
+    """float8 blocks, de-quantised on the GPU from the pool or read in place from pinned host memory by the gather
+    kernel, read by the kernels = read by the reference ops."""
     model = tiny_model("llama", len(tokenizer), hidden_size=256).to("cuda")
     ids = random_ids(700, len(tokenizer))
-    config = QLLMConfig(offload=offload, max_cached_blocks=4, kv_dtype="float8_e4m3", **WINDOWS)
+    config = QLLMConfig(offload=offload, kv_dtype="float8_e4m3", **WINDOWS)
     fast = session_logits(QLLMEngine(model, tokenizer, config), ids, 8)
     monkeypatch.setenv("QUICKLLAMA_KERNELS", "0")
     reference = session_logits(QLLMEngine(model, tokenizer, config), ids, 8)

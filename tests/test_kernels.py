@@ -29,6 +29,7 @@ import qllm_kernels as qk
 
 from qllm_runtime.attention import apply_rope, attend_reference
 from qllm_runtime.attention_cpu import attend_tiled
+from qllm_runtime.blocks import Planes, gather_reference, quantize
 from qllm_runtime.lookup import block_scores_reference, select_blocks
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -329,6 +330,72 @@ def test_block_score_empty_and_bad_inputs():
         qk.block_score(gq, rk, None, 0.0, 0)
     with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
         qk.block_score(gq.double(), rk, None, 0.0, 2)
+
+
+def _stored_blocks(n: int, shape: tuple[int, int, int], dtype: torch.dtype, fp8: bool, seed: int) -> Planes:
+    """n random blocks as a BlockStore stores them: in `dtype`, or float8 bits with their scales."""
+    gen = torch.Generator().manual_seed(seed)
+    k, v = (torch.randn(n, *shape, generator=gen) * torch.logspace(-2, 2, n)[:, None, None, None] for _ in "kv")
+    if not fp8:
+        return Planes(k.to(dtype), v.to(dtype))
+    (kb, ks), (vb, vs) = quantize(k), quantize(v)
+    return Planes(kb, vb, ks, vs)
+
+
+def _planes(planes: Planes) -> tuple[torch.Tensor, ...]:
+    return tuple(t for t in planes.tensors() if t is not None)
+
+
+def test_e4m3_decoding_covers_every_code(poison):
+    """Every non-NaN float8 code decodes to torch's value (one block holding all 254, scale 1)."""
+    codes = torch.tensor([c for c in range(256) if c not in (0x7F, 0xFF)], dtype=torch.uint8)
+    bits = torch.cat([codes, codes[:2]]).view(1, 1, 16, 16).to(DEVICE)
+    ones = torch.ones(1, 1, device=DEVICE)
+    k, _ = qk.gather_blocks((bits, bits, ones, ones), (bits[:0], bits[:0], ones[:0], ones[:0]),
+                            torch.zeros(1, 1, dtype=torch.int64, device=DEVICE), 1, torch.float32)
+    assert torch.equal(k.flatten(), bits.flatten().view(torch.float8_e4m3fn).float())
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["stored", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("device_limit", "rows"), [(100, 1), (5, 1), (5, 3), (0, 3)], ids=["pooled", "split", "split-per-head", "host"]
+)
+def test_gather_matches_reference(poison, fp8, dtype, device_limit, rows):
+    shape = (3, 16, 32)  # kv_heads, block_size, head_dim
+    blocks = _stored_blocks(9, shape, dtype, fp8, seed=rows + device_limit)
+    pool = blocks.map(lambda t: t[: min(9, device_limit)].to(DEVICE))
+    host = blocks.map(lambda t: t[min(9, device_limit) :])  # the CPU (pinned on CUDA: read in place)
+    if DEVICE.type == "cuda":
+        host = host.map(lambda t: t.pin_memory())
+    indices = torch.tensor([[8, 0, 4, 4, 6], [1, 2, 3, 5, 7], [6, 6, 0, 8, 2]][:rows], device=DEVICE)
+    k, v = qk.gather_blocks(_planes(pool), _planes(host), indices, device_limit, dtype)
+    want_k, want_v = gather_reference(pool, host, indices, device_limit, dtype)
+    assert k.shape == (3, 5 * 16, 32) and k.dtype == dtype and k.device.type == DEVICE.type
+    if DEVICE.type == "cpu" and fp8 and dtype == torch.bfloat16:  # the interpreter truncates float32 to bfloat16
+        torch.testing.assert_close(k, want_k, rtol=2**-7, atol=0)
+        torch.testing.assert_close(v, want_v, rtol=2**-7, atol=0)
+    else:  # the same values: a copy, or float32 products rounded to the nearest
+        assert torch.equal(k, want_k) and torch.equal(v, want_v)
+
+
+def test_gather_empty_and_bad_inputs():
+    blocks = _stored_blocks(4, (2, 8, 16), torch.float32, False, seed=0)
+    pool, host = _planes(blocks.map(lambda t: t.to(DEVICE))), _planes(blocks.map(lambda t: t[:0].to(DEVICE)))
+    none = torch.zeros(1, 0, dtype=torch.int64, device=DEVICE)
+    assert qk.gather_blocks(pool, host, none, 4, torch.float32)[0].shape == (2, 0, 16)
+    one = torch.zeros(1, 1, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="both be"):
+        qk.gather_blocks(pool, (*host, host[0][:, 0], host[0][:, 0]), one, 4, torch.float32)
+    with pytest.raises(ValueError, match="indices must be"):
+        qk.gather_blocks(pool, host, torch.zeros(3, 1, dtype=torch.int64, device=DEVICE), 4, torch.float32)
+    with pytest.raises(ValueError, match="contiguous"):
+        qk.gather_blocks((pool[0].transpose(2, 3), pool[1].transpose(2, 3)), host, one, 4, torch.float32)
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        qk.gather_blocks(pool, host, one, 4, torch.float64)
+    if DEVICE.type == "cuda":
+        with pytest.raises(ValueError, match="pinned CPU memory"):
+            qk.gather_blocks(pool, _planes(blocks.map(lambda t: t[:1])), one, 4, torch.float32)
 
 
 def test_triton_available():

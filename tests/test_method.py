@@ -152,7 +152,7 @@ def test_offloaded_blocks_give_the_same_answer(llama):
     windows = {**TINY_WINDOWS, "topk": 3}
     context = " ".join(f"Item {i} costs {i * 11 % 17} euros." for i in range(50))
     pooled = QLLMEngine(model, tokenizer, QLLMConfig(offload="device", **windows))
-    offloaded = QLLMEngine(model, tokenizer, QLLMConfig(offload="cpu", max_cached_blocks=3, **windows))
+    offloaded = QLLMEngine(model, tokenizer, QLLMConfig(offload="cpu", **windows))
     mixed = QLLMEngine(model, tokenizer, QLLMConfig(offload="auto", device_pool_gb=1e-5, **windows))
     expected = pooled.ask(context, "Item 4?", max_new_tokens=10)
     for engine in (offloaded, mixed):
@@ -243,8 +243,7 @@ def test_per_kv_head_lookup_scores_each_head_group_on_its_own(llama):
     query = torch.randn(4, 3, 16, generator=torch.Generator().manual_seed(8))  # (heads, n_q, head_dim)
     gathered = []
     for offload in ("device", "cpu"):
-        config = QLLMConfig(mode="infllm", lookup_heads="kv_head", offload=offload, max_cached_blocks=2,
-                            **TINY_WINDOWS)
+        config = QLLMConfig(mode="infllm", lookup_heads="kv_head", offload=offload, **TINY_WINDOWS)
         session = QLLMEngine(model, tokenizer, config)._new_session(len(ids))
         session.feed(ids)
         layer = session.memory.layers[0]

@@ -63,7 +63,7 @@ def test_loaded_memory_answers_as_saved_twice_over(tiny_llama, tokenizer, tmp_pa
 
 def test_blocks_are_placed_by_the_loading_engine(saved, tiny_llama, tokenizer):
     engine, memory, path = saved
-    offloaded = engine_of(tiny_llama, tokenizer, **TINY_WINDOWS, offload="cpu", max_cached_blocks=2)
+    offloaded = engine_of(tiny_llama, tokenizer, **TINY_WINDOWS, offload="cpu")
     loaded = offloaded.load_memory(path)
     layer = next(iter(loaded.session.memory.layers.values()))
     assert layer.store.offloaded == layer.n_blocks > 0
@@ -125,7 +125,7 @@ def test_another_config_is_refused(saved, tiny_llama, tokenizer, change, message
 
 def test_answer_time_fields_may_differ(saved, tiny_llama, tokenizer):
     _, memory, path = saved
-    other = engine_of(tiny_llama, tokenizer, **TINY_WINDOWS, question_weight=0.5, max_cached_blocks=4,
+    other = engine_of(tiny_llama, tokenizer, **TINY_WINDOWS, question_weight=0.5, device_pool_gb=0.5,
                       evidence_tokens=None, evidence_neighbors=0)
     assert other.load_memory(path).context == memory.context
 

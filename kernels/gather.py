@@ -1,0 +1,125 @@
+"""Block gather: the keys and values of looked-up blocks, read where they live (device pool or pinned host memory),
+de-quantised from float8 when stored so, in one launch.
+
+The spec is `qllm_runtime.blocks.gather_reference`. Block b < device_limit is pool[b], a later one host[b -
+device_limit]. Host memory must be pinned: a CUDA kernel reads it in place over the bus (unified addressing), so a
+lookup of offloaded blocks needs no host sync and no copy per block. Grid (slots, kv_heads, chunks): each program
+copies one chunk of one block of one KV head (block_size * head_dim contiguous values), so many reads are in flight
+over the bus at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import FLOAT_DTYPES, on_device, triton_available
+
+__all__ = ["gather_blocks"]
+
+_CHUNK = 1024
+
+
+@triton.jit
+def _e4m3_to_float(bits):
+    """float8 e4m3 (fn) bit patterns (uint8) -> their float32 values, exactly (no NaN codes expected)."""
+    b = bits.to(tl.int32)
+    exponent = (b >> 3) & 0xF
+    mantissa = b & 0x7
+    normal = ((exponent + 120) << 23) | (mantissa << 20)  # float32 bits of (1 + m/8) * 2^(e - 7)
+    magnitude = tl.where(exponent == 0, mantissa.to(tl.float32) * 0.001953125, normal.to(tl.float32, bitcast=True))
+    return tl.where((b & 0x80) != 0, -magnitude, magnitude)
+
+
+@triton.jit
+def _gather_kernel(
+    PoolK, PoolV, HostK, HostV, PoolKScale, PoolVScale, HostKScale, HostVScale, Index, OutK, OutV,
+    stride_pb, stride_ph, stride_hb, stride_hh, stride_psb, stride_hsb, stride_ir, stride_oh,
+    n_values, device_limit,
+    FP8: tl.constexpr, CHUNK: tl.constexpr,
+):  # fmt: skip
+    slot = tl.program_id(0)
+    head = tl.program_id(1)
+    block = tl.load(Index + head * stride_ir + slot).to(tl.int64)
+    if block < device_limit:
+        src_k = PoolK + block * stride_pb + head * stride_ph
+        src_v = PoolV + block * stride_pb + head * stride_ph
+        k_scale_ptr = PoolKScale + block * stride_psb + head
+        v_scale_ptr = PoolVScale + block * stride_psb + head
+    else:
+        src_k = HostK + (block - device_limit) * stride_hb + head * stride_hh
+        src_v = HostV + (block - device_limit) * stride_hb + head * stride_hh
+        k_scale_ptr = HostKScale + (block - device_limit) * stride_hsb + head
+        v_scale_ptr = HostVScale + (block - device_limit) * stride_hsb + head
+    out = head.to(tl.int64) * stride_oh + slot.to(tl.int64) * n_values
+    o = tl.program_id(2) * CHUNK + tl.arange(0, CHUNK)
+    ok = o < n_values
+    k = tl.load(src_k + o, mask=ok, other=0)
+    v = tl.load(src_v + o, mask=ok, other=0)
+    if FP8:
+        k = _e4m3_to_float(k) * tl.load(k_scale_ptr)
+        v = _e4m3_to_float(v) * tl.load(v_scale_ptr)
+    tl.store(OutK + out + o, k.to(OutK.dtype.element_ty), mask=ok)
+    tl.store(OutV + out + o, v.to(OutV.dtype.element_ty), mask=ok)
+
+
+def gather_blocks(
+    pool: tuple[Tensor, ...],
+    host: tuple[Tensor, ...],
+    indices: Tensor,
+    device_limit: int,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """K and V of the blocks `indices`, concatenated per KV head: (kv_heads, m * block_size, head_dim) in `dtype`.
+
+    pool, host: (k, v) or, float8, (k, v, k_scale, v_scale): k, v (n, kv_heads, block_size, head_dim) in a float
+    dtype or uint8 (e4m3 bits), block and token planes contiguous; scales (n, kv_heads) float32. pool on the CUDA
+    device (or the CPU under the interpreter); host there too or in pinned CPU memory; either may hold no blocks.
+    indices: (1, m), the same blocks for every KV head, or (kv_heads, m); block b < device_limit is pool[b], a later
+    one host[b - device_limit]. The caller guarantees every index is in range.
+    """
+    if len(pool) != len(host) or len(pool) not in (2, 4):
+        raise ValueError("pool and host must both be (k, v) or both (k, v, k_scale, v_scale)")
+    fp8 = len(pool) == 4
+    kv_heads, block_size, head_dim = (pool if pool[0].shape[0] else host)[0].shape[1:]
+    device = pool[0].device
+    if not triton_available(device):
+        raise ValueError(f"Triton cannot run on {device}: use the qllm_runtime reference")
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+    for name, planes in (("pool", pool), ("host", host)):
+        k, v = planes[:2]
+        if k.shape[1:] != (kv_heads, block_size, head_dim) or v.shape != k.shape or k.dtype != v.dtype:
+            raise ValueError(f"{name} k and v must both be (n, {kv_heads}, {block_size}, {head_dim}) of one dtype")
+        if (k.dtype == torch.uint8) != fp8:
+            raise ValueError(f"{name}: float8 planes are uint8 bits and come with scales")
+        if k[:1].numel() and not (k.is_contiguous() and v.is_contiguous()):
+            raise ValueError(f"{name} k and v must be contiguous")
+        if k.numel() and k.device != device and not (device.type == "cuda" and k.device.type == "cpu"
+                                                     and k.is_pinned()):
+            raise ValueError(f"{name} blocks must be on {device} or in pinned CPU memory, got {k.device}")
+    if indices.dim() != 2 or indices.shape[0] not in (1, kv_heads) or indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"indices must be (1 or {kv_heads}, m) int32/int64, got {tuple(indices.shape)} "
+                         f"{indices.dtype}")
+    m = indices.shape[1]
+    out_k = torch.empty((kv_heads, m * block_size, head_dim), dtype=dtype, device=device)
+    out_v = torch.empty_like(out_k)
+    if m == 0:
+        return out_k, out_v
+    indices = indices.to(device).contiguous()
+    # a source with no blocks is never read: stand the other one in for it (a launch takes no empty tensor)
+    pool = pool if pool[0].shape[0] else host
+    host = host if host[0].shape[0] else pool
+    scales = (*pool[2:], *host[2:]) if fp8 else (pool[0],) * 4
+    with on_device(device):
+        _gather_kernel[(m, kv_heads, triton.cdiv(block_size * head_dim, _CHUNK))](
+            pool[0], pool[1], host[0], host[1], scales[0], scales[1], scales[2], scales[3], indices, out_k, out_v,
+            pool[0].stride(0), pool[0].stride(1), host[0].stride(0), host[0].stride(1),
+            scales[0].stride(0) if fp8 else 0, scales[2].stride(0) if fp8 else 0,
+            indices.stride(0) if indices.shape[0] > 1 else 0, out_k.stride(0),
+            block_size * head_dim, device_limit,
+            FP8=fp8, CHUNK=_CHUNK,
+        )  # fmt: skip
+    return out_k, out_v
