@@ -68,7 +68,8 @@ class LayerMemory:
         self.init_k = torch.empty((kv_heads, config.n_init, head_dim), dtype=dtype, device=device)
         self.init_v = torch.empty_like(self.init_k)
         self.init_len = 0
-        capacity = config.n_local + config.block_size + config.prefill_chunk
+        # the window, a remainder short of a block and one lookup group (the groups of a chunk join one by one)
+        capacity = config.n_local + config.block_size + min(config.lookup_chunk, config.prefill_chunk)
         self.tail_k = torch.empty((kv_heads, capacity, head_dim), dtype=dtype, device=device)
         self.tail_v = torch.empty_like(self.tail_k)
         self.tail_scores = torch.zeros((heads, capacity), dtype=torch.float32, device=device)
@@ -137,10 +138,10 @@ class LayerMemory:
             self.init_k[:, start : start + take] = key[:, :take]
             self.init_v[:, start : start + take] = value[:, :take]
             self.init_len = start + take
-        self._tail_append(key, value)
         out = torch.empty((n, self.heads, self.head_dim), dtype=query.dtype, device=query.device)
-        for g0 in range(0, n, cfg.lookup_chunk):
+        for g0 in range(0, n, cfg.lookup_chunk):  # a group's keys join the tail just before it attends
             g1 = min(n, g0 + cfg.lookup_chunk)
+            self._tail_append(key[:, g0:g1], value[:, g0:g1])
             out[g0:g1] = self._attend_group(query[:, g0:g1], start + g0, scaling)
             self._retire(processed=start + g1)
         return out

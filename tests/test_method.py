@@ -10,7 +10,7 @@ import torch
 import qllm_runtime.engine as engine_module
 from qllm_runtime import QLLMConfig, QLLMEngine
 from qllm_runtime.attention import attend_reference
-from qllm_runtime.memory import ModelMemory
+from qllm_runtime.memory import LayerMemory, ModelMemory
 from qllm_runtime.rope import RotaryTables
 
 from .conftest import BLOCK_MODES, TINY_WINDOWS, random_ids, tiny_model
@@ -147,7 +147,7 @@ def test_read_once_equals_single_shot_without_question_bias(llama):
 
 
 def test_offloaded_blocks_give_the_same_answer(llama):
-    """CPU offload with a small LRU cache must not change the result."""
+    """Blocks offloaded to host memory (all of them, or all but a few) must not change the result."""
     model, tokenizer = llama
     windows = {**TINY_WINDOWS, "topk": 3}
     context = " ".join(f"Item {i} costs {i * 11 % 17} euros." for i in range(50))
@@ -158,6 +158,20 @@ def test_offloaded_blocks_give_the_same_answer(llama):
     for engine in (offloaded, mixed):
         got = engine.ask(context, "Item 4?", max_new_tokens=10)
         assert (got.text, got.blocks) == (expected.text, expected.blocks)
+
+
+def test_the_tail_holds_one_lookup_group_beyond_the_window(llama, monkeypatch):
+    """A prefill chunk of many lookup groups appends each group just before it attends, so a layer's tail never
+    needs more than the window, a block and one group: a larger prefill_chunk costs no memory per layer."""
+    model, tokenizer = llama
+    grown = []
+    monkeypatch.setattr(LayerMemory, "_resize_tail", lambda self, needed: grown.append(needed))
+    session = QLLMEngine(model, tokenizer, QLLMConfig(**{**TINY_WINDOWS, "prefill_chunk": 256}))._new_session(1000)
+    session.feed(random_ids(1000, len(tokenizer)))
+    for token in random_ids(20, len(tokenizer)):
+        session.feed([token])
+    assert not grown
+    assert {layer.tail_k.shape[1] for layer in session.memory.layers.values()} == {32 + 8 + 16}
 
 
 def test_question_vector_pools_the_most_attended_question_tokens(llama):
