@@ -4,6 +4,7 @@
     python -m benchmarks.gpu_speed --gpus 2 --lengths 1000000 --no-full --offload-lengths  # layers split over 2 GPUs
     python -m benchmarks.gpu_speed --kv-dtype float8_e4m3 --lengths 100000 1000000 --no-full --offload-lengths
     python -m benchmarks.gpu_speed --lengths 100000 --offload-lengths --far-positions ordered shared
+    python -m benchmarks.gpu_speed --lengths 100000 --profile-length 100000 --profile-decode 16   # decode breakdown
 
 Random bf16 weights of the real shape (speed and memory only, never accuracy). Full attention is one
 forward of the stock model (SDPA) with a DynamicCache, then single-token decode steps. QuickLLaMA reads
@@ -11,7 +12,8 @@ the same tokens through its block memory (chunked prefill), then decodes. Each l
 seconds, decode ms/token and peak GPU memory, and the ratios against full attention measured in the same
 run; `--far-positions ordered shared` times the device pool with each far-position scheme (rows `qllm` and
 `qllm_shared`); `--profile-length` adds a breakdown of GPU time by stage (linear layers, attention kernel, lookup,
-copies, other) and the host time the GPU sat idle.
+copies, other) and the host time the GPU sat idle, of that reading or, with `--profile-decode N`, of N decode steps
+after it.
 """
 
 from __future__ import annotations
@@ -129,13 +131,23 @@ STAGES = [  # (stage, substrings of CUDA kernel names), first match wins
 ]
 
 
-def profile_breakdown(engine, ids: list[int]) -> dict:
+def profile_breakdown(engine, ids: list[int], decode_steps: int = 0) -> dict:
+    """GPU time by stage and the host time the GPU sat idle: of reading `ids`, or (decode_steps > 0) of that many
+    single-token steps after reading them unprofiled (with the question's evidence chosen, as when answering)."""
     from torch.profiler import ProfilerActivity, profile
 
-    session = engine._new_session(len(ids))
+    session = engine._new_session(len(ids) + decode_steps)
+    if decode_steps:
+        session.feed(ids)
+        if (evidence := engine._evidence_blocks()) is not None:
+            session.choose_evidence(evidence)
+        ids = ids[:decode_steps]
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        _, wall = timed(lambda: session.feed(ids))
+        if decode_steps:
+            _, wall = timed(lambda: [session.feed([t]) for t in ids])
+        else:
+            _, wall = timed(lambda: session.feed(ids))
     totals: dict[str, float] = {}
     for event in prof.key_averages():
         gpu_us = getattr(event, "self_device_time_total", 0) or getattr(event, "self_cuda_time_total", 0)
@@ -155,7 +167,9 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--offload-gb", type=float, default=2.0, help="device pool budget of the offload variant")
     parser.add_argument("--offload-lengths", type=int, nargs="*", default=[100000])
-    parser.add_argument("--profile-length", type=int, default=0)
+    parser.add_argument("--profile-length", type=int, default=0, help="profile reading this many tokens")
+    parser.add_argument("--profile-decode", type=int, default=0,
+                        help="with --profile-length: profile this many decode steps after the reading instead")
     parser.add_argument("--no-full", action="store_true")
     parser.add_argument("--full-max", type=int, default=None, help="full attention only up to this many tokens")
     parser.add_argument("--gpus", type=int, default=1, help="split the layers evenly over this many GPUs")
@@ -201,7 +215,8 @@ def main() -> None:
               "rows": rows}
     if args.profile_length:
         ids = torch.randint(0, 128000, (args.profile_length,), generator=rng).tolist()
-        report["profile"] = {"tokens": args.profile_length, **profile_breakdown(pools["qllm"], ids)}
+        report["profile"] = {"tokens": args.profile_length, "decode_steps": args.profile_decode,
+                             **profile_breakdown(pools["qllm"], ids, args.profile_decode)}
         print(json.dumps(report["profile"]), flush=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
