@@ -100,9 +100,10 @@ def run_full(model, ids: list[int], decode_steps: int) -> dict:
     return {"prefill_s": prefill, "decode_ms": 1000 * statistics.median(steps), "peak_gb": peaks_gb()}
 
 
-def run_qllm(engine, ids: list[int], decode_steps: int) -> dict:
-    reset_peaks()
-    session = engine._new_session(len(ids) + decode_steps)
+def asking_session(engine, n_tokens: int):
+    """A block-memory reading of `n_tokens` tokens as when a question is asked: a random 16-token question after a
+    4-token header is set (its vectors bias the reading; its queries choose the evidence, `choose_evidence`)."""
+    session = engine._new_session(n_tokens)
     heads, head_dim = engine.model.config.num_attention_heads, engine._head_dim
     devices = [layer.self_attn.o_proj.weight.device for layer in engine.model.model.layers]
     generator = torch.Generator().manual_seed(0)
@@ -110,12 +111,21 @@ def run_qllm(engine, ids: list[int], decode_steps: int) -> dict:
     def random(*shape: int) -> dict[int, torch.Tensor]:  # on each layer's GPU
         return {i: torch.randn(*shape, generator=generator).to(devices[i]) for i in range(engine._n_layers)}
 
-    # a random 16-token question after a 4-token header: vectors bias the reading, queries choose the evidence
-    question = Question(random(heads, head_dim), random(heads, 16, head_dim), random(heads, 4, head_dim))
-    session.set_question(question)
-    _, prefill = timed(lambda: session.feed(ids))
+    session.set_question(Question(random(heads, head_dim), random(heads, 16, head_dim), random(heads, 4, head_dim)))
+    return session
+
+
+def choose_evidence(engine, session) -> None:
+    """Fix the evidence every layer attends while answering, as the engine does after reading."""
     if (evidence := engine._evidence_blocks()) is not None:
         session.choose_evidence(evidence)
+
+
+def run_qllm(engine, ids: list[int], decode_steps: int) -> dict:
+    reset_peaks()
+    session = asking_session(engine, len(ids) + decode_steps)
+    _, prefill = timed(lambda: session.feed(ids))
+    choose_evidence(engine, session)
     steps = [timed(lambda t=t: session.feed([t]))[1] for t in ids[:decode_steps]]
     layer = next(iter(session.memory.layers.values()))
     result = {"prefill_s": prefill, "decode_ms": 1000 * statistics.median(steps),
@@ -133,14 +143,13 @@ STAGES = [  # (stage, substrings of CUDA kernel names), first match wins
 
 def profile_breakdown(engine, ids: list[int], decode_steps: int = 0) -> dict:
     """GPU time by stage and the host time the GPU sat idle: of reading `ids`, or (decode_steps > 0) of that many
-    single-token steps after reading them unprofiled (with the question's evidence chosen, as when answering)."""
+    single-token steps after reading them unprofiled; as `run_qllm` times them (a question set, its evidence chosen)."""
     from torch.profiler import ProfilerActivity, profile
 
-    session = engine._new_session(len(ids) + decode_steps)
+    session = asking_session(engine, len(ids) + decode_steps)
     if decode_steps:
         session.feed(ids)
-        if (evidence := engine._evidence_blocks()) is not None:
-            session.choose_evidence(evidence)
+        choose_evidence(engine, session)
         ids = ids[:decode_steps]
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -210,5 +210,5 @@ class BlockStore:
         indices: (1, m), the same blocks for every KV head, or (kv_heads, m), row h for KV head h.
         """
         pool = self._pool.map(lambda t: t[: min(self.n_blocks, self.device_limit)])
-        return self._gather(pool, self._stored(self.device_limit, self.n_blocks) if self.offloaded
-                            else self._host.map(lambda t: t[:0]), indices, self.device_limit, self.dtype)
+        host = self._host.map(lambda t: t[: self.offloaded])
+        return self._gather(pool, host, indices, self.device_limit, self.dtype)

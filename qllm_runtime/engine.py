@@ -258,7 +258,7 @@ class QLLMEngine:
         if not (self.config.full_within_window and n_tokens <= self._native_window()):
             return False
         placement = self._placement(n_tokens, self._model_itemsize())
-        return placement.device_limit >= BlockLayout.of(self.config).count(n_tokens) + 1
+        return placement.device_limit >= placement.expected_blocks
 
     def _new_session(self, n_tokens: int, full: bool = False) -> Session:
         """A reading of about `n_tokens` tokens: block memory, or full attention (mode full, or `full`)."""
