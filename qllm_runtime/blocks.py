@@ -36,6 +36,10 @@ class Planes:
     def tensors(self) -> list[Tensor | None]:
         return [getattr(self, f.name) for f in fields(self)]
 
+    def held(self) -> tuple[Tensor, ...]:
+        """The planes it holds: (k, v), or (k, v, k_scale, v_scale) for float8 (the gather kernel's argument)."""
+        return tuple(t for t in self.tensors() if t is not None)
+
     def copy_to(self, target: Planes, fn: Callable[[Tensor, Tensor], None]) -> None:
         """fn(target plane, own plane) for each plane both hold."""
         for mine, theirs in zip(self.tensors(), target.tensors(), strict=True):

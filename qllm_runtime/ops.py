@@ -63,7 +63,6 @@ def gather_op(device: torch.device) -> GatherFn:
 
     def gather(pool: Planes, host: Planes, indices: Tensor, device_limit: int, dtype: torch.dtype
                ) -> tuple[Tensor, Tensor]:
-        planes = [tuple(t for t in p.tensors() if t is not None) for p in (pool, host)]
-        return module.gather_blocks(*planes, indices, device_limit, dtype)
+        return module.gather_blocks(pool.held(), host.held(), indices, device_limit, dtype)
 
     return gather

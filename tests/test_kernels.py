@@ -342,10 +342,6 @@ def _stored_blocks(n: int, shape: tuple[int, int, int], dtype: torch.dtype, fp8:
     return Planes(kb, vb, ks, vs)
 
 
-def _planes(planes: Planes) -> tuple[torch.Tensor, ...]:
-    return tuple(t for t in planes.tensors() if t is not None)
-
-
 def test_e4m3_decoding_covers_every_code(poison):
     """Every non-NaN float8 code decodes to torch's value (one block holding all 254, scale 1)."""
     codes = torch.tensor([c for c in range(256) if c not in (0x7F, 0xFF)], dtype=torch.uint8)
@@ -369,7 +365,7 @@ def test_gather_matches_reference(poison, fp8, dtype, device_limit, rows):
     if DEVICE.type == "cuda":
         host = host.map(lambda t: t.pin_memory())
     indices = torch.tensor([[8, 0, 4, 4, 6], [1, 2, 3, 5, 7], [6, 6, 0, 8, 2]][:rows], device=DEVICE)
-    k, v = qk.gather_blocks(_planes(pool), _planes(host), indices, device_limit, dtype)
+    k, v = qk.gather_blocks(pool.held(), host.held(), indices, device_limit, dtype)
     want_k, want_v = gather_reference(pool, host, indices, device_limit, dtype)
     assert k.shape == (3, 5 * 16, 32) and k.dtype == dtype and k.device.type == DEVICE.type
     if DEVICE.type == "cpu" and fp8 and dtype == torch.bfloat16:  # the interpreter truncates float32 to bfloat16
@@ -381,7 +377,7 @@ def test_gather_matches_reference(poison, fp8, dtype, device_limit, rows):
 
 def test_gather_empty_and_bad_inputs():
     blocks = _stored_blocks(4, (2, 8, 16), torch.float32, False, seed=0)
-    pool, host = _planes(blocks.map(lambda t: t.to(DEVICE))), _planes(blocks.map(lambda t: t[:0].to(DEVICE)))
+    pool, host = blocks.map(lambda t: t.to(DEVICE)).held(), blocks.map(lambda t: t[:0].to(DEVICE)).held()
     none = torch.zeros(1, 0, dtype=torch.int64, device=DEVICE)
     assert qk.gather_blocks(pool, host, none, 4, torch.float32)[0].shape == (2, 0, 16)
     one = torch.zeros(1, 1, dtype=torch.int64, device=DEVICE)
@@ -395,7 +391,7 @@ def test_gather_empty_and_bad_inputs():
         qk.gather_blocks(pool, host, one, 4, torch.float64)
     if DEVICE.type == "cuda":
         with pytest.raises(ValueError, match="pinned CPU memory"):
-            qk.gather_blocks(pool, _planes(blocks.map(lambda t: t[:1])), one, 4, torch.float32)
+            qk.gather_blocks(pool, blocks.map(lambda t: t[:1]).held(), one, 4, torch.float32)
 
 
 def test_triton_available():
