@@ -4,6 +4,7 @@
     quickllama-bench --preset full --device cuda          # GPU box: 4K-128K
     quickllama-bench --tasks niah --lengths 4K,8K --methods qllm,infllm --sweep question_weight=0,1,4
     quickllama-bench --tasks niah,kv,json-kv,table,code --question-style exact,paraphrase,typos,verbose
+    quickllama-bench --tasks niah,squad --lengths 16K,32K,64K --same-questions  # one question set, every length
     quickllama-bench --preset full --device cuda --jobs 8 # 8 worker processes share the GPU (small models)
     quickllama-bench report results/A results/B --out results/AB   # merge runs: summary and heat-maps
 """
@@ -100,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "paraphrase (reworded), typos (a few letters swapped, dropped or doubled, never in the key looked "
                    "up), verbose (irrelevant words around it); a style's rows go by task[style], e.g. niah[typos]; "
                    "squad and babilong are asked exactly only (default: exact)")
+    p.add_argument("--same-questions", action="store_true",
+                   help="every length asks the same questions: sample i hides the same facts at the same depths, "
+                   "only the filler differs (default: drawn per length)")
     p.add_argument("--model", help="HF directory, GGUF file or hub id (default: the embedded SmolLM2-135M)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda (default: cpu)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
@@ -210,6 +214,7 @@ def run(argv: Sequence[str] | None = None, engine: QLLMEngine | None = None) -> 
     weight = next(engine.model.parameters())
     meta = {
         "argv": list(sys.argv[1:] if argv is None else argv), "preset": args.preset,
+        "same_questions": args.same_questions,
         "model": args.model or "embedded SmolLM2-135M-Instruct",
         "device": str(weight.device), "dtype": str(weight.dtype), "base_config": base.model_dump(),
         "methods": [m.label for m in methods], "torch": torch.__version__,
@@ -223,7 +228,8 @@ def run(argv: Sequence[str] | None = None, engine: QLLMEngine | None = None) -> 
         for task in tasks:
             t0 = time.perf_counter()
             batch = [s for seed in args.seed
-                     for s in generate(task, counter, length, seed, samples, depths, args.questions, styles)]
+                     for s in generate(task, counter, length, seed, samples, depths, args.questions, styles,
+                                       same_questions=args.same_questions)]
             _say(start, f"{task.name} @ {length}: {len(batch)} contexts in {time.perf_counter() - t0:.1f}s")
             for method in methods:
                 new = []

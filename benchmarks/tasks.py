@@ -3,7 +3,9 @@
 Every task takes the tokenizer's `TokenCounter`, a target length in tokens, a `random.Random` and a
 depth in [0, 1] (where the evidence goes; tasks with several facts spread them and ignore it), and
 returns the context and its queries. `generate` seeds one generator per sample, so a sample depends only
-on (task, length, seed, index). Prose tasks hide facts in essays or books; the structured tasks (json-kv,
+on (task, length, seed, index); with `same_questions`, on (task, seed, index) but for the amount of filler,
+so every length asks the same questions (makers then draw what they ask before anything whose count depends
+on the length). Prose tasks hide facts in essays or books; the structured tasks (json-kv,
 table, code) generate their records whole and fall short of the length by less than one record.
 
 Tasks with question templates can ask each question in another style (`QUESTION_STYLES`): reworded, with
@@ -54,7 +56,8 @@ class Sample:
     queries: tuple[Query, ...]
 
 
-Maker = Callable[[data.TokenCounter, int, random.Random, float, int], tuple[data.Haystack, list[Query]]]
+# (counter, length, rng, depth, n_queries, same_questions) -> (haystack, queries)
+Maker = Callable[[data.TokenCounter, int, random.Random, float, int, bool], tuple[data.Haystack, list[Query]]]
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,8 @@ PASSKEY_QUESTIONS = (
 
 
 def make_passkey(
-    counter: data.TokenCounter, length: int, rng: random.Random, depth: float, n_queries: int
+    counter: data.TokenCounter, length: int, rng: random.Random, depth: float, n_queries: int,
+    same_questions: bool = False,
 ) -> tuple[data.Haystack, list[Query]]:
     """Pass-key retrieval in the classic repeated filler: a 5-digit key, asked back."""
     key = str(rng.randrange(10_000, 100_000))
@@ -134,7 +138,8 @@ def make_niah(kind: str) -> Maker:
     7-digit number (`kind` "number", RULER's niah_single_2) or another adjective-noun word ("word")."""
 
     def make(
-        counter: data.TokenCounter, length: int, rng: random.Random, depth: float, n_queries: int
+        counter: data.TokenCounter, length: int, rng: random.Random, depth: float, n_queries: int,
+        same_questions: bool = False,
     ) -> tuple[data.Haystack, list[Query]]:
         key = _adjective_noun(rng)
         value = str(rng.randrange(1_000_000, 10_000_000)) if kind == "number" else key
@@ -162,20 +167,37 @@ def _uuid(rng: random.Random) -> str:
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
+def _kv_pair(rng: random.Random) -> str:
+    return f'"{_uuid(rng)}": "{_uuid(rng)}"'
+
+
 def make_kv(
-    counter: data.TokenCounter, length: int, rng: random.Random, depth: float, n_queries: int
+    counter: data.TokenCounter, length: int, rng: random.Random, depth: float, n_queries: int,
+    same_questions: bool = False,
 ) -> tuple[data.Haystack, list[Query]]:
-    """∞-Bench Retr.KV: a JSON object of UUID pairs up to `length` tokens (within one pair); keys asked."""
+    """∞-Bench Retr.KV: a JSON object of UUID pairs up to `length` tokens (within one pair); keys asked.
+
+    The asked pairs are drawn among the object's; with `same_questions`, drawn first and put at drawn fractions.
+    """
+    asked = [_kv_pair(rng) for _ in range(n_queries)] if same_questions else []
+    fractions = sorted(rng.random() for _ in asked)
     pairs: list[str] = []
     cost: list[int] = []
-    fixed = counter.count(KV_PREFIX + "{}")
+    fixed = counter.count(KV_PREFIX + "{}") + sum(counter.counts([", " + p for p in asked]))
     while fixed + sum(cost) < length:
-        batch = [f'"{_uuid(rng)}": "{_uuid(rng)}"' for _ in range(64)]
+        batch = [_kv_pair(rng) for _ in range(64)]
         pairs += batch
         cost += counter.counts([", " + p for p in batch])
 
+    def listed(n: int) -> list[str]:
+        """The first `n` drawn pairs, with the pairs drawn to be asked at their fractions."""
+        out = pairs[:n]
+        for i, (fraction, pair) in enumerate(zip(fractions, asked, strict=True)):
+            out.insert(i + round(fraction * n), pair)
+        return out
+
     def render(n: int) -> str:
-        return KV_PREFIX + "{" + ", ".join(pairs[:n]) + "}"
+        return KV_PREFIX + "{" + ", ".join(listed(n)) + "}"
 
     n, total = 0, fixed
     while n < len(pairs) and total + cost[n] <= length:
@@ -185,13 +207,14 @@ def make_kv(
         n -= 1
     if n < n_queries:
         raise ValueError(f"{length} tokens hold only {n} key-value pairs")
-    text = render(n)
+    text, listing = render(n), listed(n)
     queries = []
-    for idx in sorted(rng.sample(range(n), n_queries)):
-        key, value = (part.strip('"') for part in pairs[idx].split(": "))
-        start = text.index(pairs[idx])
-        evidence = ((start, start + len(pairs[idx])),)
-        queries.append(Query(KV_QUESTIONS[0].format(key=key), (value,), key, evidence, idx / n, (("key", key),)))
+    for pair in asked or [pairs[idx] for idx in sorted(rng.sample(range(n), n_queries))]:
+        key, value = (part.strip('"') for part in pair.split(": "))
+        start = text.index(pair)
+        evidence = ((start, start + len(pair)),)
+        depth = listing.index(pair) / len(listing)
+        queries.append(Query(KV_QUESTIONS[0].format(key=key), (value,), key, evidence, depth, (("key", key),)))
     return data.Haystack(text, counter.count(text), []), queries
 
 
@@ -207,16 +230,28 @@ _BABI_INSTRUCTIONS = {
 
 
 def make_babilong(task: int, book: str | None = None) -> Maker:
-    """BABILong qa`task`: one bAbI story's facts, in order, scattered in book text; its question asked."""
+    """BABILong qa`task`: one bAbI story's facts, in order, scattered in book text; its question asked.
+
+    The story is drawn among those that fit in `length`; with `same_questions`, among all (the same at every
+    length), and one that does not fit is refused.
+    """
 
     def make(
-        counter: data.TokenCounter, length: int, rng: random.Random, depth: float, n_queries: int
+        counter: data.TokenCounter, length: int, rng: random.Random, depth: float, n_queries: int,
+        same_questions: bool = False,
     ) -> tuple[data.Haystack, list[Query]]:
         filler = data.book(book) if book else data.essays()
-        fitting = [q for q in data.babi(task) if sum(map(len, q.facts)) < 2 * length]  # ~chars/4 < half
-        if not fitting:
+
+        def fits(q: data.BabiQuestion) -> bool:
+            return sum(map(len, q.facts)) < 2 * length  # ~chars/4 < half
+
+        stories = data.babi(task) if same_questions else [q for q in data.babi(task) if fits(q)]
+        if not stories:
             raise ValueError(f"no bAbI qa{task} story fits in {length} tokens")
-        item = rng.choice(fitting)
+        item = rng.choice(stories)
+        if not fits(item):
+            raise ValueError(f"the bAbI qa{task} story drawn to be asked at every length ({sum(map(len, item.facts))} "
+                             f"characters of facts) does not fit in {length} tokens; ask at longer lengths")
         depths = sorted(rng.random() for _ in item.facts)
         hay = data.build_haystack(counter, filler, length, list(zip(depths, item.facts, strict=True)), rng)
         question = f"{_BABI_INSTRUCTIONS[task]} Answer with one word. Question: {item.question}"
@@ -239,7 +274,8 @@ SQUAD_PREFIX = "Documents, separated by blank lines:\n\n"
 
 
 def make_squad(
-    counter: data.TokenCounter, length: int, rng: random.Random, depth: float, n_queries: int
+    counter: data.TokenCounter, length: int, rng: random.Random, depth: float, n_queries: int,
+    same_questions: bool = False,
 ) -> tuple[data.Haystack, list[Query]]:
     """SQuAD in a haystack: gold paragraphs among paragraphs of other articles; their questions asked."""
     paragraphs, articles, items = data.squad()
@@ -286,17 +322,21 @@ def make_structured(
     their depths; no other unit holds their key or answer. `questions[0]` is the question template."""
 
     def make(
-        counter: data.TokenCounter, length: int, rng: random.Random, depth: float, n_queries: int
+        counter: data.TokenCounter, length: int, rng: random.Random, depth: float, n_queries: int,
+        same_questions: bool = False,
     ) -> tuple[data.Haystack, list[Query]]:
         asked: list[Entry] = []
         while len(asked) < n_queries:
             new = entry(rng)
             if not _mentions(new.text, asked) and not any(_mentions(a.text, [new]) for a in asked):
                 asked.append(new)
+        # same questions: the other units, as many as the length needs, from a generator of their own, so the
+        # depths drawn after them stay the same at every length
+        unit_rng = random.Random(rng.getrandbits(64)) if same_questions else rng
         units: list[str] = []
         n_chars = 0
         while n_chars < data.window_chars(length):  # as much as build_haystack reads: no unit repeats
-            unit = entry(rng).text
+            unit = entry(unit_rng).text
             if not _mentions(unit, asked):
                 units.append(unit)
                 n_chars += len(unit) + len(sep)
@@ -478,6 +518,7 @@ def generate(
     depths: Sequence[float],
     n_queries: int = 1,
     styles: Sequence[str] = ("exact",),
+    same_questions: bool = False,
 ) -> list[Sample]:
     """`n_samples` contexts (times each depth, for depth-grid tasks), each from its own seeded generator.
 
@@ -485,15 +526,20 @@ def generate(
     questions per context where the task has several (kv, squad, json-kv, table, code); one elsewhere.
     Each context is asked in every style of `styles`, one sample per style that differs from the others in
     its questions only (reworded by a generator of its own); tasks without question templates in `exact` only.
+
+    Each generator is seeded with (task, length, seed, index), so every length draws other questions. With
+    `same_questions`, with (task, seed, index): sample i of every length hides the same facts at the same depths
+    and asks the same questions, only the amount of filler differs (a BABILong story too long for a length
+    raises ValueError).
     """
     grid = list(depths) if task.depth_grid else [None]
     samples = []
     for index in range(n_samples * len(grid)):
-        key = f"{task.name}|{length}|{seed}|{index}"
+        key = f"{task.name}|{seed}|{index}" if same_questions else f"{task.name}|{length}|{seed}|{index}"
         rng = random.Random(key)
         fixed = grid[index % len(grid)]
         depth = rng.random() if fixed is None else fixed
-        hay, queries = task.make(counter, length, rng, depth, n_queries)
+        hay, queries = task.make(counter, length, rng, depth, n_queries, same_questions)
         for style in (styles if task.questions else ["exact"]):
             style_rng = random.Random(f"{key}|{style}")
             asked = tuple(restyle(q, task.questions, style, style_rng) for q in queries)

@@ -1,4 +1,5 @@
-"""Triton kernels for QuickLLaMA: the block scorer, the fused [local | far] attention and the block gather.
+"""Triton kernels for QuickLLaMA: the block scorer, the fused [local | far] attention, the block gather, the block
+store (float8 quantisation on the way) and the blocks' representative keys.
 
 Each op has a plain-PyTorch reference in `qllm_runtime` (the spec and the CPU path). Kernels are compiled
 for CUDA, or run by Triton's CPU interpreter when TRITON_INTERPRET=1 is set before Triton is first
@@ -9,5 +10,10 @@ from ._common import triton_available
 from .attention import attention, supports_head_dim
 from .block_score import block_score
 from .gather import gather_blocks
+from .representatives import representative_keys
+from .store import store_blocks
 
-__all__ = ["attention", "block_score", "gather_blocks", "supports_head_dim", "triton_available"]
+__all__ = [
+    "attention", "block_score", "gather_blocks", "representative_keys", "store_blocks", "supports_head_dim",
+    "triton_available",
+]

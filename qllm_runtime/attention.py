@@ -28,6 +28,18 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotate_half(x) * sin
 
 
+def rope_matrix(cos: Tensor, sin: Tensor) -> Tensor:
+    """R (head_dim, head_dim) with x @ R == apply_rope(x, cos, sin) for the one position of `cos`, `sin` (head_dim,):
+    a rotation of any number of vectors in one launch."""
+    half = cos.shape[0] // 2
+    matrix = torch.diag(cos)
+    # rotate_half(x) = (-x2, x1): output j < half takes -x[j + half] * sin[j], output j >= half takes x[j - half]
+    idx = torch.arange(half, device=cos.device)
+    matrix[idx + half, idx] = -sin[:half]
+    matrix[idx, idx + half] = sin[half:]
+    return matrix
+
+
 def rotate(
     q: Tensor, q_start: int, local_k: Tensor, local_start: int, far_k: Tensor, cos: Tensor, sin: Tensor,
     n_local: int, far_origin: int | None,

@@ -49,7 +49,8 @@ class Planes:
 
 def quantize(x: Tensor) -> tuple[Tensor, Tensor]:
     """x: (..., block_size, head_dim) -> float8 e4m3 bits as uint8 (same shape) and float32 scales (...)."""
-    scale = x.float().abs().amax(dim=(-2, -1)).clamp_min(1e-30) / FP8_MAX
+    # times the float32 reciprocal, not / 448: CUDA torch divides by a scalar that way, so every device agrees
+    scale = x.float().abs().amax(dim=(-2, -1)).clamp_min(1e-30) * (1 / FP8_MAX)
     bits = (x.float() / scale[..., None, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(torch.uint8)
     return bits, scale
 
@@ -60,6 +61,35 @@ def dequantize(bits: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 GatherFn = Callable[[Planes, Planes, Tensor, int, torch.dtype], tuple[Tensor, Tensor]]
+StoreFn = Callable[[Tensor, Tensor, Planes], None]
+RepresentFn = Callable[[Tensor, Tensor, int, Tensor], None]
+
+
+def store_reference(k: Tensor, v: Tensor, target: Planes) -> None:
+    """Write blocks into `target` as it stores them: k, v (count, kv_heads, block_size, head_dim), any strides;
+    target: planes of the same shape (uint8 float8 bits, with (count, kv_heads) float32 scales, or a float dtype),
+    in device or pinned host memory."""
+    planes = Planes(k, v)
+    if target.k_scale is not None:
+        (k_bits, k_scale), (v_bits, v_scale) = quantize(k), quantize(v)
+        planes = Planes(k_bits, v_bits, k_scale, v_scale)
+    planes.copy_to(target, lambda dst, src: dst.copy_(src, non_blocking=True))
+
+
+def representatives_reference(keys: Tensor, scores: Tensor, repr_topk: int, out: Tensor) -> None:
+    """Each new block's representative key per query head: the mean of the `repr_topk` keys of the block that the
+    head's queries attended most.
+
+    keys: (kv_heads, count * block_size, head_dim); scores: (heads, count * block_size) float32, the attention
+    each token received per query head; out: (count, heads, head_dim), written (query head h reads KV head
+    h // (heads // kv_heads)). Ties in `scores` may pick either token.
+    """
+    count, heads, head_dim = out.shape
+    kv_heads = keys.shape[0]
+    top = scores.unflatten(1, (count, -1)).topk(repr_topk, dim=-1).indices  # (heads, count, r)
+    per_head = keys.unflatten(1, (count, -1)).repeat_interleave(heads // kv_heads, dim=0)  # (heads, count, bs, d)
+    chosen = per_head.gather(2, top[..., None].expand(-1, -1, -1, head_dim))  # (heads, count, r, d)
+    out.copy_(chosen.float().mean(dim=2).transpose(0, 1))
 
 
 def gather_reference(pool: Planes, host: Planes, indices: Tensor, device_limit: int, dtype: torch.dtype
@@ -111,6 +141,7 @@ class BlockStore:
         expected_blocks: int = 0,
         fp8: bool = False,
         gather: GatherFn = gather_reference,
+        store: StoreFn = store_reference,
     ) -> None:
         self.shape = (kv_heads, block_size, head_dim)
         self.dtype, self.device, self.fp8 = dtype, device, fp8
@@ -118,7 +149,7 @@ class BlockStore:
         self.n_blocks = 0
         self._pool = self._empty(min(device_limit, max(expected_blocks, 16)), device)
         self._host = self._empty(0, torch.device("cpu"))  # grown when the first block is offloaded
-        self._gather = gather
+        self._gather, self._store = gather, store
 
     @property
     def offloaded(self) -> int:
@@ -137,31 +168,22 @@ class BlockStore:
             planes += [new((n, self.shape[0]), torch.float32), new((n, self.shape[0]), torch.float32)]
         return Planes(*planes)
 
-    def _encode(self, k: Tensor, v: Tensor) -> Planes:
-        if not self.fp8:
-            return Planes(k, v)
-        (k_bits, k_scale), (v_bits, v_scale) = quantize(k), quantize(v)
-        return Planes(k_bits, v_bits, k_scale, v_scale)
-
     def add(self, k: Tensor, v: Tensor) -> None:
-        """Append blocks. k, v: (count, kv_heads, block_size, head_dim)."""
+        """Append blocks. k, v: (count, kv_heads, block_size, head_dim), any strides."""
         first, count = self.n_blocks, k.shape[0]
-        planes = self._encode(k, v)
         pooled = max(0, min(count, self.device_limit - first))
         if pooled:
             if first + pooled > self._pool.k.shape[0]:
                 self._pool = self._grown(self._pool, min(self.device_limit, max(2 * self._pool.k.shape[0],
                                                                                 first + pooled)), self.device)
-            planes.map(lambda t: t[:pooled]).copy_to(self._pool.map(lambda t: t[first : first + pooled]),
-                                                      Tensor.copy_)
+            self._store(k[:pooled], v[:pooled], self._pool.map(lambda t: t[first : first + pooled]))
         if count > pooled:  # device -> pinned host, ordered on the stream before any later gather
             start, end = self.offloaded, self.offloaded + count - pooled
             if end > self._host.k.shape[0]:
                 expected = self.expected_blocks - self.device_limit
                 self._host = self._grown(self._host, max(end, 2 * self._host.k.shape[0], expected, 16),
                                          torch.device("cpu"))
-            planes.map(lambda t: t[pooled:]).copy_to(self._host.map(lambda t: t[start:end]),
-                                                     lambda dst, src: dst.copy_(src, non_blocking=True))
+            self._store(k[pooled:], v[pooled:], self._host.map(lambda t: t[start:end]))
         self.n_blocks += count
 
     def _grown(self, planes: Planes, capacity: int, device: torch.device) -> Planes:

@@ -3,7 +3,9 @@
 Token positions are absolute (0 = first token read). Per layer:
   init    positions [0, n_init)                      always attended (as far keys once out of the window)
   tail    positions [tail_start, seen)               the local window plus the remainder: tokens that left
-                                                     the window but do not fill a block yet
+                                                     the window but do not fill a block yet; kept in buffers
+                                                     whose index 0 is position `_base` (moved back to 0 only
+                                                     when the buffers run out of room, not every step)
   blocks  positions [n_init + b*block_size, ...)     finished blocks, each with a representative key
 Keys are stored un-rotated. A token is "final" once every query that sees it locally has run; only
 final tokens become blocks, so a selected block is always out of the current queries' windows.
@@ -20,12 +22,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .attention import apply_rope
+from .attention import rope_matrix
 from .blocks import BlockStore
 from .config import QLLMConfig
 from .layout import BlockLayout
 from .lookup import choose_evidence
-from .ops import AttendFn, gather_op
+from .ops import AttendFn, gather_op, representatives_op, store_op
 from .placement import Placement
 from .policies import LookupPolicy
 from .question import Question
@@ -44,8 +46,24 @@ class LayerSnapshot:
     pinned: Tensor | None
 
 
+@dataclass
+class EvidenceBuffer:
+    """The far keys while answering from evidence: init, the evidence blocks (with those made since), then the
+    remainder, which grows step by step; k, v (kv_heads, capacity, head_dim), pos (capacity,)."""
+
+    k: Tensor
+    v: Tensor
+    pos: Tensor
+    n_blocks: int  # the layer's blocks when gathered: a new block means a new buffer
+    fixed: int  # init + evidence tokens, before the remainder
+    rem_start: int  # position of the remainder's first token
+    written: int = 0  # remainder tokens copied in so far
+
+
 class LayerMemory:
     """Block memory of one attention layer (batch size 1)."""
+
+    TAIL_SLACK = 4  # lookup groups of room in the tail beyond what it holds: tokens leave it without a copy
 
     def __init__(
         self,
@@ -68,17 +86,22 @@ class LayerMemory:
         self.init_k = torch.empty((kv_heads, config.n_init, head_dim), dtype=dtype, device=device)
         self.init_v = torch.empty_like(self.init_k)
         self.init_len = 0
-        # the window, a remainder short of a block and one lookup group (the groups of a chunk join one by one)
-        capacity = config.n_local + config.block_size + min(config.lookup_chunk, config.prefill_chunk)
+        # the window, a remainder short of a block and one lookup group (the groups of a chunk join one by one),
+        # and the slack
+        group = min(config.lookup_chunk, config.prefill_chunk)
+        capacity = config.n_local + config.block_size + (1 + self.TAIL_SLACK) * group
         self.tail_k = torch.empty((kv_heads, capacity, head_dim), dtype=dtype, device=device)
         self.tail_v = torch.empty_like(self.tail_k)
         self.tail_scores = torch.zeros((heads, capacity), dtype=torch.float32, device=device)
-        self.tail_start = 0  # absolute position of tail[0]
+        self.tail_start = 0  # absolute position of the tail's first token
         self.seen = 0  # tokens appended so far = next absolute position
+        self._base = 0  # absolute position of index 0 of the tail buffers
         self.store = BlockStore(
             kv_heads, config.block_size, head_dim, dtype, device, placement.device_limit,
             expected_blocks=placement.expected_blocks, fp8=config.kv_dtype == "float8_e4m3", gather=gather_op(device),
+            store=store_op(device),
         )
+        self._represent = representatives_op(device)
         n_repr = max(placement.expected_blocks, 16)
         self.repr_keys = torch.empty((n_repr, heads, head_dim), dtype=dtype, device=device)
         self.block_terms = torch.zeros(n_repr, dtype=torch.float32, device=device)  # the policy's per-block term
@@ -88,9 +111,9 @@ class LayerMemory:
         self.pinned: Tensor | None = None  # blocks the last multi-token lookup group picked
         self.evidence: Tensor | None = None  # (1, m) blocks every lookup attends while answering, ascending
         self.evidence_end = 0  # blocks that existed when the evidence was chosen; later ones join it
-        # (far keys, values, positions, n_blocks, fixed): init + evidence blocks, then room for the remainder
-        self._evidence_buffer: tuple[Tensor, Tensor, Tensor, int, int] | None = None
+        self._evidence_buffer: EvidenceBuffer | None = None
         self._positions = torch.arange(capacity, device=device)
+        self._rotation: Tensor | None = None  # (head_dim, head_dim), see _far_rotation
 
     @property
     def n_blocks(self) -> int:
@@ -138,13 +161,13 @@ class LayerMemory:
             self.init_k[:, start : start + take] = key[:, :take]
             self.init_v[:, start : start + take] = value[:, :take]
             self.init_len = start + take
-        out = torch.empty((n, self.heads, self.head_dim), dtype=query.dtype, device=query.device)
+        outs = []
         for g0 in range(0, n, cfg.lookup_chunk):  # a group's keys join the tail just before it attends
             g1 = min(n, g0 + cfg.lookup_chunk)
             self._tail_append(key[:, g0:g1], value[:, g0:g1])
-            out[g0:g1] = self._attend_group(query[:, g0:g1], start + g0, scaling)
+            outs.append(self._attend_group(query[:, g0:g1], start + g0, scaling))
             self._retire(processed=start + g1)
-        return out
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _attend_group(self, query: Tensor, q_start: int, scaling: float) -> Tensor:
         cfg = self.config
@@ -152,7 +175,7 @@ class LayerMemory:
         q_last = q_start + n_q - 1
         far_end = q_last - cfg.n_local + 1  # keys before this are far for at least the last query
         local_start = max(self.tail_start, q_start - cfg.n_local + 1)
-        lo, hi = local_start - self.tail_start, q_last + 1 - self.tail_start
+        lo, hi = local_start - self._base, q_last + 1 - self._base
         n_init_far = min(self.init_len, max(far_end, 0))
         if self.evidence is not None and n_init_far == self.init_len:
             fk, fv, fp = self._evidence_far_set(far_end)
@@ -165,7 +188,7 @@ class LayerMemory:
             query, q_start, self.tail_k[:, lo:hi], self.tail_v[:, lo:hi], local_start,
             fk, fv, fp, cos, sin, cfg.n_local, scaling, far_origin=far_origin,
         )
-        self.tail_scores[:, lo:hi] += received
+        self.tail_scores[:, lo:hi].add_(received)
         return out
 
     def _far_set(self, query: Tensor, n_init_far: int, far_end: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -190,28 +213,33 @@ class LayerMemory:
     def _evidence_far_set(self, far_end: int) -> tuple[Tensor, Tensor, Tensor]:
         """`_far_set` while answering from evidence: init and the evidence blocks (with those made since) are
         gathered once into a buffer, and each step only writes the remainder after them."""
-        if self._evidence_buffer is None or self._evidence_buffer[3] != self.n_blocks:
-            blocks = self._evidence_blocks()
-            block_k, block_v = self.store.gather(blocks)
-            fixed = self.init_len + block_k.shape[1]
-            shape = (self.kv_heads, fixed + self.tail_k.shape[1], self.head_dim)  # the remainder lies in the tail
-            k, v = self.tail_k.new_empty(shape), self.tail_v.new_empty(shape)
-            pos = self._arange(0, shape[1]).clone()
-            n_init = self.init_len
-            k[:, :n_init], v[:, :n_init] = self.init_k[:, :n_init], self.init_v[:, :n_init]
-            k[:, n_init:fixed], v[:, n_init:fixed] = block_k, block_v
-            pos[n_init:fixed] = self._block_positions(blocks[0])
-            self._evidence_buffer = (k, v, pos, self.n_blocks, fixed)
-        k, v, pos, _, fixed = self._evidence_buffer
         rem_start, n_rem = self._remainder(far_end)
-        if fixed + n_rem > k.shape[1]:  # the tail grew past the buffer: gather again
-            self._evidence_buffer = None
-            return self._evidence_far_set(far_end)
-        r0 = rem_start - self.tail_start
-        k[:, fixed : fixed + n_rem] = self.tail_k[:, r0 : r0 + n_rem]
-        v[:, fixed : fixed + n_rem] = self.tail_v[:, r0 : r0 + n_rem]
-        pos[fixed : fixed + n_rem] = self._arange(rem_start, rem_start + n_rem)
-        return k[:, : fixed + n_rem], v[:, : fixed + n_rem], pos[: fixed + n_rem]
+        buf = self._evidence_buffer
+        stale = buf is None or (buf.n_blocks, buf.rem_start) != (self.n_blocks, rem_start)
+        if stale or buf.fixed + n_rem > buf.k.shape[1]:
+            buf = self._evidence_buffer = self._gather_evidence(rem_start, n_rem)
+        if n_rem > buf.written:  # remainder tokens that left the window since the last step
+            r0, w = rem_start - self._base, buf.written
+            buf.k[:, buf.fixed + w : buf.fixed + n_rem] = self.tail_k[:, r0 + w : r0 + n_rem]
+            buf.v[:, buf.fixed + w : buf.fixed + n_rem] = self.tail_v[:, r0 + w : r0 + n_rem]
+        buf.written = n_rem
+        end = buf.fixed + n_rem
+        return buf.k[:, :end], buf.v[:, :end], buf.pos[:end]
+
+    def _gather_evidence(self, rem_start: int, n_rem: int) -> EvidenceBuffer:
+        """A fresh evidence buffer: init and the evidence blocks gathered, positions written for room beyond."""
+        blocks = self._evidence_blocks()
+        block_k, block_v = self.store.gather(blocks)
+        n_init = self.init_len
+        fixed = n_init + block_k.shape[1]
+        room = max(self.tail_k.shape[1], 2 * n_rem)  # the remainder lies in the tail
+        shape = (self.kv_heads, fixed + room, self.head_dim)
+        k, v = self.tail_k.new_empty(shape), self.tail_v.new_empty(shape)
+        k[:, :n_init], v[:, :n_init] = self.init_k[:, :n_init], self.init_v[:, :n_init]
+        k[:, n_init:fixed], v[:, n_init:fixed] = block_k, block_v
+        pos = torch.cat([self._arange(0, n_init), self._block_positions(blocks[0]),
+                         self._arange(rem_start, rem_start + room)])
+        return EvidenceBuffer(k, v, pos, self.n_blocks, fixed, rem_start)
 
     def _remainder(self, far_end: int) -> tuple[int, int]:
         """(first position, count) of the remainder: tail tokens out of the window of some query of the group,
@@ -222,7 +250,7 @@ class LayerMemory:
     def _append_remainder(self, far_k: list[Tensor], far_v: list[Tensor], far_pos: list[Tensor], far_end: int) -> None:
         rem_start, n_rem = self._remainder(far_end)
         if n_rem:
-            r0 = rem_start - self.tail_start
+            r0 = rem_start - self._base
             far_k.append(self.tail_k[:, r0 : r0 + n_rem])
             far_v.append(self.tail_v[:, r0 : r0 + n_rem])
             far_pos.append(self._arange(rem_start, rem_start + n_rem))
@@ -247,8 +275,7 @@ class LayerMemory:
             picked = self._arange(0, n).expand(rows, n)
         else:
             pinned = self.pinned if answering and cfg.pin_question_blocks else None
-            cos, sin = self.rope.get(cfg.n_local + 1, self.device)
-            far_q = apply_rope(query.float().mean(dim=1), cos[cfg.n_local], sin[cfg.n_local])  # (heads, head_dim)
+            far_q = query.mean(dim=1, dtype=torch.float32) @ self._far_rotation()  # (heads, head_dim)
             if rows > 1:  # row h keeps only the query heads of KV head h: its score sums over those heads
                 owner = torch.arange(self.heads, device=self.device) // (self.heads // self.kv_heads)
                 group_queries = far_q * (owner == torch.arange(rows, device=self.device)[:, None])[..., None]
@@ -265,6 +292,13 @@ class LayerMemory:
         if not answering:  # a prompt (e.g. the question turn): its answer's tokens may keep these picks
             self.pinned = picked
         return picked.sort(dim=-1).values
+
+    def _far_rotation(self) -> Tensor:
+        """RoPE to the far position n_local as a matrix (`rope_matrix`), made once."""
+        if self._rotation is None:
+            cos, sin = self.rope.get(self.config.n_local + 1, self.device)
+            self._rotation = rope_matrix(cos[self.config.n_local], sin[self.config.n_local])
+        return self._rotation
 
     def _arange(self, start: int, end: int) -> Tensor:
         """Positions start .. end-1 on the device, sliced from a cached arange (no allocation per call)."""
@@ -284,47 +318,48 @@ class LayerMemory:
             if self.policy.uses_blocks:
                 n_new = max(0, (final_end - new_start) // cfg.block_size)
                 if n_new:
-                    self._make_blocks(new_start - self.tail_start, n_new)
+                    self._make_blocks(new_start - self._base, n_new)
                     new_start += n_new * cfg.block_size
             else:  # streaming: tokens that leave the window are dropped
                 new_start = max(new_start, final_end)
-        self._tail_drop(new_start - self.tail_start)
+        self.tail_start = new_start  # the tokens before it left the tail (no copy: see _tail_append)
 
     def _make_blocks(self, offset: int, count: int) -> None:
-        """Turn tail[offset : offset + count * block_size] into `count` new blocks."""
+        """Turn tail buffer[offset : offset + count * block_size] into `count` new blocks."""
         cfg = self.config
         sl = slice(offset, offset + count * cfg.block_size)
-        keys = self.tail_k[:, sl].unflatten(1, (count, cfg.block_size))  # (kv_heads, count, bs, d)
-        values = self.tail_v[:, sl].unflatten(1, (count, cfg.block_size))
-        # representative key per (block, query head): mean of the head's repr_topk most-attended keys
-        top = self.tail_scores[:, sl].unflatten(1, (count, cfg.block_size)).topk(cfg.repr_topk, dim=-1).indices
-        per_head = keys.repeat_interleave(self.heads // self.kv_heads, dim=0)  # (heads, count, bs, d)
-        chosen = per_head.gather(2, top[..., None].expand(-1, -1, -1, self.head_dim))  # (heads, count, r, d)
-        rep = chosen.float().mean(dim=2).transpose(0, 1)  # (count, heads, d)
         first = self.n_blocks
         if first + count > self.repr_keys.shape[0]:
             self._grow_repr(max(2 * self.repr_keys.shape[0], first + count))
-        self.repr_keys[first : first + count] = rep.to(self.dtype)
-        self._set_terms(first, rep)
-        self.store.add(keys.transpose(0, 1), values.transpose(0, 1))
+        representatives = self.repr_keys[first : first + count]  # (count, heads, d)
+        self._represent(self.tail_k[:, sl], self.tail_scores[:, sl], cfg.repr_topk, representatives)
+        self._set_terms(first, representatives)
+        self.store.add(*(buf[:, sl].unflatten(1, (count, cfg.block_size)).transpose(0, 1)
+                         for buf in (self.tail_k, self.tail_v)))  # (count, kv_heads, bs, d)
 
     def _tail_append(self, key: Tensor, value: Tensor) -> None:
-        n, length = key.shape[1], self.tail_len
-        if length + n > self.tail_k.shape[1]:
-            self._resize_tail(length + n)
-        self.tail_k[:, length : length + n] = key
-        self.tail_v[:, length : length + n] = value
-        self.tail_scores[:, length : length + n] = 0
+        n = key.shape[1]
+        if self.seen + n - self._base > self.tail_k.shape[1]:
+            self._compact_tail()
+            if self.tail_len + n > self.tail_k.shape[1]:
+                self._resize_tail(self.tail_len + n)
+        i = self.seen - self._base
+        self.tail_k[:, i : i + n] = key
+        self.tail_v[:, i : i + n] = value
+        self.tail_scores[:, i : i + n] = 0
         self.seen += n
 
-    def _tail_drop(self, count: int) -> None:
-        if count <= 0:
-            return
-        keep = self.tail_len - count
-        for buf in (self.tail_k, self.tail_v):
-            buf[:, :keep] = buf[:, count : count + keep].clone()
-        self.tail_scores[:, :keep] = self.tail_scores[:, count : count + keep].clone()
-        self.tail_start += count
+    def _tail_view(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The tail's keys, values (kv_heads, tail_len, head_dim) and received attention (heads, tail_len)."""
+        sl = slice(self.tail_start - self._base, self.seen - self._base)
+        return self.tail_k[:, sl], self.tail_v[:, sl], self.tail_scores[:, sl]
+
+    def _compact_tail(self) -> None:
+        """Move the tail to index 0 of its buffers."""
+        if self.tail_start != self._base:
+            for buf, tail in zip((self.tail_k, self.tail_v, self.tail_scores), self._tail_view(), strict=True):
+                buf[:, : tail.shape[1]] = tail.clone()
+            self._base = self.tail_start
 
     def _resize_tail(self, needed: int) -> None:
         capacity = max(needed, 2 * self.tail_k.shape[1])
@@ -348,11 +383,11 @@ class LayerMemory:
         head_dim); tail_scores (heads, tail_len) float32; repr_keys (n_blocks, heads, head_dim); blocks_k/v
         (n_blocks, kv_heads, block_size, head_dim); positions [init_len, tail_start, seen]; pinned (rows, m)
         if set. Question-dependent state (block terms, hits) is not part of it."""
-        n = self.tail_len
+        tail_k, tail_v, tail_scores = self._tail_view()
         blocks_k, blocks_v = self.store.export()
         state = {
             "init_k": self.init_k[:, : self.init_len], "init_v": self.init_v[:, : self.init_len],
-            "tail_k": self.tail_k[:, :n], "tail_v": self.tail_v[:, :n], "tail_scores": self.tail_scores[:, :n],
+            "tail_k": tail_k, "tail_v": tail_v, "tail_scores": tail_scores,
             "repr_keys": self.repr_keys[: self.n_blocks], "blocks_k": blocks_k, "blocks_v": blocks_v,
             "positions": torch.tensor([self.init_len, self.tail_start, self.seen]),
         }
@@ -361,6 +396,7 @@ class LayerMemory:
     def load_state(self, state: dict[str, Tensor]) -> None:
         """Fill this fresh layer memory from `state()`; blocks go where this memory's placement puts them."""
         self.init_len, self.tail_start, self.seen = state["positions"].tolist()
+        self._base = self.tail_start
         self.init_k[:, : self.init_len] = state["init_k"]
         self.init_v[:, : self.init_len] = state["init_v"]
         n = self.tail_len
@@ -378,16 +414,16 @@ class LayerMemory:
 
     # ---- read once, ask many ---------------------------------------------------------------------
     def snapshot(self) -> LayerSnapshot:
-        n = self.tail_len
+        tail_k, tail_v, tail_scores = (t.clone() for t in self._tail_view())
         return LayerSnapshot(
-            self.init_len, self.tail_start, self.seen, self.n_blocks,
-            self.tail_k[:, :n].clone(), self.tail_v[:, :n].clone(), self.tail_scores[:, :n].clone(), self.pinned,
+            self.init_len, self.tail_start, self.seen, self.n_blocks, tail_k, tail_v, tail_scores, self.pinned,
         )
 
     def restore(self, snap: LayerSnapshot) -> None:
         """Return to `snap`: drop blocks and tokens added since, the question bias and hit counts."""
         n = snap.seen - snap.tail_start
         self.init_len, self.tail_start, self.seen = snap.init_len, snap.tail_start, snap.seen
+        self._base = snap.tail_start
         self.tail_k[:, :n] = snap.tail_k
         self.tail_v[:, :n] = snap.tail_v
         self.tail_scores[:, :n] = snap.tail_scores

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from functools import cache
+from functools import cache, partial
 from types import ModuleType
 
 import torch
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .attention import attend_reference
 from .attention_cpu import attend_tiled
-from .blocks import GatherFn, Planes, gather_reference
+from .blocks import GatherFn, Planes, RepresentFn, StoreFn, gather_reference, representatives_reference, store_reference
 
 log = logging.getLogger("quickllama")
 
@@ -48,7 +48,7 @@ def attention_op(device: torch.device, head_dim: int) -> AttendFn:
     """The attention for tensors on `device` (on CUDA, head_dim outside the kernel's 32/64/128 uses the reference)."""
     module = kernels(device)
     if module is not None and module.supports_head_dim(head_dim):
-        return module.attention
+        return partial(module.attention, check=False)  # the engine's inputs are valid by construction
     if device.type == "cpu" and os.environ.get("QUICKLLAMA_KERNELS", "1") != "0":
         return attend_tiled
     return attend_reference
@@ -66,3 +66,22 @@ def gather_op(device: torch.device) -> GatherFn:
         return module.gather_blocks(pool.held(), host.held(), indices, device_limit, dtype)
 
     return gather
+
+
+def store_op(device: torch.device) -> StoreFn:
+    """Writing new blocks where they are kept (quantised to float8 on the way where stored so): on CUDA the kernel
+    (one launch for K, V and their scales), elsewhere the reference."""
+    module = kernels(device)
+    if module is None:
+        return store_reference
+
+    def store(k: Tensor, v: Tensor, target: Planes) -> None:
+        module.store_blocks(k, v, target.held())
+
+    return store
+
+
+def representatives_op(device: torch.device) -> RepresentFn:
+    """New blocks' representative keys: on CUDA the kernel, elsewhere the reference."""
+    module = kernels(device)
+    return representatives_reference if module is None else module.representative_keys

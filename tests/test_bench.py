@@ -190,6 +190,60 @@ def test_tasks_without_templates_are_asked_exactly_only(counter, tmp_path):
     assert samples == tasks.generate(task, counter, 600, 0, 1, [0.5])
 
 
+def _asked(sample: tasks.Sample) -> list[tuple]:
+    """What a sample asks: each query's question, answers, subject, slots and evidence text."""
+    return [(q.question, q.answers, q.subject, q.slots, [sample.context[a:b] for a, b in q.evidence])
+            for q in sample.queries]
+
+
+@pytest.mark.parametrize("name,n_queries", [pytest.param("niah", 1, marks=needs_lce),
+                                            pytest.param("squad", 2, marks=needs_lce),
+                                            ("babilong-qa1", 1), ("kv", 2), ("code", 2)])
+def test_same_questions_at_every_length(counter, tmp_path, name, n_queries):
+    """--same-questions: sample i asks the same questions about the same evidence at the same depths at every
+    length; only the filler differs. By default every length draws its own."""
+    book = tmp_path / "book.txt"  # BABILong filler without the data wheel
+    book.write_text("Call me Ishmael. Some years ago, I went to sea. " * 150, encoding="utf-8")
+    task = tasks.registry(str(book))[name]
+
+    def draw(length: int, same_questions: bool) -> list[tasks.Sample]:
+        return tasks.generate(task, counter, length, seed=2, n_samples=2, depths=[0.3], n_queries=n_queries,
+                              styles=tasks.QUESTION_STYLES, same_questions=same_questions)
+
+    short, long = draw(2048, True), draw(4096, True)
+    slack = 160 if name in WHOLE_RECORDS else 2
+    for length, samples in ((2048, short), (4096, long)):
+        assert len(samples) == 2 * (len(tasks.QUESTION_STYLES) if task.questions else 1)
+        for sample in samples:
+            assert sample.context_tokens == counter.count(sample.context)
+            assert length - slack <= sample.context_tokens <= length + 2
+    assert [_asked(s) for s in short] == [_asked(s) for s in long]
+    assert len({tuple(map(str, _asked(s))) for s in short}) == len(short)  # the samples differ from each other
+    for a, b in zip(short, long, strict=True):
+        assert a.context != b.context and (a.task, a.index) == (b.task, b.index)
+        depths = pytest.approx([q.depth for q in b.queries], abs=0.1 if name == "kv" else 1e-9)
+        assert [q.depth for q in a.queries] == depths
+    assert [_asked(s) for s in draw(2048, False)] != [_asked(s) for s in draw(4096, False)]
+
+
+def test_same_questions_keep_the_default_seeding(counter):
+    """The default draws stay those of (task, length, seed, index), as recorded results were made."""
+    task = tasks.registry()["kv"]
+    sample, = tasks.generate(task, counter, 1000, seed=4, n_samples=1, depths=[0.5])
+    rng = random.Random("kv|1000|4|0")
+    hay, queries = task.make(counter, 1000, rng, rng.random(), 1)
+    assert (sample.context, sample.queries) == (hay.text, tuple(queries))
+
+
+def test_same_questions_refuse_a_story_too_long_for_the_length(counter, tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_text("Call me Ishmael. " * 400, encoding="utf-8")
+    task = tasks.registry(str(book))["babilong-qa3"]  # most qa3 stories need more than 512 tokens
+    assert tasks.generate(task, counter, 512, seed=0, n_samples=4, depths=[0.5])  # drawn among those that fit
+    with pytest.raises(ValueError, match=r"bAbI qa3 story drawn to be asked at every length .* not fit in 512 tokens"):
+        tasks.generate(task, counter, 512, seed=0, n_samples=4, depths=[0.5], same_questions=True)
+
+
 @needs_lce
 def test_babilong_scatters_the_story_in_order(counter):
     sample, = tasks.generate(tasks.registry()["babilong-qa2"], counter, 4096, 0, 1, [0.5])
@@ -317,6 +371,16 @@ def test_command_line_takes_question_styles_and_structured_tasks(capsys):
         assert message.startswith("quickllama-bench: ") and needle in message and "\n" not in message
 
 
+def test_command_line_takes_same_questions(capsys):
+    parser = cli.build_parser()
+    assert parser.parse_args(["--same-questions"]).same_questions and not parser.parse_args([]).same_questions
+    with pytest.raises(SystemExit):
+        cli.run(["--help"])
+    assert "--same-questions" in capsys.readouterr().out
+    argv = ["--same-questions", "--sweep", "topk=4,8", "--tasks", "niah"]
+    assert cli._without_sweeps(argv) == ["--same-questions", "--tasks", "niah"]  # what --jobs workers re-read
+
+
 def test_command_line_values():
     assert [cli.parse_length(x) for x in ("4K", "16k", "1000")] == [4096, 16384, 1000]
     assert [cli.parse_value(x) for x in ("4", "0.5", "true", "none", "cpu")] == [4, 0.5, True, None, "cpu"]
@@ -394,6 +458,7 @@ def test_cli_smoke(default_engine, one_thread, tmp_path: Path):
     assert all(r["error"] is None and r["score"] in (0.0, 1.0) and r["wall_s"] > 0 for r in rows)
     assert rows[1]["blocks"] > 0 and rows[1]["evidence_recall"] is not None
     assert result["meta"]["base_config"]["n_local"] == default_engine.config.n_local
+    assert result["meta"]["same_questions"] is False
     assert "niah: accuracy" in (out / "summary.md").read_text() and (out / "niah_heatmap.png").is_file()
     (out / "niah_heatmap.png").unlink()
     assert cli.main(["report", str(out)]) == 0 and (out / "niah_heatmap.png").is_file()
@@ -421,9 +486,12 @@ def test_cli_worker_processes(tmp_path: Path):
     skips what completed."""
     out = tmp_path / "jobs"
     argv = ["--tasks", "passkey", "--lengths", "600", "--methods", "full,streaming", "--samples", "1",
-            "--threads", "1", "--jobs", "2", "--sweep", "n_local=256,320", "--out", str(out)]
+            "--threads", "1", "--jobs", "2", "--sweep", "n_local=256,320", "--same-questions", "--out", str(out)]
     assert cli.run(argv) == 0
-    rows = json.loads((out / "results.json").read_text())["rows"]
+    result = json.loads((out / "results.json").read_text())
+    rows = result["rows"]
+    metas = result["meta"]["merged"]  # the workers' own
+    assert metas and all(m["same_questions"] and "--same-questions" in m["argv"] for m in metas)
     labels = ["full", "streaming[n_local=256]", "streaming[n_local=320]"]
     assert sorted(r["method"] for r in rows) == labels
     assert all(r["error"] is None and r["length"] == 600 for r in rows)

@@ -29,7 +29,7 @@ import qllm_kernels as qk
 
 from qllm_runtime.attention import apply_rope, attend_reference
 from qllm_runtime.attention_cpu import attend_tiled
-from qllm_runtime.blocks import Planes, gather_reference, quantize
+from qllm_runtime.blocks import Planes, gather_reference, quantize, representatives_reference, store_reference
 from qllm_runtime.lookup import block_scores_reference, select_blocks
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -416,3 +416,186 @@ def test_block_score_llama3_shapes(poison, n_groups):
     scores, _ = qk.block_score(group_queries, repr_keys, question, 4.0, 8)
     ref = block_scores_reference(group_queries, repr_keys, question, 4.0)
     torch.testing.assert_close(scores, ref, rtol=1e-3, atol=1e-2)
+
+
+def _store_case(count, kv_heads, block_size, head_dim, dtype, seed, first=2, extra=3):
+    """k, v as the runtime passes them: (count, kv_heads, block_size, head_dim) views of (kv_heads, tokens, head_dim)
+    tail buffers, starting mid-buffer; blocks of growing magnitude, the second (when there is one) all zero."""
+    gen = torch.Generator().manual_seed(seed)
+    n = count * block_size
+    scale = torch.logspace(-3, 3, max(count, 1)).repeat_interleave(block_size)[:n, None]
+    if count > 1:
+        scale[block_size : 2 * block_size] = 0
+    views = []
+    for _ in "kv":
+        tail = torch.randn(kv_heads, first + n + extra, head_dim, generator=gen)
+        tail[:, first : first + n] *= scale
+        tail = tail.to(DEVICE, dtype)
+        views.append(tail[:, first : first + n].unflatten(1, (count, block_size)).transpose(0, 1))
+    return views
+
+
+def _store_targets(n, count, kv_heads, block_size, head_dim, stored, first=1, device=DEVICE) -> tuple[Planes, Planes]:
+    """Planes for n blocks (NaN or 0xFF: no value the store writes) and their rows [first : first + count]."""
+    pin = device.type == "cpu" and DEVICE.type == "cuda"
+    fp8 = stored == "fp8"
+    planes = [torch.empty((n, kv_heads, block_size, head_dim), dtype=torch.uint8 if fp8 else stored, device=device,
+                          pin_memory=pin) for _ in "kv"]
+    if fp8:
+        planes = [p.fill_(0xFF) for p in planes]
+        planes += [torch.empty((n, kv_heads), device=device, pin_memory=pin) for _ in "kv"]
+    whole = Planes(*planes)
+    return whole, whole.map(lambda t: t[first : first + count])
+
+
+def _assert_stored(got: Planes, want: Planes, first: int, count: int):
+    """The rows [first : first + count] are bit-equal, the others untouched."""
+    for mine, theirs in zip(got.held(), want.held(), strict=True):
+        rows = slice(first, first + count)
+        assert torch.equal(mine[rows].cpu(), theirs[rows].cpu())
+        for outside in (mine[:first], mine[first + count :]):
+            assert (outside.isnan() if outside.is_floating_point() else outside == 0xFF).all()
+
+
+STORE_SHAPES = [  # count, kv_heads, block_size, head_dim
+    pytest.param(4, 2, 3, 8, id="bs3-d8"),
+    pytest.param(3, 3, 5, 16, id="bs5-d16"),
+    pytest.param(2, 2, 130, 16, id="bs130-chunked"),
+]
+
+
+@pytest.mark.parametrize(("count", "kv_heads", "block_size", "head_dim"), STORE_SHAPES)
+@pytest.mark.parametrize("stored", ["fp8", torch.float32, torch.bfloat16], ids=["fp8", "fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["in-fp32", "in-bf16"])
+def test_store_blocks_matches_reference(poison, count, kv_heads, block_size, head_dim, stored, dtype):
+    k, v = _store_case(count, kv_heads, block_size, head_dim, dtype, seed=count * block_size)
+    assert not k.is_contiguous()
+    shape = (count, kv_heads, block_size, head_dim)
+    got, got_rows = _store_targets(count + 3, *shape, stored)
+    want, want_rows = _store_targets(count + 3, *shape, stored)
+    qk.store_blocks(k, v, got_rows.held())
+    store_reference(k, v, want_rows)
+    _assert_stored(got, want, 1, count)
+    if stored == "fp8" and count > 1:  # the all-zero block: scale 1e-30 / 448, bits +-0
+        assert (got.k_scale[2] == torch.tensor(1e-30) / 448).all() and (got.k[2] & 0x7F == 0).all()
+
+
+@pytest.mark.parametrize("stored", ["fp8", torch.float16], ids=["fp8", "fp16"])
+def test_store_blocks_into_host_memory(poison, stored):
+    """Targets in CPU memory (pinned on CUDA: the kernel writes it in place)."""
+    k, v = _store_case(3, 2, 5, 16, torch.bfloat16, seed=7)
+    got, got_rows = _store_targets(6, 3, 2, 5, 16, stored, first=3, device=torch.device("cpu"))
+    want, want_rows = _store_targets(6, 3, 2, 5, 16, stored, first=3, device=torch.device("cpu"))
+    qk.store_blocks(k, v, got_rows.held())
+    store_reference(k, v, want_rows)
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+    _assert_stored(got, want, 3, 3)
+
+
+@pytest.mark.parametrize("stored", ["fp8", torch.float32], ids=["fp8", "fp32"])
+def test_store_blocks_count_zero(poison, stored):
+    k, v = _store_case(0, 2, 4, 8, torch.float32, seed=0)
+    got, got_rows = _store_targets(2, 0, 2, 4, 8, stored)
+    qk.store_blocks(k, v, got_rows.held())
+    _assert_stored(got, got, 1, 0)
+
+
+def test_e4m3_encoding_is_torchs():
+    """Quantising with scale 1 (the block's largest magnitude is 448) encodes every float32 like torch: all e4m3
+    values, the midpoints between neighbours (ties to even) and the floats just either side, the subnormal range,
+    signed zeros, float32 denormals and random values of every magnitude."""
+    e4m3 = torch.arange(0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448
+    mids = (e4m3[1:] + e4m3[:-1]) / 2  # exact in float32
+    near = torch.cat([mids, mids.nextafter(torch.tensor(0.0)), mids.nextafter(torch.tensor(math.inf)),
+                      e4m3.nextafter(torch.tensor(math.inf))[:-1], e4m3[1:].nextafter(torch.tensor(0.0))])
+    subnormal = torch.arange(0, 2**-5, 2**-13)  # eighths of e4m3's subnormal step, past the smallest normal
+    tiny = torch.tensor([0.0, 1e-45, 2**-126, 2**-20, 2**-11, 2**-10 - 2**-40, 2**-10 + 2**-40, 448.0])
+    rand = torch.exp2(torch.rand(2000, generator=torch.Generator().manual_seed(0)) * 30 - 21)
+    rand = (rand * torch.rand(2000, generator=torch.Generator().manual_seed(1)).add(1)).clamp_max(448)
+    values = torch.cat([e4m3, near, subnormal, tiny, rand])
+    half = len(values)
+    values = torch.cat([values, -values])
+    values = torch.cat([values, values.new_zeros(-len(values) % 16)]).view(1, 1, -1, 16).to(DEVICE)
+    bits = torch.empty(values.shape, dtype=torch.uint8, device=DEVICE)
+    scales = torch.empty(1, 1, device=DEVICE)
+    qk.store_blocks(values, values, (bits, bits.clone(), scales, scales.clone()))
+    assert scales.item() == 1.0
+    want = values.to(torch.float8_e4m3fn).view(torch.uint8)
+    assert torch.equal(bits, want)
+    assert want.flatten()[half] == 0x80  # -0.0 kept its sign
+
+
+def test_store_blocks_bad_inputs():
+    k, v = _store_case(2, 2, 4, 8, torch.float32, seed=0)
+    _, fp8 = _store_targets(3, 2, 2, 4, 8, "fp8")
+    _, plain = _store_targets(3, 2, 2, 4, 8, torch.float32)
+    fp8, plain = fp8.held(), plain.held()
+    bad_cases = {
+        "target must be": (k, v, fp8[:3]),
+        "k and v must both be": (k, v[:1], plain),
+        "float16, bfloat16 or float32 of one dtype": (k.double(), v.double(), plain),
+        "contiguous last dim": (k.transpose(2, 3), v.transpose(2, 3), tuple(p.transpose(2, 3) for p in plain)),
+        "target k and v must be \\(2, 2, 4, 8\\)": (k, v, (plain[0][:1], plain[1])),
+        "target k and v must be uint8": (k, v, (plain[0], plain[1], *fp8[2:])),
+        "must be float16, bfloat16 or float32 of one dtype, got torch.uint8": (k, v, fp8[:2]),
+        "target scales must be": (k, v, (*fp8[:2], fp8[2][:, :1], fp8[3])),
+        "contiguous in their last three dims": (k, v, (*(p.transpose(2, 3).contiguous().transpose(2, 3)
+                                                         for p in plain),)),
+    }
+    for message, args in bad_cases.items():
+        with pytest.raises(ValueError, match=message):
+            qk.store_blocks(*args)
+    if DEVICE.type == "cuda":
+        with pytest.raises(ValueError, match="pinned CPU memory"):
+            qk.store_blocks(k, v, tuple(p.cpu() for p in plain))
+
+
+def _representatives_case(heads, kv_heads, count, block_size, head_dim, dtype, seed, out_dtype=None):
+    """keys, scores (distinct values) and a poisoned out, each a slice of a bigger buffer."""
+    gen = torch.Generator().manual_seed(seed)
+    n = count * block_size
+    keys = torch.randn(kv_heads, n + 7, head_dim, generator=gen).to(DEVICE, dtype)[:, 4 : 4 + n]
+    scores = torch.randperm(heads * (n + 5), generator=gen).float().view(heads, n + 5).to(DEVICE)[:, 2 : 2 + n]
+    out = torch.empty(count + 4, heads, head_dim, dtype=out_dtype or dtype, device=DEVICE)[3 : 3 + count]
+    return keys, scores, out
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(2, 2), (4, 2), (8, 2)], ids=["mha", "gqa2", "gqa4"])
+@pytest.mark.parametrize(("block_size", "repr_topk"), [(7, 1), (7, 3), (7, 7), (16, 4)])
+@pytest.mark.parametrize(("dtype", "out_dtype"), [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                  (torch.bfloat16, torch.float32)], ids=["fp32", "bf16", "bf16-fp32"])
+def test_representative_keys_match_reference(poison, heads, kv_heads, block_size, repr_topk, dtype, out_dtype):
+    keys, scores, out = _representatives_case(heads, kv_heads, 3, block_size, 16, dtype, heads + block_size, out_dtype)
+    assert keys.stride(0) != keys.shape[1] * 16 and scores.stride(0) != scores.shape[1]
+    want = torch.full_like(out, math.nan)
+    qk.representative_keys(keys, scores, repr_topk, out)
+    representatives_reference(keys, scores, repr_topk, want)
+    rtol = 1e-2 if out_dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(out, want, rtol=rtol, atol=rtol)
+
+
+def test_representative_keys_write_only_their_rows(poison):
+    keys, scores, _ = _representatives_case(4, 1, 2, 5, 8, torch.float32, seed=0)
+    whole = torch.empty(5, 4, 8, device=DEVICE)
+    want = torch.full_like(whole, math.nan)
+    qk.representative_keys(keys, scores, 2, whole[1:3])
+    representatives_reference(keys, scores, 2, want[1:3])
+    torch.testing.assert_close(whole, want, rtol=1e-6, atol=1e-6, equal_nan=True)
+    assert not whole[1:3].isnan().any()
+
+
+def test_representative_keys_bad_inputs():
+    keys, scores, out = _representatives_case(4, 2, 3, 5, 8, torch.float32, seed=0)
+    bad_cases = {
+        "repr_topk must be": [(keys, scores, 0, out), (keys, scores, 6, out), (keys, scores, 2.0, out)],
+        "heads a multiple of kv_heads": [(keys, scores[:3], 1, out[:, :3])],
+        "the tokens count \\* block_size": [(keys[:, :14], scores[:, :14], 1, out), (keys, scores[:, :-1], 1, out)],
+        "scores must be float32": [(keys, scores.double(), 1, out)],
+        "float16, bfloat16 or float32": [(keys.double(), scores, 1, out)],
+        "contiguous last dim": [(keys.transpose(1, 2).contiguous().transpose(1, 2), scores, 1, out)],
+    }
+    for message, cases in bad_cases.items():
+        for args in cases:
+            with pytest.raises(ValueError, match=message):
+                qk.representative_keys(*args)

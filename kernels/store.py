@@ -1,0 +1,146 @@
+"""Block store: new blocks' keys and values written where they are kept (device pool or pinned host memory), cast
+to the stored dtype or quantised to float8 e4m3 with a scale per block and KV head, K, V and scales in one launch.
+
+The spec is `qllm_runtime.blocks.store_reference` (float8: `qllm_runtime.blocks.quantize`): scale = max |x| over the
+block's block_size * head_dim values of one KV head, clamped to >= 1e-30, times float32(1 / 448);
+bits = e4m3fn(clamp(x / scale, -448, 448)), rounded to nearest even. The targets may be pinned host memory: a CUDA
+kernel writes it in place over the bus (unified addressing), so offloading a block needs no host sync and no separate
+copy. Grid (count, kv_heads): each program writes one block of one KV head, K then V; float8 reads it twice (its
+largest magnitude first).
+
+Rounding is done with integer bit operations, the same compiled and interpreted (Triton's interpreter truncates
+float32 -> bfloat16 and its float8 casts do not round to nearest even), and divisions are IEEE-rounded
+(`tl.fdiv(..., ieee_rounding=True)`; a compiled `/` may be approximate), so the stored bits equal torch's.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import FLOAT_DTYPES, check_device, on_device
+
+__all__ = ["store_blocks"]
+
+_TILE = 2048  # values per load: (tokens, head_dim) tiles of about this size
+
+
+@triton.jit
+def _round_to_bf16(x):
+    """float32 -> the nearest bfloat16 value (ties to even), as float32 (a cast to bfloat16 is then exact)."""
+    u = x.to(tl.uint32, bitcast=True)
+    u = u + 0x7FFF + ((u >> 16) & 1)
+    return ((u >> 16) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e4m3_bits(x):
+    """float32 values with |x| <= 448 -> their float8 e4m3fn bit patterns (int32 in 0..255), to nearest even."""
+    u = x.to(tl.int32, bitcast=True)
+    a = u & 0x7FFFFFFF
+    # normal (|x| >= 2^-6): drop 20 of float32's 23 mantissa bits, rounding (a carry bumps the exponent); rebias
+    normal = ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - (120 << 3)
+    # subnormal: a multiple of 2^-9; adding 2^23 rounds |x| * 2^9 to an integer (to nearest even) in its mantissa
+    subnormal = (tl.abs(x) * 512.0 + 8388608.0).to(tl.int32, bitcast=True) - 0x4B000000
+    return tl.where(a < 0x3C800000, subnormal, normal) | ((u >> 24) & 0x80)
+
+
+@triton.jit
+def _store_plane(
+    Src, Dst, Scale, stride_b, stride_h, stride_t, stride_db, stride_sb, block, head, block_size, head_dim,
+    FP8: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    src = Src + block * stride_b + head * stride_h
+    dst = Dst + block * stride_db + head * block_size * head_dim
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    if FP8:
+        amax = 0.0
+        for t0 in range(0, block_size, BLOCK_T):
+            t = t0 + offs_t
+            ok = (t < block_size)[:, None] & d_ok[None, :]
+            x = tl.load(src + t[:, None] * stride_t + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(x)))
+        scale = tl.maximum(amax, 1e-30) * (1.0 / 448.0)  # as the reference: times the float32 reciprocal
+        tl.store(Scale + block * stride_sb + head, scale)
+    for t0 in range(0, block_size, BLOCK_T):
+        t = t0 + offs_t
+        ok = (t < block_size)[:, None] & d_ok[None, :]
+        x = tl.load(src + t[:, None] * stride_t + offs_d[None, :], mask=ok, other=0.0)
+        if FP8:
+            q = tl.fdiv(x.to(tl.float32), scale, ieee_rounding=True)
+            x = _e4m3_bits(tl.minimum(tl.maximum(q, -448.0), 448.0))
+        elif ROUND_BF16:
+            x = _round_to_bf16(x.to(tl.float32))
+        tl.store(dst + t[:, None] * head_dim + offs_d[None, :], x.to(Dst.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _store_kernel(
+    K, V, OutK, OutV, KScale, VScale,
+    stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, stride_okb, stride_ovb, stride_ksb, stride_vsb,
+    block_size, head_dim,
+    FP8: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    block = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    _store_plane(K, OutK, KScale, stride_kb, stride_kh, stride_kt, stride_okb, stride_ksb, block, head,
+                 block_size, head_dim, FP8, ROUND_BF16, BLOCK_T, BLOCK_D)
+    _store_plane(V, OutV, VScale, stride_vb, stride_vh, stride_vt, stride_ovb, stride_vsb, block, head,
+                 block_size, head_dim, FP8, ROUND_BF16, BLOCK_T, BLOCK_D)
+
+
+def store_blocks(k: Tensor, v: Tensor, target: tuple[Tensor, ...]) -> None:
+    """Write blocks k, v into `target` as it stores them.
+
+    k, v: (count, kv_heads, block_size, head_dim), float16/bfloat16/float32, any strides but a contiguous last dim
+    (e.g. views of a (kv_heads, tokens, head_dim) buffer), on the CUDA device (or the CPU under the interpreter).
+    target: (K, V) of that shape in a float dtype (a cast copy), or (K_bits, V_bits, K_scale, V_scale): uint8 e4m3
+    bits of that shape and (count, kv_heads) float32 scales. Each target plane is contiguous but for its first
+    dimension (e.g. rows [first : first + count] of a bigger plane), on k's device or, on CUDA, in pinned CPU memory.
+    """
+    if len(target) not in (2, 4):
+        raise ValueError(f"target must be (k, v) or (k_bits, v_bits, k_scale, v_scale), got {len(target)} tensors")
+    fp8 = len(target) == 4
+    if k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"k and v must both be (count, kv_heads, block_size, head_dim), got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    if k.dtype not in FLOAT_DTYPES or v.dtype != k.dtype:
+        raise ValueError(f"k and v must be float16, bfloat16 or float32 of one dtype, got {k.dtype} and {v.dtype}")
+    count, kv_heads, block_size, head_dim = k.shape
+    if head_dim > 1 and (k.stride(3) != 1 or v.stride(3) != 1):
+        raise ValueError("k and v need a contiguous last dim (head_dim)")
+    device = check_device([k, v])
+    out_k, out_v = target[:2]
+    if out_k.shape != k.shape or out_v.shape != k.shape:
+        raise ValueError(f"target k and v must be {tuple(k.shape)}, got {tuple(out_k.shape)} and {tuple(out_v.shape)}")
+    stored = torch.uint8 if fp8 else out_k.dtype
+    if out_k.dtype != stored or out_v.dtype != stored or not (fp8 or stored in FLOAT_DTYPES):
+        want = "uint8 (float8 bits)" if fp8 else "float16, bfloat16 or float32 of one dtype"
+        raise ValueError(f"target k and v must be {want}, got {out_k.dtype} and {out_v.dtype}")
+    for scale in target[2:]:
+        if scale.shape != (count, kv_heads) or scale.dtype != torch.float32 or (kv_heads > 1 and scale.stride(1) != 1):
+            raise ValueError(f"target scales must be ({count}, {kv_heads}) float32 with a contiguous last dim, got "
+                             f"{tuple(scale.shape)} {scale.dtype}")
+    if count and not (out_k[0].is_contiguous() and out_v[0].is_contiguous()):
+        raise ValueError("target k and v must be contiguous in their last three dims")
+    for t in target:
+        if t.device != device and not (device.type == "cuda" and t.device.type == "cpu" and t.is_pinned()):
+            raise ValueError(f"target planes must be on {device} or in pinned CPU memory, got {t.device}")
+    if count == 0 or k.numel() == 0:
+        return
+    scales = target[2:] if fp8 else (out_k, out_k)  # not read without float8: stand-ins
+    block_d = triton.next_power_of_2(head_dim)
+    block_t = min(triton.next_power_of_2(block_size), max(1, _TILE // block_d))
+    with on_device(device):
+        _store_kernel[(count, kv_heads)](
+            k, v, out_k, out_v, scales[0], scales[1],
+            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            out_k.stride(0), out_v.stride(0), scales[0].stride(0) if fp8 else 0, scales[1].stride(0) if fp8 else 0,
+            block_size, head_dim,
+            FP8=fp8, ROUND_BF16=stored == torch.bfloat16 and k.dtype != torch.bfloat16,
+            BLOCK_T=block_t, BLOCK_D=block_d,
+        )  # fmt: skip
