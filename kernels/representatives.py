@@ -42,7 +42,7 @@ def _representatives_kernel(
         pick = tl.min(tl.where(free & (scores == best), offs_s, BLOCK_S))
         acc += tl.load(keys + pick * stride_kt + offs_d, mask=d_ok, other=0.0).to(tl.float32)
         free = free & (offs_s != pick)
-    mean = tl.fdiv(acc, repr_topk * 1.0, ieee_rounding=True)
+    mean = tl.math.div_rn(acc, tl.zeros_like(acc) + repr_topk)
     if ROUND_BF16:
         mean = _round_to_bf16(mean)
     tl.store(Out + block * stride_ob + head * stride_oh + offs_d, mean.to(Out.dtype.element_ty), mask=d_ok)

@@ -4,13 +4,14 @@ to the stored dtype or quantised to float8 e4m3 with a scale per block and KV he
 The spec is `qllm_runtime.blocks.store_reference` (float8: `qllm_runtime.blocks.quantize`): scale = max |x| over the
 block's block_size * head_dim values of one KV head, clamped to >= 1e-30, times float32(1 / 448);
 bits = e4m3fn(clamp(x / scale, -448, 448)), rounded to nearest even. The targets may be pinned host memory: a CUDA
-kernel writes it in place over the bus (unified addressing), so offloading a block needs no host sync and no separate
-copy. Grid (count, kv_heads): each program writes one block of one KV head, K then V; float8 reads it twice (its
-largest magnitude first).
+kernel writes it in place over the bus (unified addressing). The engine does not: it encodes offloaded blocks on
+the device and copies them over with one DMA copy per plane (`BlockStore.add`). Grid (count, kv_heads): each
+program writes one block of one KV head, K then V; float8 reads it twice (its largest magnitude first).
 
 Rounding is done with integer bit operations, the same compiled and interpreted (Triton's interpreter truncates
 float32 -> bfloat16 and its float8 casts do not round to nearest even), and divisions are IEEE-rounded
-(`tl.fdiv(..., ieee_rounding=True)`; a compiled `/` may be approximate), so the stored bits equal torch's.
+(`tl.math.div_rn`: a compiled `/`, and with Triton 3.6 even `tl.fdiv(..., ieee_rounding=True)`, can be one ulp
+off, which moves a quotient off a tie), so the stored bits equal torch's.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def _store_plane(
         ok = (t < block_size)[:, None] & d_ok[None, :]
         x = tl.load(src + t[:, None] * stride_t + offs_d[None, :], mask=ok, other=0.0)
         if FP8:
-            q = tl.fdiv(x.to(tl.float32), scale, ieee_rounding=True)
+            xf = x.to(tl.float32)
+            q = tl.math.div_rn(xf, tl.zeros_like(xf) + scale)
             x = _e4m3_bits(tl.minimum(tl.maximum(q, -448.0), 448.0))
         elif ROUND_BF16:
             x = _round_to_bf16(x.to(tl.float32))

@@ -183,7 +183,13 @@ class BlockStore:
                 expected = self.expected_blocks - self.device_limit
                 self._host = self._grown(self._host, max(end, 2 * self._host.k.shape[0], expected, 16),
                                          torch.device("cpu"))
-            self._store(k[pooled:], v[pooled:], self._host.map(lambda t: t[start:end]))
+            host = self._host.map(lambda t: t[start:end])
+            if self.device.type == "cpu":
+                self._store(k[pooled:], v[pooled:], host)
+            else:  # encoded on the device, then one DMA copy per plane (not byte stores over the bus)
+                staged = self._empty(end - start, self.device)
+                self._store(k[pooled:], v[pooled:], staged)
+                staged.copy_to(host, lambda dst, src: dst.copy_(src, non_blocking=True))
         self.n_blocks += count
 
     def _grown(self, planes: Planes, capacity: int, device: torch.device) -> Planes:

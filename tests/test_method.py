@@ -290,3 +290,16 @@ def test_follow_blocks_brings_the_blocks_after_a_hit(mode):
     for follow, expected in ((0, [5, 9]), (1, [5, 6]), (2, [5, 6, 7])):
         policy = POLICIES[mode](QLLMConfig(mode=mode, follow_blocks=follow), torch.device("cpu"))
         assert policy.select(queries, repr_keys, None, len(expected))[0].sort().values.tolist() == expected
+
+
+def test_rope_matrix_rotates_like_apply_rope():
+    """x @ rope_matrix(cos, sin) is apply_rope(x, cos, sin) for one position: the lookup's far rotation as one
+    matrix product."""
+    from qllm_runtime.attention import apply_rope, rope_matrix
+
+    gen = torch.Generator().manual_seed(0)
+    for head_dim in (8, 64):
+        angles = torch.rand(head_dim // 2, generator=gen) * 1000
+        cos, sin = torch.cat([angles, angles]).cos(), torch.cat([angles, angles]).sin()
+        x = torch.randn(5, 3, head_dim, generator=gen)
+        assert torch.allclose(x @ rope_matrix(cos, sin), apply_rope(x, cos, sin), atol=1e-6)
