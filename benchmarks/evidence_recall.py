@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     for length in args.lengths:
         for task in _tasks(args.tasks, None):
-            for sample in generate(task, counter, length, 0, args.samples or 2, args.depths or [0.5]):
+            for sample in generate(task, counter, length, 0, args.samples or 2, args.depths or [0.5],
+                                   same_questions=args.same_questions):
                 memory = engine.read(sample.context)
                 for query in sample.queries:
                     att, n_header = _attention(engine, memory, query.question)

@@ -90,7 +90,8 @@ def write_samples(args: argparse.Namespace) -> None:
         for length in map(parse_length, args.lengths.split(",")):
             for task in _tasks(args.tasks.split(","), None):
                 for seed in args.seed:
-                    for s in generate(task, counter, length, seed, args.samples, depths):
+                    for s in generate(task, counter, length, seed, args.samples, depths,
+                                      same_questions=args.same_questions):
                         for q_index, q in enumerate(s.queries):
                             parts = prompts.ask_parts(s.context, q.question)
                             f.write(json.dumps({
@@ -306,6 +307,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--samples", type=int, default=2, help="per seed (NIAH: per depth), as quickllama-bench")
     p.add_argument("--depths", default="10,30,50,70,90", help="NIAH needle depths in percent")
     p.add_argument("--seed", type=int, nargs="+", default=[0])
+    p.add_argument("--same-questions", action="store_true",
+                   help="the same questions at every length, as quickllama-bench")
     p.add_argument("--infllm-repo", help="a checkout of thunlp/InfLLM")
     p.add_argument("--hf-model", help="HF directory (default: the one the samples name)")
     p.add_argument("--config", choices=["qwen", "small"], default="qwen")

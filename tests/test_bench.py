@@ -543,3 +543,9 @@ def test_infllm_reference_samples_and_comparison(tmp_path, tokenizer):
     (tmp_path / "ours.json").write_text(json.dumps({"rows": ours}))
     table = ref.compare(tmp_path / "ours.json", ref_rows)
     assert "| niah | 1024 | 50 (2) | 100 (2) |" in table and "on the 2 (sample, query) pairs" in table
+    same = tmp_path / "same.jsonl"  # --same-questions: the bench's samples, so the same questions at each length
+    ref.main(["--write-samples", str(same), "--tasks", "niah", "--lengths", "1024,2048", "--samples", "1",
+              "--depths", "50", "--same-questions"])
+    short, long = [json.loads(line) for line in same.read_text().splitlines()]
+    assert (short["length"], long["length"]) == (1024, 2048) and short["question"] == long["question"]
+    assert short["expected"] == long["expected"] and short["context"] != long["context"]
