@@ -549,3 +549,16 @@ def test_infllm_reference_samples_and_comparison(tmp_path, tokenizer):
     short, long = [json.loads(line) for line in same.read_text().splitlines()]
     assert (short["length"], long["length"]) == (1024, 2048) and short["question"] == long["question"]
     assert short["expected"] == long["expected"] and short["context"] != long["context"]
+
+
+def test_launch_count_of_a_lookup_group(capsys):
+    """`python -m benchmarks.launch_count`: a prefill lookup group of one layer launches about 30 kernels on CUDA
+    (75 before the sixth session) and a decode step from evidence about 8; more means host time came back."""
+    from benchmarks import launch_count
+
+    launch_count.main(["--chunks", "1", "--sites"])
+    out = capsys.readouterr().out
+    prefill = float(out.split("| prefill, per lookup group | ")[1].split(" |")[0])
+    decode = float(out.split("| decode from evidence, per token | ")[1].split(" |")[0])
+    assert 20 < prefill <= 34 and 4 < decode <= 10
+    assert "block store (one kernel on CUDA)" in out and "attention (two kernels on CUDA)" in out

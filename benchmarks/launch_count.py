@@ -1,0 +1,148 @@
+"""Kernel launches per lookup group of one layer's block memory, counted on the CPU.
+
+    python -m benchmarks.launch_count                          # the §1 windows (gpu_speed), fp8 blocks
+    python -m benchmarks.launch_count --kv-dtype auto --sites  # bf16 blocks, launches by source line
+
+On CUDA the block memory's prefill is bound by the host: each lookup group of each layer launches its small
+kernels from Python. This reads chunks into one `LayerMemory` with tiny heads on the CPU and counts the ops that
+write memory (a new tensor, or an in-place op): each is one launch on CUDA. The ops that are one Triton kernel on
+CUDA (block gather, block scorer, representative keys, block store) count as one launch here too; the attention is
+a stand-in counted as its two kernels. Also reported: the same for one decode step answering from evidence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import traceback
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from benchmarks.gpu_speed import QLLM_WINDOWS
+from qllm_runtime.config import QLLMConfig
+from qllm_runtime.lookup import block_scores_reference
+from qllm_runtime.memory import LayerMemory
+from qllm_runtime.placement import Placement
+from qllm_runtime.policies import make_policy
+from qllm_runtime.rope import RotaryTables
+
+HEADS, KV_HEADS, HEAD_DIM = 4, 2, 8
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts writing ops by the runtime source line that issued them; `one_launch` ops count once, whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.launches: Counter[str] = Counter()
+        self._inside = 0
+
+    def one_launch(self, fn: Callable, name: str) -> Callable:
+        def counted(*args, **kwargs):
+            self.launches[f"{name} (one kernel on CUDA)"] += 1
+            self._inside += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._inside -= 1
+
+        return counted
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self._inside:
+            return out
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        inputs = {t.untyped_storage().data_ptr() for t in tensors}
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        name = func.overloadpacket.__name__
+        if name.endswith("_") or any(t.numel() and t.untyped_storage().data_ptr() not in inputs for t in outputs):
+            frames = [f for f in traceback.extract_stack() if "qllm_runtime" in f.filename]
+            self.launches[f"{frames[-1].name}:{frames[-1].lineno} {name}" if frames else name] += 1
+        return out
+
+
+def attention_stand_in(counter: LaunchCounter) -> Callable:
+    """The attention's shape contract, counted as the Triton attention's two kernels."""
+
+    def attend(query, q_start, local_k, local_v, local_start, far_k, far_v, far_pos, cos, sin, n_local, scaling,
+               far_origin=None):
+        counter.launches["attention (two kernels on CUDA)"] += 2
+        counter._inside += 1
+        try:
+            return query.new_zeros(query.shape[1], *query.shape[::2]), query.new_zeros(query.shape[0],
+                                                                                          local_k.shape[1]).float()
+        finally:
+            counter._inside -= 1
+
+    return attend
+
+
+def new_layer(config: QLLMConfig, counter: LaunchCounter) -> LayerMemory:
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    model = torch.nn.Module()  # a model with a real rotary module of this head size (the tables' values do not matter)
+    model.rotary_emb = LlamaRotaryEmbedding(LlamaConfig(hidden_size=HEADS * HEAD_DIM, num_attention_heads=HEADS,
+                                                        num_key_value_heads=KV_HEADS))
+    device = torch.device("cpu")
+    policy = make_policy(config, device)
+    layer = LayerMemory(config, HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16, device, Placement(10**9, 1024),
+                        RotaryTables(model, device), attention_stand_in(counter), policy)
+    layer.store._gather = counter.one_launch(layer.store._gather, "block gather")
+    layer.store._store = counter.one_launch(layer.store._store, "block store")
+    layer._represent = counter.one_launch(layer._represent, "representative keys")
+    policy._kernel = counter.one_launch(lambda q, r, t, beta, _: (block_scores_reference(q, r, t, beta),),
+                                        "block scorer")
+    return layer
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kv-dtype", choices=["auto", "float8_e4m3"], default="float8_e4m3")
+    parser.add_argument("--chunks", type=int, default=4, help="prefill chunks read before counting one")
+    parser.add_argument("--sites", action="store_true", help="list the launches by source line")
+    args = parser.parse_args(argv)
+    config = QLLMConfig(**QLLM_WINDOWS, kv_dtype=args.kv_dtype)
+    counter = LaunchCounter()
+    layer = new_layer(config, counter)
+    layer.set_question(torch.randn(HEADS, HEAD_DIM))
+    gen = torch.Generator().manual_seed(0)
+
+    def tokens(n: int) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.randn(h, n, HEAD_DIM, generator=gen).bfloat16() for h in (HEADS, KV_HEADS, KV_HEADS))
+
+    chunk, groups = config.prefill_chunk, config.prefill_chunk // config.lookup_chunk
+
+    def launches(batches: list[tuple[torch.Tensor, ...]], n: int) -> Counter[str]:
+        """Launches of reading `batches`, per unit of n."""
+        counter.launches.clear()
+        with counter:
+            for batch in batches:
+                layer.append_and_attend(*batch, 0.1)
+        return Counter({site: count / n for site, count in counter.launches.items()})
+
+    with torch.inference_mode():
+        for _ in range(args.chunks):
+            layer.append_and_attend(*tokens(chunk), 0.1)
+        rows = [("prefill, per lookup group", launches([tokens(chunk)], groups))]
+        layer.set_evidence(torch.arange(0, layer.n_blocks, 4))
+        n_steps = 4 * config.block_size
+        rows.append(("decode from evidence, per token", launches([tokens(1) for _ in range(n_steps)], n_steps)))
+    print(f"one layer, {config.kv_dtype} blocks, n_local {config.n_local}, blocks of {config.block_size}, "
+          f"top-{config.topk}, lookup groups of {config.lookup_chunk}, chunks of {chunk}")
+    print("| step | launches on CUDA |\n|---|---:|")
+    for what, counted in rows:
+        print(f"| {what} | {sum(counted.values()):.1f} |")
+    if args.sites:
+        for what, counted in rows:
+            print(f"\n{what}:")
+            for site, count in sorted(counted.items(), key=lambda kv: -kv[1]):
+                print(f"  {count:6.2f}  {site}")
+
+
+if __name__ == "__main__":
+    main()
