@@ -33,16 +33,19 @@ HEADS, KV_HEADS, HEAD_DIM = 4, 2, 8
 
 
 class LaunchCounter(TorchDispatchMode):
-    """Counts writing ops by the runtime source line that issued them; `one_launch` ops count once, whole."""
+    """Counts writing ops by the runtime source line that issued them; `as_kernels` ops count as their kernels."""
 
     def __init__(self) -> None:
         super().__init__()
         self.launches: Counter[str] = Counter()
         self._inside = 0
 
-    def one_launch(self, fn: Callable, name: str) -> Callable:
+    def as_kernels(self, fn: Callable, name: str, kernels: int = 1) -> Callable:
+        """`fn`, counted as `kernels` launches whatever ops it runs here (a Triton op's reference or stand-in)."""
+        label = f"{name} ({'one kernel' if kernels == 1 else f'{kernels} kernels'} on CUDA)"
+
         def counted(*args, **kwargs):
-            self.launches[f"{name} (one kernel on CUDA)"] += 1
+            self.launches[label] += kernels
             self._inside += 1
             try:
                 return fn(*args, **kwargs)
@@ -65,20 +68,10 @@ class LaunchCounter(TorchDispatchMode):
         return out
 
 
-def attention_stand_in(counter: LaunchCounter) -> Callable:
-    """The attention's shape contract, counted as the Triton attention's two kernels."""
-
-    def attend(query, q_start, local_k, local_v, local_start, far_k, far_v, far_pos, cos, sin, n_local, scaling,
-               far_origin=None):
-        counter.launches["attention (two kernels on CUDA)"] += 2
-        counter._inside += 1
-        try:
-            return query.new_zeros(query.shape[1], *query.shape[::2]), query.new_zeros(query.shape[0],
-                                                                                          local_k.shape[1]).float()
-        finally:
-            counter._inside -= 1
-
-    return attend
+def attention_stand_in(query, q_start, local_k, local_v, local_start, far_k, far_v, far_pos, cos, sin, n_local,
+                       scaling, far_origin=None):
+    """The attention's shape contract: out (n_q, heads, head_dim) and received (heads, n_loc), zeros."""
+    return query.new_zeros(query.shape[1], *query.shape[::2]), query.new_zeros(query.shape[0], local_k.shape[1]).float()
 
 
 def new_layer(config: QLLMConfig, counter: LaunchCounter) -> LayerMemory:
@@ -91,11 +84,12 @@ def new_layer(config: QLLMConfig, counter: LaunchCounter) -> LayerMemory:
     device = torch.device("cpu")
     policy = make_policy(config, device)
     layer = LayerMemory(config, HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16, device, Placement(10**9, 1024),
-                        RotaryTables(model, device), attention_stand_in(counter), policy)
-    layer.store._gather = counter.one_launch(layer.store._gather, "block gather")
-    layer.store._store = counter.one_launch(layer.store._store, "block store")
-    layer._represent = counter.one_launch(layer._represent, "representative keys")
-    policy._kernel = counter.one_launch(lambda q, r, t, beta, _: (block_scores_reference(q, r, t, beta),),
+                        RotaryTables(model, device),
+                        counter.as_kernels(attention_stand_in, "attention", kernels=2), policy)
+    layer.store._gather = counter.as_kernels(layer.store._gather, "block gather")
+    layer.store._store = counter.as_kernels(layer.store._store, "block store")
+    layer._represent = counter.as_kernels(layer._represent, "representative keys")
+    policy._kernel = counter.as_kernels(lambda q, r, t, beta, _: (block_scores_reference(q, r, t, beta),),
                                         "block scorer")
     return layer
 

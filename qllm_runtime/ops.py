@@ -1,5 +1,6 @@
 """Which implementation runs: the Triton kernels (`qllm_kernels`) on CUDA, the tiled PyTorch attention
-(`attention_cpu`) on the CPU, the PyTorch references elsewhere (attention, block gather).
+(`attention_cpu`) on the CPU, the PyTorch references elsewhere (attention, block gather, block store,
+representative keys).
 
 The references are the spec and the test oracle. `QUICKLLAMA_KERNELS=0` forces them on CUDA and CPU alike (to
 compare or debug).
