@@ -169,7 +169,9 @@ class BlockStore:
         return Planes(*planes)
 
     def add(self, k: Tensor, v: Tensor) -> None:
-        """Append blocks. k, v: (count, kv_heads, block_size, head_dim), any strides."""
+        """Append blocks. k, v: (count, kv_heads, block_size, head_dim), any strides, any device (a loaded
+        memory's blocks come from the CPU)."""
+        k, v = k.to(self.device, non_blocking=True), v.to(self.device, non_blocking=True)
         first, count = self.n_blocks, k.shape[0]
         pooled = max(0, min(count, self.device_limit - first))
         if pooled:

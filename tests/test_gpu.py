@@ -101,3 +101,17 @@ def test_model_split_across_two_gpus_answers_as_on_one(default_model):
     memory = engine.read(context)
     devices = {layer.store.device.index for layer in memory.session.memory.layers.values()}
     assert devices == {0, 1}
+
+
+@pytest.mark.parametrize("offload", ["device", "cpu"])
+@pytest.mark.parametrize("kv_dtype", ["auto", "float8_e4m3"])
+def test_memory_saved_on_gpu_loads_and_answers_as_saved(tokenizer, kv_dtype, offload, tmp_path):
+    """A saved memory's blocks come back from the CPU into the device pool or pinned host planes through the
+    store kernel (the Ray replicas load every memory this way)."""
+    model = tiny_model("llama", len(tokenizer), hidden_size=256).to("cuda")
+    context = " ".join(f"Fact {i}: the box {i} holds {i * 7 % 13} coins." for i in range(120))
+    engine = QLLMEngine(model, tokenizer, QLLMConfig(kv_dtype=kv_dtype, offload=offload, **WINDOWS))
+    memory = engine.read(context)
+    loaded = engine.load_memory(memory.save(tmp_path / "doc.qmem"))
+    first, second = memory.ask("Box 7?", max_new_tokens=8), loaded.ask("Box 7?", max_new_tokens=8)
+    assert (first.text, first.blocks) == (second.text, second.blocks)
