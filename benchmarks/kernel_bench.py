@@ -1,6 +1,7 @@
 """Check and time the Triton kernels against their torch references and SDPA, at LLaMA-3-8B head shapes.
 
     python benchmarks/kernel_bench.py              # on the GPU box: bf16, 32 heads / 8 kv heads, d=128
+    python benchmarks/kernel_bench.py --sweep      # ... and the attention kernels' launch shapes tried one by one
     python benchmarks/kernel_bench.py --cpu-smoke  # tiny shapes in Triton's CPU interpreter: is it broken?
 
 Every case is first checked against the qllm_runtime reference evaluated in fp32 on the same inputs;
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import math
 import os
 import statistics
@@ -73,8 +75,9 @@ def _rope_tables(n_pos, head_dim, device, base=500000.0):
     return emb.cos().float().to(device), emb.sin().float().to(device)
 
 
-def attention_case(heads, kv_heads, head_dim, n_q, n_local, n_far, dtype, device, gen):
-    """One lookup group: n_local local keys behind each query; far keys: init + blocks, then a remainder."""
+def attention_case(heads, kv_heads, head_dim, n_q, n_local, n_far, dtype, device, gen, ordered=False):
+    """One lookup group: n_local local keys behind each query; far keys: init + blocks, then a remainder;
+    ordered: packed in document order against the remainder's end (the engine's default far positions)."""
     n_loc = n_local + n_q - 1
     q_start = 4 * n_far + n_loc
     local_start = q_start + n_q - n_loc
@@ -85,13 +88,59 @@ def attention_case(heads, kv_heads, head_dim, n_q, n_local, n_far, dtype, device
     def randn(*shape):
         return torch.randn(*shape, generator=gen).to(device, dtype)
 
-    cos, sin = _rope_tables(max(n_local, n_loc) + 1, head_dim, device)
+    cos, sin = _rope_tables(max(n_local, n_loc) + n_far + 1, head_dim, device)
     return dict(
         query=randn(heads, n_q, head_dim), q_start=q_start, local_start=local_start,
         local_k=randn(kv_heads, n_loc, head_dim), local_v=randn(kv_heads, n_loc, head_dim),
         far_k=randn(kv_heads, n_far, head_dim), far_v=randn(kv_heads, n_far, head_dim),
         far_pos=far_pos.to(device), cos=cos, sin=sin, n_local=n_local, scaling=head_dim**-0.5,
+        far_origin=rem_end - n_far if ordered else None,
     )  # fmt: skip
+
+
+def _close(qk, attend_reference, case) -> tuple[float, bool]:
+    """(max abs error, within bf16 tolerance) of the kernel against the fp32 reference on `case`."""
+    exact = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in case.items()}
+    out, received = qk.attention(**case)
+    ref_out, ref_received = attend_reference(**exact)
+    err = max((out.float() - ref_out).abs().max().item(), (received - ref_received).abs().max().item())
+    ok = torch.allclose(out.float(), ref_out, rtol=2e-2, atol=2e-2) and torch.allclose(
+        received, ref_received, rtol=2e-2, atol=2e-2
+    )
+    return err, ok
+
+
+def sweep(qk, attend_reference, cases, median_ms, out: str | None = None) -> int:
+    """Time `attention` (both kernels) on each case under each launch shape of `qllm_kernels.attention.LAUNCH`,
+    one kernel's shapes at a time (the other at its best so far), each checked against the reference; prints each
+    shape's times as it goes, then per kernel the fastest, and the best shapes (also written to `out` as JSON after
+    each kernel). Returns 1 if a checked shape was wrong."""
+    launch = sys.modules["qllm_kernels.attention"].LAUNCH
+    default = {name: dict(shape) for name, shape in launch.items()}
+    grid = [dict(block_m=m, block_n=n, num_warps=w, num_stages=st)
+            for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
+    failed = 0
+    print(f"sweep over {', '.join(cases)}; ms, the whole attention call; defaults {default}")
+    for name in ("forward", "received"):
+        timed = []
+        for shape in grid:
+            launch[name] = shape
+            try:
+                ok = all(_close(qk, attend_reference, c)[1] for c in cases.values())
+                times = [median_ms(lambda c=c: qk.attention(**c)) for c in cases.values()]
+            except Exception as e:  # a shape the compiler refuses (e.g. out of shared memory)
+                print(f"  {name} {shape}: {type(e).__name__}: {str(e)[:120]}")
+                continue
+            failed |= not ok
+            timed.append((sum(times), shape, ok))
+            print(f"  {name} {' '.join(f'{t:7.3f}' for t in times)}  {shape}{'' if ok else '  WRONG'}", flush=True)
+        timed.sort(key=lambda row: row[0])
+        launch[name] = next((shape for _, shape, ok in timed if ok), default[name])
+        print(f"{name}: fastest {[(round(total, 3), shape) for total, shape, _ in timed[:3]]}")
+        if out:
+            Path(out).write_text(json.dumps(launch))
+    print(f"best: LAUNCH = {launch}")
+    return failed
 
 
 def run(args) -> int:
@@ -109,22 +158,21 @@ def run(args) -> int:
     heads, kv_heads, head_dim, n_local, n_far, prefill, n_blocks, groups = shapes
     rows, failed = [], False
 
-    for n_q in (prefill, 1):
-        case = attention_case(heads, kv_heads, head_dim, n_q, n_local, n_far, dtype, device, gen)
-        exact = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in case.items()}
-        out, received = qk.attention(**case)
-        ref_out, ref_received = attend_reference(**exact)
-        err = max((out.float() - ref_out).abs().max().item(), (received - ref_received).abs().max().item())
-        ok = torch.allclose(out.float(), ref_out, rtol=2e-2, atol=2e-2) and torch.allclose(
-            received, ref_received, rtol=2e-2, atol=2e-2
-        )
+    cases = {f"{kind} n_q={n_q}": attention_case(heads, kv_heads, head_dim, n_q, n_local, n_far, dtype, device, gen,
+                                                   ordered=kind == "ordered")
+             for n_q in (prefill, 1) for kind in ("ordered", "shared")}
+    if args.sweep:  # on the prefill groups, where the time goes (decode rows take BLOCK_M 16 whatever is set)
+        prefill_cases = {label: case for label, case in cases.items() if case["query"].shape[1] > 1}
+        failed |= sweep(qk, attend_reference, prefill_cases, median_ms, args.launch_out)
+    for label, case in cases.items():
+        err, ok = _close(qk, attend_reference, case)
         group = heads // kv_heads
         n_keys = case["local_k"].shape[1] + n_far
         q4 = case["query"][None]
         k4 = torch.cat([case["local_k"], case["far_k"]], 1).repeat_interleave(group, 0)[None]
         v4 = torch.cat([case["local_v"], case["far_v"]], 1).repeat_interleave(group, 0)[None]
         rows.append((
-            "attention", f"n_q={n_q} keys={n_keys}", median_ms(lambda c=case: qk.attention(**c)),
+            "attention", f"{label} keys={n_keys}", median_ms(lambda c=case: qk.attention(**c)),
             median_ms(lambda c=case: attend_reference(**c)),
             median_ms(lambda q=q4, k=k4, v=v4: F.scaled_dot_product_attention(q, k, v)), err, ok,
         ))  # fmt: skip
@@ -156,9 +204,9 @@ def run(args) -> int:
     print(f"\n{name}, {versions}, {dtype}, heads {heads}/{kv_heads}, head_dim {head_dim}, "
           f"n_local {n_local}, n_far {n_far}; median of {args.reps} runs, ms")  # fmt: skip
     header = ("op", "shape", "triton", "torch ref", "sdpa", "x ref", "x sdpa", "max err")
-    print("{:<12}{:<26}{:>9}{:>11}{:>9}{:>8}{:>8}{:>10}  ok".format(*header))
+    print("{:<12}{:<36}{:>9}{:>11}{:>9}{:>8}{:>8}{:>10}  ok".format(*header))
     for op, shape, t_kernel, t_ref, t_sdpa, err, ok in rows:
-        print(f"{op:<12}{shape:<26}{t_kernel:>9.3f}{t_ref:>11.3f}{t_sdpa:>9.3f}{t_ref / t_kernel:>8.2f}"
+        print(f"{op:<12}{shape:<36}{t_kernel:>9.3f}{t_ref:>11.3f}{t_sdpa:>9.3f}{t_ref / t_kernel:>8.2f}"
               f"{t_sdpa / t_kernel:>8.2f}{err:>10.2e}  {'yes' if ok else 'NO'}")  # fmt: skip
     return int(failed)
 
@@ -166,6 +214,8 @@ def run(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes, CPU, TRITON_INTERPRET=1")
+    parser.add_argument("--sweep", action="store_true", help="time the attention kernels' launch shapes first")
+    parser.add_argument("--launch-out", help="--sweep: write the best launch shapes here (JSON)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 10, smoke 1)")
     parser.add_argument("--reps", type=int, default=None, help="timed runs (default 50, smoke 2)")
     args = parser.parse_args(argv)

@@ -31,6 +31,13 @@ __all__ = ["attention"]
 
 _LOG2E = 1.4426950408889634
 _HEAD_DIMS = (32, 64, 128)
+# Launch shapes of the two kernels for 16-bit inputs (fp32 tiles take BLOCK_N 32 and BLOCK_M <= 64 to fit shared
+# memory): rows (query head, query) per program, keys per tile, warps, pipeline stages. Chosen on an H200 with
+# `python -m benchmarks.kernel_bench --sweep` (BENCHMARKS.md §1), which tries others by changing this dict.
+LAUNCH = {
+    "forward": dict(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    "received": dict(block_m=64, block_n=128, num_warps=8, num_stages=3),
+}
 
 
 def supports_head_dim(head_dim: int) -> bool:
@@ -48,12 +55,10 @@ def _load_rope(X, Cos, Sin, offs_x, pos, mask, stride_cosn, stride_sinn, HALF: t
     m = mask[:, None]
     x1 = tl.load(x_ptrs, mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptrs + HALF, mask=m, other=0.0).to(tl.float32)
-    cos1 = tl.load(cos_ptrs, mask=m, other=0.0).to(tl.float32)
-    cos2 = tl.load(cos_ptrs + HALF, mask=m, other=0.0).to(tl.float32)
-    sin1 = tl.load(sin_ptrs, mask=m, other=0.0).to(tl.float32)
-    sin2 = tl.load(sin_ptrs + HALF, mask=m, other=0.0).to(tl.float32)
+    cos = tl.load(cos_ptrs, mask=m, other=0.0).to(tl.float32)  # a table row repeats its first half
+    sin = tl.load(sin_ptrs, mask=m, other=0.0).to(tl.float32)
     # x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1)
-    return x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
 
 @triton.jit
@@ -212,7 +217,8 @@ def attention(
     far_k, far_v: (kv_heads, n_far, head_dim), raw; any order if shared, ascending far_pos if ordered;
         n_far may be 0.
     far_pos: (n_far,) int64 (or int32) absolute positions of the far keys.
-    cos, sin: (n_pos, head_dim) RoPE tables, n_pos > max(n_local, n_loc - 1); ordered: also
+    cos, sin: (n_pos, head_dim) RoPE tables whose rows repeat their first half (as the rotary modules of HF
+        models make them: the kernels read only that half), n_pos > max(n_local, n_loc - 1); ordered: also
         > q_start + n_q - 1 - far_origin + s and n_far - 1 + s, s = max(far_origin - q_start, 0).
     far_origin: None for shared far positions; an int for ordered ones: far key j at virtual position
         far_origin + j (the caller guarantees far_pos[j] <= far_origin + j).
@@ -239,11 +245,9 @@ def attention(
     lse = torch.empty(heads, n_q, dtype=torch.float32, device=device)
     received = torch.empty(heads, n_loc, dtype=torch.float32, device=device)
 
-    block_n = 64 if query.element_size() <= 2 else 32  # fp32 tiles are twice as large: fit shared memory
-    meta = dict(HEAD_DIM=head_dim, DOT_DTYPE=dot_dtype(query.dtype), BLOCK_N=block_n)
-    meta.update(num_warps=4, num_stages=2)
-    block_m = min(64, max(16, triton.next_power_of_2(group * n_q)))
+    forward, receive = (_launch(LAUNCH[name], query.element_size()) for name in ("forward", "received"))
     with on_device(device):
+        block_m = min(forward.pop("block_m"), max(16, triton.next_power_of_2(group * n_q)))
         _attn_fwd_kernel[(triton.cdiv(group * n_q, block_m), kv_heads)](
             query, local_k, local_v, far_k, far_v, far_pos, cos, sin, out, lse,
             query.stride(0), query.stride(1),
@@ -251,17 +255,26 @@ def attention(
             far_k.stride(0), far_k.stride(1), far_v.stride(0), far_v.stride(1),
             cos.stride(0), sin.stride(0), out.stride(0), out.stride(1), lse.stride(0),
             n_q, n_loc, n_far, q_rel_start, q_start, n_local, q_far_start, k_far_start, group, qk_scale,
-            BLOCK_M=block_m, ORDERED=far_origin is not None, **meta,
+            HEAD_DIM=head_dim, DOT_DTYPE=dot_dtype(query.dtype), BLOCK_M=block_m, ORDERED=far_origin is not None,
+            **forward,
         )  # fmt: skip
-        block_m = min(64, max(16, triton.next_power_of_2(n_q)))
-        _received_kernel[(triton.cdiv(n_loc, block_n), heads)](
+        block_m = min(receive.pop("block_m"), max(16, triton.next_power_of_2(n_q)))
+        _received_kernel[(triton.cdiv(n_loc, receive["BLOCK_N"]), heads)](
             query, local_k, cos, sin, lse, received,
             query.stride(0), query.stride(1), local_k.stride(0), local_k.stride(1),
             cos.stride(0), sin.stride(0), lse.stride(0), received.stride(0),
             n_q, n_loc, q_rel_start, n_local, group, qk_scale,
-            BLOCK_M=block_m, **meta,
+            HEAD_DIM=head_dim, DOT_DTYPE=dot_dtype(query.dtype), BLOCK_M=block_m, **receive,
         )  # fmt: skip
     return out, received
+
+
+def _launch(shape: dict[str, int], element_size: int) -> dict[str, int]:
+    """A `LAUNCH` entry as launch arguments (block_m kept lower-case for the caller to clamp)."""
+    if element_size > 2:  # fp32 tiles are twice as large: fit shared memory
+        shape = {**shape, "block_m": min(shape["block_m"], 64), "block_n": 32}
+    return dict(block_m=shape["block_m"], BLOCK_N=shape["block_n"], num_warps=shape["num_warps"],
+                num_stages=shape["num_stages"])
 
 
 def _check(
@@ -308,6 +321,9 @@ def _check(
             raise ValueError(f"{name} must have the query dtype {query.dtype}, got {named[name].dtype}")
     if query.dtype not in FLOAT_DTYPES or not (cos.is_floating_point() and sin.is_floating_point()):
         raise ValueError(f"query must be float16, bfloat16 or float32 (got {query.dtype}); cos/sin float")
+    half = head_dim // 2
+    if not all(torch.equal(t[: need + 1, :half], t[: need + 1, half:]) for t in (cos, sin)):
+        raise ValueError("cos and sin rows must repeat their first half (rotate-half RoPE tables)")
     if far_pos.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"far_pos must be int64 or int32, got {far_pos.dtype}")
     for name, t in (("query", query), *named.items()):

@@ -71,6 +71,8 @@ def gather_blocks(
     indices: Tensor,
     device_limit: int,
     dtype: torch.dtype,
+    *,
+    check: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """K and V of the blocks `indices`, concatenated per KV head: (kv_heads, m * block_size, head_dim) in `dtype`.
 
@@ -78,8 +80,38 @@ def gather_blocks(
     dtype or uint8 (e4m3 bits), block and token planes contiguous; scales (n, kv_heads) float32. pool on the CUDA
     device (or the CPU under the interpreter); host there too or in pinned CPU memory; either may hold no blocks.
     indices: (1, m), the same blocks for every KV head, or (kv_heads, m); block b < device_limit is pool[b], a later
-    one host[b - device_limit]. The caller guarantees every index is in range.
+    one host[b - device_limit]. The caller guarantees every index is in range. check=False skips validating the
+    inputs (the engine's calls, valid by construction).
     """
+    if check:
+        _check(pool, host, indices, dtype)
+    fp8 = len(pool) == 4
+    kv_heads, block_size, head_dim = (pool if pool[0].shape[0] else host)[0].shape[1:]
+    device = pool[0].device
+    m = indices.shape[1]
+    out_k = torch.empty((kv_heads, m * block_size, head_dim), dtype=dtype, device=device)
+    out_v = torch.empty_like(out_k)
+    if m == 0:
+        return out_k, out_v
+    indices = indices.to(device).contiguous()
+    # a source with no blocks is never read: stand the other one in for it (a launch takes no empty tensor)
+    pool = pool if pool[0].shape[0] else host
+    host = host if host[0].shape[0] else pool
+    scales = (*pool[2:], *host[2:]) if fp8 else (pool[0],) * 4
+    with on_device(device):
+        _gather_kernel[(m, kv_heads, triton.cdiv(block_size * head_dim, _CHUNK))](
+            pool[0], pool[1], host[0], host[1], scales[0], scales[1], scales[2], scales[3], indices, out_k, out_v,
+            pool[0].stride(0), pool[0].stride(1), host[0].stride(0), host[0].stride(1),
+            scales[0].stride(0) if fp8 else 0, scales[2].stride(0) if fp8 else 0,
+            indices.stride(0) if indices.shape[0] > 1 else 0, out_k.stride(0),
+            block_size * head_dim, device_limit,
+            FP8=fp8, CHUNK=_CHUNK,
+        )  # fmt: skip
+    return out_k, out_v
+
+
+def _check(pool: tuple[Tensor, ...], host: tuple[Tensor, ...], indices: Tensor, dtype: torch.dtype) -> None:
+    """ValueError unless the inputs are as `gather_blocks` documents them."""
     if len(pool) != len(host) or len(pool) not in (2, 4):
         raise ValueError("pool and host must both be (k, v) or both (k, v, k_scale, v_scale)")
     fp8 = len(pool) == 4
@@ -103,23 +135,3 @@ def gather_blocks(
     if indices.dim() != 2 or indices.shape[0] not in (1, kv_heads) or indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"indices must be (1 or {kv_heads}, m) int32/int64, got {tuple(indices.shape)} "
                          f"{indices.dtype}")
-    m = indices.shape[1]
-    out_k = torch.empty((kv_heads, m * block_size, head_dim), dtype=dtype, device=device)
-    out_v = torch.empty_like(out_k)
-    if m == 0:
-        return out_k, out_v
-    indices = indices.to(device).contiguous()
-    # a source with no blocks is never read: stand the other one in for it (a launch takes no empty tensor)
-    pool = pool if pool[0].shape[0] else host
-    host = host if host[0].shape[0] else pool
-    scales = (*pool[2:], *host[2:]) if fp8 else (pool[0],) * 4
-    with on_device(device):
-        _gather_kernel[(m, kv_heads, triton.cdiv(block_size * head_dim, _CHUNK))](
-            pool[0], pool[1], host[0], host[1], scales[0], scales[1], scales[2], scales[3], indices, out_k, out_v,
-            pool[0].stride(0), pool[0].stride(1), host[0].stride(0), host[0].stride(1),
-            scales[0].stride(0) if fp8 else 0, scales[2].stride(0) if fp8 else 0,
-            indices.stride(0) if indices.shape[0] > 1 else 0, out_k.stride(0),
-            block_size * head_dim, device_limit,
-            FP8=fp8, CHUNK=_CHUNK,
-        )  # fmt: skip
-    return out_k, out_v

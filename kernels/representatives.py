@@ -48,14 +48,32 @@ def _representatives_kernel(
     tl.store(Out + block * stride_ob + head * stride_oh + offs_d, mean.to(Out.dtype.element_ty), mask=d_ok)
 
 
-def representative_keys(keys: Tensor, scores: Tensor, repr_topk: int, out: Tensor) -> None:
+def representative_keys(keys: Tensor, scores: Tensor, repr_topk: int, out: Tensor, *, check: bool = True) -> None:
     """Write each block's representative key per query head into `out`.
 
     keys: (kv_heads, count * block_size, head_dim) float16/bfloat16/float32; scores: (heads, count * block_size)
     float32, the attention each token received per query head; out: (count, heads, head_dim) in a float dtype;
     each with a contiguous last dim, other strides free (slices of bigger buffers). heads must be a multiple of
-    kv_heads; 1 <= repr_topk <= block_size.
+    kv_heads; 1 <= repr_topk <= block_size. check=False skips validating the inputs (the engine's calls).
     """
+    if check:
+        _check(keys, scores, repr_topk, out)
+    count, heads, head_dim = out.shape
+    kv_heads, n_tokens = keys.shape[:2]
+    if count == 0 or head_dim == 0:
+        return
+    with on_device(keys.device):
+        _representatives_kernel[(count, heads)](
+            keys, scores, out,
+            keys.stride(0), keys.stride(1), scores.stride(0), out.stride(0), out.stride(1),
+            n_tokens // count, head_dim, heads // kv_heads, repr_topk,
+            ROUND_BF16=out.dtype == torch.bfloat16,
+            BLOCK_S=triton.next_power_of_2(n_tokens // count), BLOCK_D=triton.next_power_of_2(head_dim),
+        )  # fmt: skip
+
+
+def _check(keys: Tensor, scores: Tensor, repr_topk: int, out: Tensor) -> None:
+    """ValueError unless the inputs are as `representative_keys` documents them."""
     if keys.dim() != 3 or scores.dim() != 2 or out.dim() != 3:
         raise ValueError(f"keys must be (kv_heads, tokens, head_dim), scores (heads, tokens) and out (count, heads, "
                          f"head_dim), got {tuple(keys.shape)}, {tuple(scores.shape)} and {tuple(out.shape)}")
@@ -78,14 +96,4 @@ def representative_keys(keys: Tensor, scores: Tensor, repr_topk: int, out: Tenso
         raise ValueError("keys and out need a contiguous last dim (head_dim)")
     if n_tokens > 1 and scores.stride(1) != 1:
         raise ValueError("scores need a contiguous last dim (tokens)")
-    device = check_device([keys, scores, out])
-    if count == 0 or head_dim == 0:
-        return
-    with on_device(device):
-        _representatives_kernel[(count, heads)](
-            keys, scores, out,
-            keys.stride(0), keys.stride(1), scores.stride(0), out.stride(0), out.stride(1),
-            block_size, head_dim, heads // kv_heads, repr_topk,
-            ROUND_BF16=out.dtype == torch.bfloat16,
-            BLOCK_S=triton.next_power_of_2(block_size), BLOCK_D=triton.next_power_of_2(head_dim),
-        )  # fmt: skip
+    check_device([keys, scores, out])

@@ -95,7 +95,7 @@ def _store_kernel(
                  block_size, head_dim, FP8, ROUND_BF16, BLOCK_T, BLOCK_D)
 
 
-def store_blocks(k: Tensor, v: Tensor, target: tuple[Tensor, ...]) -> None:
+def store_blocks(k: Tensor, v: Tensor, target: tuple[Tensor, ...], *, check: bool = True) -> None:
     """Write blocks k, v into `target` as it stores them.
 
     k, v: (count, kv_heads, block_size, head_dim), float16/bfloat16/float32, any strides but a contiguous last dim
@@ -103,7 +103,32 @@ def store_blocks(k: Tensor, v: Tensor, target: tuple[Tensor, ...]) -> None:
     target: (K, V) of that shape in a float dtype (a cast copy), or (K_bits, V_bits, K_scale, V_scale): uint8 e4m3
     bits of that shape and (count, kv_heads) float32 scales. Each target plane is contiguous but for its first
     dimension (e.g. rows [first : first + count] of a bigger plane), on k's device or, on CUDA, in pinned CPU memory.
+    check=False skips validating the inputs (the engine's calls, valid by construction).
     """
+    if check:
+        _check(k, v, target)
+    fp8 = len(target) == 4
+    count, kv_heads, block_size, head_dim = k.shape
+    out_k, out_v = target[:2]
+    stored = torch.uint8 if fp8 else out_k.dtype
+    if count == 0 or k.numel() == 0:
+        return
+    scales = target[2:] if fp8 else (out_k, out_k)  # not read without float8: stand-ins
+    block_d = triton.next_power_of_2(head_dim)
+    block_t = min(triton.next_power_of_2(block_size), max(1, _TILE // block_d))
+    with on_device(k.device):
+        _store_kernel[(count, kv_heads)](
+            k, v, out_k, out_v, scales[0], scales[1],
+            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            out_k.stride(0), out_v.stride(0), scales[0].stride(0) if fp8 else 0, scales[1].stride(0) if fp8 else 0,
+            block_size, head_dim,
+            FP8=fp8, ROUND_BF16=stored == torch.bfloat16 and k.dtype != torch.bfloat16,
+            BLOCK_T=block_t, BLOCK_D=block_d,
+        )  # fmt: skip
+
+
+def _check(k: Tensor, v: Tensor, target: tuple[Tensor, ...]) -> None:
+    """ValueError unless the inputs are as `store_blocks` documents them."""
     if len(target) not in (2, 4):
         raise ValueError(f"target must be (k, v) or (k_bits, v_bits, k_scale, v_scale), got {len(target)} tensors")
     fp8 = len(target) == 4
@@ -112,7 +137,7 @@ def store_blocks(k: Tensor, v: Tensor, target: tuple[Tensor, ...]) -> None:
                          f"{tuple(v.shape)}")
     if k.dtype not in FLOAT_DTYPES or v.dtype != k.dtype:
         raise ValueError(f"k and v must be float16, bfloat16 or float32 of one dtype, got {k.dtype} and {v.dtype}")
-    count, kv_heads, block_size, head_dim = k.shape
+    count, kv_heads, _, head_dim = k.shape
     if head_dim > 1 and (k.stride(3) != 1 or v.stride(3) != 1):
         raise ValueError("k and v need a contiguous last dim (head_dim)")
     device = check_device([k, v])
@@ -132,17 +157,3 @@ def store_blocks(k: Tensor, v: Tensor, target: tuple[Tensor, ...]) -> None:
     for t in target:
         if t.device != device and not (device.type == "cuda" and t.device.type == "cpu" and t.is_pinned()):
             raise ValueError(f"target planes must be on {device} or in pinned CPU memory, got {t.device}")
-    if count == 0 or k.numel() == 0:
-        return
-    scales = target[2:] if fp8 else (out_k, out_k)  # not read without float8: stand-ins
-    block_d = triton.next_power_of_2(head_dim)
-    block_t = min(triton.next_power_of_2(block_size), max(1, _TILE // block_d))
-    with on_device(device):
-        _store_kernel[(count, kv_heads)](
-            k, v, out_k, out_v, scales[0], scales[1],
-            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            out_k.stride(0), out_v.stride(0), scales[0].stride(0) if fp8 else 0, scales[1].stride(0) if fp8 else 0,
-            block_size, head_dim,
-            FP8=fp8, ROUND_BF16=stored == torch.bfloat16 and k.dtype != torch.bfloat16,
-            BLOCK_T=block_t, BLOCK_D=block_d,
-        )  # fmt: skip

@@ -136,11 +136,13 @@ def test_attention_matches_reference_low_precision(
 @FAR_POSITIONS
 def test_attention_strided_views_and_int32_positions(poison, ordered):
     """Inputs as the runtime may hold them (a transposed query view, slices of larger K/V buffers), and
-    bf16 cos/sin tables of arbitrary values, which pin the exact rotation formula of the reference."""
+    bf16 cos/sin tables of arbitrary values (each row repeating its first half, as rotate-half tables do), which
+    pin the exact rotation formula of the reference."""
     case = _attention_case(6, 2, 64, 11, 40, 27, 30, torch.float32, seed=2, ordered=ordered)
     gen = torch.Generator().manual_seed(3)
-    shape = case["cos"].shape
-    case["cos"], case["sin"] = (torch.rand(shape, generator=gen).to(DEVICE, torch.bfloat16) for _ in "cs")
+    n_pos, head_dim = case["cos"].shape
+    case["cos"], case["sin"] = (
+        torch.rand(n_pos, head_dim // 2, generator=gen).repeat(1, 2).to(DEVICE, torch.bfloat16) for _ in "cs")
     case["query"] = case["query"].transpose(0, 1).contiguous().transpose(0, 1)
     for name in ("local_k", "local_v", "far_k", "far_v"):
         t = case[name]
@@ -264,6 +266,7 @@ def test_attention_rejects_bad_inputs():
         "RoPE tables longer": _bad(case, cos=case["cos"][:8], sin=case["sin"][:8]),
         "far_pos must have shape": _bad(case, far_pos=case["far_pos"][:-1]),
         "far_pos must be int64": _bad(case, far_pos=case["far_pos"].float()),
+        "repeat their first half": _bad(case, sin=case["sin"] * torch.linspace(1, 2, 64, device=DEVICE)),
     }
     for message, bad in bad_cases.items():
         with pytest.raises(ValueError, match=message):
