@@ -9,11 +9,14 @@ take one of two position schemes (`ORDERED`, a constexpr, so each compiles its o
   `q - far_origin + shift` and far keys per tile to `j + shift` (`shift` >= 0 keeps table rows valid).
 Masks use real absolute positions in both: local iff 0 <= q - k < n_local, far iff q - k >= n_local.
 
-Two launches:
+Two launches (three for few rows):
 1. `_attn_fwd_kernel`, grid (row tiles, kv_heads): the rows of a tile are (query head of the kv head's
    group, query) pairs, so GQA reads each K/V tile once per group and never materialises repeated K/V.
    One online softmax (base 2, fp32 running max / sum / accumulator) runs over the local tiles that
    the window can reach, then over all far tiles; it writes the output and the base-2 log-sum-exp.
+   When every row fits one tile (decode), the key tiles are cut into runs, one program each (grid (runs,
+   kv_heads)), and `_combine_kernel` merges their softmax states (flash-decoding): a decode step's 8 KV heads
+   would otherwise keep 8 programs busy.
 2. `_received_kernel`, grid (local key tiles, heads): recomputes the local logits of the queries that
    can see each key tile and sums exp2(logit - lse) over them: the probability each local key received.
 """
@@ -38,6 +41,9 @@ LAUNCH = {
     "forward": dict(block_m=128, block_n=64, num_warps=8, num_stages=3),
     "received": dict(block_m=64, block_n=128, num_warps=8, num_stages=3),
 }
+# Rows that fit one row tile (decode, short prompts): the key tiles are shared out among up to `max_splits`
+# programs per KV head, about `tiles` each.
+SPLIT = dict(tiles=4, max_splits=32)
 
 
 def supports_head_dim(head_dim: int) -> bool:
@@ -75,22 +81,22 @@ def _softmax_step(s, visible, v, m_i, l_i, acc):
 
 
 # positions and lengths change from call to call: one compiled kernel for all of them, not one per divisibility
-@triton.jit(do_not_specialize=["n_loc", "n_far", "q_rel_start", "q_start", "q_far_start", "k_far_start"])
+@triton.jit(do_not_specialize=["n_loc", "n_far", "q_rel_start", "q_start", "q_far_start", "k_far_start", "n_splits"])
 def _attn_fwd_kernel(
-    Q, K_loc, V_loc, K_far, V_far, Far_pos, Cos, Sin, Out, Lse,
+    Q, K_loc, V_loc, K_far, V_far, Far_pos, Cos, Sin, Out, Lse, Part,
     stride_qh, stride_qm,
     stride_klh, stride_kln, stride_vlh, stride_vln,
     stride_kfh, stride_kfn, stride_vfh, stride_vfn,
     stride_cosn, stride_sinn, stride_om, stride_oh, stride_lseh,
-    n_q, n_loc, n_far, q_rel_start, q_start, n_local, q_far_start, k_far_start, group, qk_scale,
+    n_q, n_loc, n_far, q_rel_start, q_start, n_local, q_far_start, k_far_start, group, qk_scale, n_splits,
     HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ORDERED: tl.constexpr,
+    ORDERED: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
     HALF: tl.constexpr = HEAD_DIM // 2
-    pid_m = tl.program_id(0)
+    pid_m = tl.program_id(0)  # the row tile; SPLIT: the run of key tiles (one row tile holds every row)
     kv_head = tl.program_id(1)
 
-    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # row = (query head within the group, query)
+    offs_r = (0 if SPLIT else pid_m) * BLOCK_M + tl.arange(0, BLOCK_M)  # row = (query head of the group, query)
     row_ok = offs_r < group * n_q
     offs_m = offs_r % n_q
     head = kv_head * group + offs_r // n_q
@@ -112,6 +118,17 @@ def _attn_fwd_kernel(
     # local keys: only the tiles some row's window 0 <= q_rel - k_rel < n_local reaches
     lo = tl.maximum(tl.min(tl.where(row_ok, q_rel, n_loc), 0) - n_local + 1, 0) // BLOCK_N * BLOCK_N
     hi = tl.minimum(tl.max(tl.where(row_ok, q_rel, 0), 0) + 1, n_loc)
+    far_lo = 0
+    far_hi = n_far
+    if SPLIT:  # this program's share of the key tiles: [local tiles lo..hi | far tiles], cut into n_splits runs
+        n_lt = tl.maximum(hi - lo + BLOCK_N - 1, 0) // BLOCK_N
+        per = (n_lt + tl.cdiv(n_far, BLOCK_N) + n_splits - 1) // n_splits
+        t0 = pid_m * per
+        t1 = t0 + per
+        hi = tl.minimum(lo + tl.minimum(t1, n_lt) * BLOCK_N, hi)
+        lo = lo + tl.minimum(t0, n_lt) * BLOCK_N
+        far_lo = tl.maximum(t0 - n_lt, 0) * BLOCK_N
+        far_hi = tl.minimum(tl.maximum(t1 - n_lt, 0) * BLOCK_N, n_far)
     for start_n in range(lo, hi, BLOCK_N):
         k_rel = start_n + offs_n
         key_ok = k_rel < n_loc
@@ -128,7 +145,7 @@ def _attn_fwd_kernel(
     # far keys (init, selected blocks, remainder), seen iff q_pos - pos >= n_local: shared, raw keys in any
     # order; ordered, key j rotated to k_far_start + j
     offs_h = tl.arange(0, HALF)
-    for start_n in range(0, n_far, BLOCK_N):
+    for start_n in range(far_lo, far_hi, BLOCK_N):
         offs_k = start_n + offs_n
         key_ok = offs_k < n_far
         if ORDERED:
@@ -147,10 +164,45 @@ def _attn_fwd_kernel(
         v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0).to(DOT_DTYPE)
         m_i, l_i, acc = _softmax_step(s * qk_scale, visible, v, m_i, l_i, acc)
 
-    # every valid row sees at least its own key, so l_i >= 1 there
+    if SPLIT:  # the unnormalised state, for `_combine_kernel`: Part (n_splits, kv_heads, BLOCK_M, HEAD_DIM + 2)
+        row = ((pid_m * tl.num_programs(1) + kv_head) * BLOCK_M + tl.arange(0, BLOCK_M)) * (HEAD_DIM + 2)
+        tl.store(Part + row[:, None] + offs_d[None, :], acc)
+        tl.store(Part + row + HEAD_DIM, m_i)
+        tl.store(Part + row + HEAD_DIM + 1, l_i)
+    else:  # every valid row sees at least its own key, so l_i >= 1 there
+        out_ptrs = Out + offs_m[:, None] * stride_om + head[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out_ptrs, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(Lse + head * stride_lseh + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["n_splits"])
+def _combine_kernel(
+    Part, Out, Lse, stride_om, stride_oh, stride_lseh, n_q, group, n_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """Merge the split programs' softmax states of one KV head's rows into the output and its log-sum-exp."""
+    kv_head = tl.program_id(0)
+    offs_r = tl.arange(0, BLOCK_M)
+    row_ok = offs_r < group * n_q
+    offs_m = offs_r % n_q
+    head = kv_head * group + offs_r // n_q
+    offs_d = tl.arange(0, HEAD_DIM)
+    stride_split = tl.num_programs(0) * BLOCK_M * (HEAD_DIM + 2)
+    row = (kv_head * BLOCK_M + offs_r) * (HEAD_DIM + 2)
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for split in range(n_splits):
+        m = tl.maximum(m, tl.load(Part + split * stride_split + row + HEAD_DIM))
+    m_ref = tl.where(m == float("-inf"), 0.0, m)  # rows past group * n_q saw nothing (not stored)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for split in range(n_splits):
+        part = Part + split * stride_split + row
+        weight = tl.math.exp2(tl.load(part + HEAD_DIM) - m_ref)  # 0 for a split that saw no key of the row
+        l_i += tl.load(part + HEAD_DIM + 1) * weight
+        acc += tl.load(part[:, None] + offs_d[None, :]) * weight[:, None]
     out_ptrs = Out + offs_m[:, None] * stride_om + head[:, None] * stride_oh + offs_d[None, :]
     tl.store(out_ptrs, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(Lse + head * stride_lseh + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+    tl.store(Lse + head * stride_lseh + offs_m, m + tl.math.log2(l_i), mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["n_loc", "q_rel_start"])
@@ -246,18 +298,30 @@ def attention(
     received = torch.empty(heads, n_loc, dtype=torch.float32, device=device)
 
     forward, receive = (_launch(LAUNCH[name], query.element_size()) for name in ("forward", "received"))
+    block_m = min(forward.pop("block_m"), max(16, triton.next_power_of_2(group * n_q)))
+    row_tiles = triton.cdiv(group * n_q, block_m)
+    # few rows (decode): one row tile per KV head would leave most of the GPU idle, so the key tiles are split
+    # across programs and their softmax states merged after (flash-decoding)
+    key_tiles = triton.cdiv(n_loc, forward["BLOCK_N"]) + triton.cdiv(n_far, forward["BLOCK_N"])
+    n_splits = min(SPLIT["max_splits"], triton.cdiv(key_tiles, SPLIT["tiles"])) if row_tiles == 1 else 1
+    part = torch.empty((n_splits, kv_heads, block_m, head_dim + 2) if n_splits > 1 else (1,), dtype=torch.float32,
+                       device=device)
     with on_device(device):
-        block_m = min(forward.pop("block_m"), max(16, triton.next_power_of_2(group * n_q)))
-        _attn_fwd_kernel[(triton.cdiv(group * n_q, block_m), kv_heads)](
-            query, local_k, local_v, far_k, far_v, far_pos, cos, sin, out, lse,
+        _attn_fwd_kernel[(max(row_tiles, n_splits), kv_heads)](
+            query, local_k, local_v, far_k, far_v, far_pos, cos, sin, out, lse, part,
             query.stride(0), query.stride(1),
             local_k.stride(0), local_k.stride(1), local_v.stride(0), local_v.stride(1),
             far_k.stride(0), far_k.stride(1), far_v.stride(0), far_v.stride(1),
             cos.stride(0), sin.stride(0), out.stride(0), out.stride(1), lse.stride(0),
-            n_q, n_loc, n_far, q_rel_start, q_start, n_local, q_far_start, k_far_start, group, qk_scale,
+            n_q, n_loc, n_far, q_rel_start, q_start, n_local, q_far_start, k_far_start, group, qk_scale, n_splits,
             HEAD_DIM=head_dim, DOT_DTYPE=dot_dtype(query.dtype), BLOCK_M=block_m, ORDERED=far_origin is not None,
-            **forward,
+            SPLIT=n_splits > 1, **forward,
         )  # fmt: skip
+        if n_splits > 1:
+            _combine_kernel[(kv_heads,)](
+                part, out, lse, out.stride(0), out.stride(1), lse.stride(0), n_q, group, n_splits,
+                HEAD_DIM=head_dim, BLOCK_M=block_m,
+            )  # fmt: skip
         block_m = min(receive.pop("block_m"), max(16, triton.next_power_of_2(n_q)))
         _received_kernel[(triton.cdiv(n_loc, receive["BLOCK_N"]), heads)](
             query, local_k, cos, sin, lse, received,

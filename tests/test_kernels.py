@@ -124,6 +124,21 @@ def test_attention_matches_reference_fp32(poison, heads, kv_heads, head_dim, n_q
 
 
 @FAR_POSITIONS
+@pytest.mark.parametrize("tiles", [1, 2, 3, 1000], ids=["split-every-tile", "split-2", "split-3", "one-program"])
+@pytest.mark.parametrize(ATTENTION_DIMS, [(8, 2, 64, 1, 70, 300, 64), (4, 4, 32, 3, 40, 150, 38)],
+                         ids=["gqa4-decode", "mha-few-rows"])
+def test_split_key_tiles_match_reference(
+    poison, monkeypatch, tiles, heads, kv_heads, head_dim, n_q, n_loc, n_far, n_local, ordered
+):
+    """Rows that fit one tile share their key tiles out among programs (local and far runs, some holding no key a
+    row can see), merged after: the reference's result for every way of cutting them."""
+    monkeypatch.setitem(sys.modules["qllm_kernels.attention"].SPLIT, "tiles", tiles)
+    for dtype in (torch.float32, torch.bfloat16):
+        case = _attention_case(heads, kv_heads, head_dim, n_q, n_loc, n_far, n_local, dtype, seed=4, ordered=ordered)
+        _check_attention(case, dtype)
+
+
+@FAR_POSITIONS
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(ATTENTION_DIMS, [(8, 2, 64, 19, 50, 40, 32), (4, 1, 128, 1, 20, 33, 16)])
 def test_attention_matches_reference_low_precision(
