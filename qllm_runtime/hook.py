@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Protocol
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor, nn
@@ -62,15 +63,34 @@ def register() -> None:
     AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
 
 
+_CONFIGS: WeakKeyDictionary[nn.Module, list] = WeakKeyDictionary()
+
+
+def _configs(model: nn.Module) -> list:
+    """The distinct configs of the model's modules (one for a decoder LM), found once per model after a first
+    switch by `set_attn_implementation` (which checks that the model takes an attention function)."""
+    if model not in _CONFIGS:
+        previous = model.config._attn_implementation
+        model.set_attn_implementation(ATTENTION_NAME)
+        model.set_attn_implementation(previous)
+        found = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+        _CONFIGS[model] = list(found.values())
+    return _CONFIGS[model]
+
+
 @contextmanager
 def quickllama_attention(model: nn.Module) -> Iterator[None]:
-    """Run the model with QuickLLaMA attention inside the block; restore its own afterwards."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTENTION_NAME)
+    """Run the model with QuickLLaMA attention inside the block; restore its own afterwards. Switches each config's
+    implementation directly: `set_attn_implementation` walks every module (~0.5 ms a forward for 32 layers)."""
+    configs = _configs(model)
+    previous = [config._attn_implementation for config in configs]
     try:
+        for config in configs:
+            config._attn_implementation = ATTENTION_NAME
         yield
     finally:
-        model.set_attn_implementation(previous)
+        for config, implementation in zip(configs, previous, strict=True):
+            config._attn_implementation = implementation
 
 
 def run_model(model: nn.Module, input_ids: Tensor, state: AttentionState) -> Tensor:

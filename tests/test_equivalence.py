@@ -92,9 +92,18 @@ def test_model_left_usable_for_plain_generate(tiny):
     before = model.config._attn_implementation
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     reference = model.generate(ids, max_new_tokens=4, do_sample=False)
-    QLLMEngine(model, tokenizer, QLLMConfig(**COVERING)).ask("Some context. " * 10, "Why?", max_new_tokens=3)
+    engine = QLLMEngine(model, tokenizer, QLLMConfig(**COVERING))
+    first = engine.ask("Some context. " * 10, "Why?", max_new_tokens=3)
     assert model.config._attn_implementation == before
     assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), reference)
+    # the user switches the model's implementation between calls: the engine restores theirs, answers the same
+    model.set_attn_implementation("eager")
+    try:
+        assert engine.ask("Some context. " * 10, "Why?", max_new_tokens=3).text == first.text
+        assert model.config._attn_implementation == "eager"
+        assert all(layer.self_attn.config._attn_implementation == "eager" for layer in model.model.layers)
+    finally:
+        model.set_attn_implementation(before)
 
 
 # ---- full_within_window: a reading that fits the model's trained window is held with full attention ----------
