@@ -7,7 +7,9 @@ On CUDA the block memory's prefill is bound by the host: each lookup group of ea
 kernels from Python. This reads chunks into one `LayerMemory` with tiny heads on the CPU and counts the ops that
 write memory (a new tensor, or an in-place op): each is one launch on CUDA. The ops that are one Triton kernel on
 CUDA (block gather, block scorer, representative keys, block store) count as one launch here too; the attention is
-a stand-in counted as its two kernels. Also reported: the same for one decode step answering from evidence.
+a stand-in counted as the kernels `qllm_kernels.attention` launches for its shapes (forward; the merge of split key
+runs for decode; the received scores unless answering from evidence). Also reported: the same for one decode step
+answering from evidence.
 """
 
 from __future__ import annotations
@@ -40,12 +42,13 @@ class LaunchCounter(TorchDispatchMode):
         self.launches: Counter[str] = Counter()
         self._inside = 0
 
-    def as_kernels(self, fn: Callable, name: str, kernels: int = 1) -> Callable:
-        """`fn`, counted as `kernels` launches whatever ops it runs here (a Triton op's reference or stand-in)."""
-        label = f"{name} ({'one kernel' if kernels == 1 else f'{kernels} kernels'} on CUDA)"
+    def as_kernels(self, fn: Callable, name: str, kernels: int | Callable[..., int] = 1) -> Callable:
+        """`fn`, counted as `kernels` launches (or as many as `kernels(*args, **kwargs)` says) whatever ops it runs
+        here (a Triton op's reference or stand-in)."""
 
         def counted(*args, **kwargs):
-            self.launches[label] += kernels
+            n = kernels(*args, **kwargs) if callable(kernels) else kernels
+            self.launches[f"{name} ({'one kernel' if n == 1 else f'{n} kernels'} on CUDA)"] += n
             self._inside += 1
             try:
                 return fn(*args, **kwargs)
@@ -69,9 +72,19 @@ class LaunchCounter(TorchDispatchMode):
 
 
 def attention_stand_in(query, q_start, local_k, local_v, local_start, far_k, far_v, far_pos, cos, sin, n_local,
-                       scaling, far_origin=None):
-    """The attention's shape contract: out (n_q, heads, head_dim) and received (heads, n_loc), zeros."""
-    return query.new_zeros(query.shape[1], *query.shape[::2]), query.new_zeros(query.shape[0], local_k.shape[1]).float()
+                       scaling, far_origin=None, with_received=True):
+    """The attention's shape contract: out (n_q, heads, head_dim) and received (heads, n_loc) or None, zeros."""
+    received = query.new_zeros(query.shape[0], local_k.shape[1]).float() if with_received else None
+    return query.new_zeros(query.shape[1], *query.shape[::2]), received
+
+
+def attention_kernels(query, q_start, local_k, local_v, local_start, far_k, *args, with_received=True, **kwargs
+                      ) -> int:
+    """Kernels `qllm_kernels.attention` launches on these inputs at the LLaMA-3-8B shape's heads (32 / 8, bf16)."""
+    from qllm_kernels.attention import key_runs
+
+    split = key_runs(4 * query.shape[1], local_k.shape[1], far_k.shape[1], 2) > 1  # rows: 4 query heads a KV head
+    return 1 + split + with_received
 
 
 def new_layer(config: QLLMConfig, counter: LaunchCounter) -> LayerMemory:
@@ -85,7 +98,7 @@ def new_layer(config: QLLMConfig, counter: LaunchCounter) -> LayerMemory:
     policy = make_policy(config, device)
     layer = LayerMemory(config, HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16, device, Placement(10**9, 1024),
                         RotaryTables(model, device),
-                        counter.as_kernels(attention_stand_in, "attention", kernels=2), policy)
+                        counter.as_kernels(attention_stand_in, "attention", kernels=attention_kernels), policy)
     layer.store._gather = counter.as_kernels(layer.store._gather, "block gather")
     layer.store._store = counter.as_kernels(layer.store._store, "block store")
     layer._represent = counter.as_kernels(layer._represent, "representative keys")

@@ -261,7 +261,8 @@ def attention(
     *,
     far_origin: int | None = None,
     check: bool = True,
-) -> tuple[Tensor, Tensor]:
+    with_received: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """One lookup group's attention; arguments and results as `qllm_runtime.attention.attend_reference`.
 
     query: (heads, n_q, head_dim), raw; absolute positions q_start .. q_start + n_q - 1.
@@ -281,7 +282,8 @@ def attention(
     microseconds a call on the host).
 
     Returns out: (n_q, heads, head_dim) in the query dtype and received: (heads, n_loc) float32, the
-    softmax probability each local key received, summed over the queries.
+    softmax probability each local key received, summed over the queries (None without `with_received`: the
+    received kernel is not launched).
     """
     if check:
         _check(query, q_start, local_k, local_v, local_start, far_k, far_v, far_pos, cos, sin, n_local, far_origin)
@@ -295,15 +297,11 @@ def attention(
     q_rel_start = q_start - local_start
     out = torch.empty(n_q, heads, head_dim, dtype=query.dtype, device=device)
     lse = torch.empty(heads, n_q, dtype=torch.float32, device=device)
-    received = torch.empty(heads, n_loc, dtype=torch.float32, device=device)
 
     forward, receive = (_launch(LAUNCH[name], query.element_size()) for name in ("forward", "received"))
     block_m = min(forward.pop("block_m"), max(16, triton.next_power_of_2(group * n_q)))
     row_tiles = triton.cdiv(group * n_q, block_m)
-    # few rows (decode): one row tile per KV head would leave most of the GPU idle, so the key tiles are split
-    # across programs and their softmax states merged after (flash-decoding)
-    key_tiles = triton.cdiv(n_loc, forward["BLOCK_N"]) + triton.cdiv(n_far, forward["BLOCK_N"])
-    n_splits = min(SPLIT["max_splits"], triton.cdiv(key_tiles, SPLIT["tiles"])) if row_tiles == 1 else 1
+    n_splits = key_runs(group * n_q, n_loc, n_far, query.element_size())
     part = torch.empty((n_splits, kv_heads, block_m, head_dim + 2) if n_splits > 1 else (1,), dtype=torch.float32,
                        device=device)
     with on_device(device):
@@ -322,6 +320,9 @@ def attention(
                 part, out, lse, out.stride(0), out.stride(1), lse.stride(0), n_q, group, n_splits,
                 HEAD_DIM=head_dim, BLOCK_M=block_m,
             )  # fmt: skip
+        if not with_received:
+            return out, None
+        received = torch.empty(heads, n_loc, dtype=torch.float32, device=device)
         block_m = min(receive.pop("block_m"), max(16, triton.next_power_of_2(n_q)))
         _received_kernel[(triton.cdiv(n_loc, receive["BLOCK_N"]), heads)](
             query, local_k, cos, sin, lse, received,
@@ -331,6 +332,17 @@ def attention(
             HEAD_DIM=head_dim, DOT_DTYPE=dot_dtype(query.dtype), BLOCK_M=block_m, **receive,
         )  # fmt: skip
     return out, received
+
+
+def key_runs(rows: int, n_loc: int, n_far: int, element_size: int) -> int:
+    """Programs per KV head that share the key tiles of `rows` (query head, query) rows: 1 unless the rows fit one
+    row tile (decode), which would leave most of the GPU idle; then runs of about `SPLIT["tiles"]` key tiles, their
+    softmax states merged after (flash-decoding)."""
+    forward = _launch(LAUNCH["forward"], element_size)
+    if rows > min(forward["block_m"], max(16, triton.next_power_of_2(rows))):
+        return 1
+    key_tiles = triton.cdiv(n_loc, forward["BLOCK_N"]) + triton.cdiv(n_far, forward["BLOCK_N"])
+    return min(SPLIT["max_splits"], triton.cdiv(key_tiles, SPLIT["tiles"]))
 
 
 def _launch(shape: dict[str, int], element_size: int) -> dict[str, int]:

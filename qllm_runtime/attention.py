@@ -81,7 +81,8 @@ def attend_reference(
     scaling: float,
     *,
     far_origin: int | None = None,
-) -> tuple[Tensor, Tensor]:
+    with_received: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """One lookup group's attention.
 
     query: (heads, n_q, head_dim), raw; absolute positions q_start .. q_start + n_q - 1.
@@ -96,7 +97,8 @@ def attend_reference(
         virtual position far_origin + j, with far_pos[j] <= far_origin + j.
 
     Returns out: (n_q, heads, head_dim) in the query dtype, and received: (heads, n_loc) float32,
-    the softmax probability each local key received, summed over the group's queries.
+    the softmax probability each local key received, summed over the group's queries (None without
+    `with_received`: while answering from evidence no lookup reads the scores they feed).
     """
     heads, n_q, head_dim = query.shape
     kv_heads, n_loc, _ = local_k.shape
@@ -121,5 +123,5 @@ def attend_reference(
     p_local = probs[..., :n_loc].reshape(kv_heads, group * n_q, n_loc)
     p_far = probs[..., n_loc:].reshape(kv_heads, group * n_q, -1)
     out = p_local @ local_v.float() + p_far @ far_v.float()  # (kv_heads, group * n_q, d)
-    received = p_local.view(kv_heads, group, n_q, n_loc).sum(dim=2).view(heads, n_loc)
+    received = p_local.view(kv_heads, group, n_q, n_loc).sum(dim=2).view(heads, n_loc) if with_received else None
     return out.view(heads, n_q, head_dim).transpose(0, 1).to(query.dtype), received

@@ -32,8 +32,9 @@ def attend_tiled(
     scaling: float,
     *,
     far_origin: int | None = None,
+    with_received: bool = True,
     tile: int = TILE,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor | None]:
     """`attend_reference`, tiled over queries (see there for the arguments and shapes)."""
     heads, n_q, head_dim = query.shape
     kv_heads, n_loc, _ = local_k.shape
@@ -69,7 +70,10 @@ def attend_tiled(
         if n_far:
             tile_out.baddbmm_(far, v_far)
         out[:, :, t0:t1] = tile_out.mul_(inv_total).view(kv_heads, group, t1 - t0, head_dim)
+        if not with_received:
+            continue
         per_head = (kv_heads * group, t1 - t0)
         received[..., lo:hi] += torch.bmm(inv_total.view(*per_head, 1).transpose(1, 2),
                                           local.view(*per_head, hi - lo)).view(kv_heads, group, hi - lo)
-    return out.view(heads, n_q, head_dim).transpose(0, 1).to(query.dtype), received.view(heads, n_loc)
+    return (out.view(heads, n_q, head_dim).transpose(0, 1).to(query.dtype),
+            received.view(heads, n_loc) if with_received else None)

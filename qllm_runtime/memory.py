@@ -184,11 +184,13 @@ class LayerMemory:
         # ordered: far keys packed in document order so that the last one sits just before far_end
         far_origin = far_end - fp.shape[0] if cfg.far_positions == "ordered" else None
         cos, sin = self.rope.get(cfg.n_local + max(n_q, fp.shape[0]) + 1, self.device)
+        # the received scores choose representative keys for lookups; answering from evidence looks nothing up
         out, received = self.attend(
             query, q_start, self.tail_k[:, lo:hi], self.tail_v[:, lo:hi], local_start,
-            fk, fv, fp, cos, sin, cfg.n_local, scaling, far_origin=far_origin,
+            fk, fv, fp, cos, sin, cfg.n_local, scaling, far_origin=far_origin, with_received=self.evidence is None,
         )
-        self.tail_scores[:, lo:hi].add_(received)
+        if received is not None:
+            self.tail_scores[:, lo:hi].add_(received)
         return out
 
     def _far_set(self, query: Tensor, n_init_far: int, far_end: int) -> tuple[Tensor, Tensor, Tensor]:

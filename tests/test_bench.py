@@ -561,4 +561,5 @@ def test_launch_count_of_a_lookup_group(capsys):
     prefill = float(out.split("| prefill, per lookup group | ")[1].split(" |")[0])
     decode = float(out.split("| decode from evidence, per token | ")[1].split(" |")[0])
     assert 20 < prefill <= 34 and 4 < decode <= 10
-    assert "block store (one kernel on CUDA)" in out and "attention (2 kernels on CUDA)" in out
+    assert "block store (one kernel on CUDA)" in out and "attention (2 kernels on CUDA)" in out  # prefill: + received
+    assert "attention (2 kernels on CUDA)" in out.split("decode from evidence")[1]  # split runs + merge, no received

@@ -124,6 +124,21 @@ def test_attention_matches_reference_fp32(poison, heads, kv_heads, head_dim, n_q
 
 
 @FAR_POSITIONS
+@pytest.mark.parametrize(ATTENTION_DIMS, [(8, 2, 64, 1, 70, 300, 64), (6, 2, 64, 9, 70, 21, 40)],
+                         ids=["decode", "tail"])
+def test_without_received_the_output_is_unchanged(poison, heads, kv_heads, head_dim, n_q, n_loc, n_far, n_local,
+                                                  ordered):
+    """Answering from evidence skips the received scores: every implementation returns None for them and the
+    same output."""
+    case = _attention_case(heads, kv_heads, head_dim, n_q, n_loc, n_far, n_local, torch.float32, ordered=ordered)
+    for attend in (qk.attention, attend_reference, attend_tiled):
+        out, received = attend(**case)
+        lean, nothing = attend(**case, with_received=False)
+        assert nothing is None and received is not None
+        torch.testing.assert_close(lean, out, rtol=0, atol=0)
+
+
+@FAR_POSITIONS
 @pytest.mark.parametrize("tiles", [1, 2, 3, 1000], ids=["split-every-tile", "split-2", "split-3", "one-program"])
 @pytest.mark.parametrize(ATTENTION_DIMS, [(8, 2, 64, 1, 70, 300, 64), (4, 4, 32, 3, 40, 150, 38)],
                          ids=["gqa4-decode", "mha-few-rows"])

@@ -39,14 +39,14 @@ class AttendedPositions:
         return attend
 
     def attend(self, query, q_start, local_k, local_v, local_start, far_k, far_v, far_pos, cos, sin, n_local,
-               scaling, far_origin=None):
+               scaling, far_origin=None, with_received=True):
         record = self.seen.setdefault(self.layer, {})
         for q in range(q_start, q_start + query.shape[1]):
             counts = record.setdefault(q, Counter())
             counts.update(k for k in range(local_start, local_start + local_k.shape[1]) if 0 <= q - k < n_local)
             counts.update(k for k in far_pos.tolist() if q - k >= n_local)
         return attend_reference(query, q_start, local_k, local_v, local_start, far_k, far_v, far_pos, cos, sin,
-                                n_local, scaling, far_origin=far_origin)
+                                n_local, scaling, far_origin=far_origin, with_received=with_received)
 
 
 def run_recorded(model, tokenizer, config: QLLMConfig, ids: list[int], decode: int, monkeypatch):
