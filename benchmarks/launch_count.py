@@ -81,7 +81,10 @@ def attention_stand_in(query, q_start, local_k, local_v, local_start, far_k, far
 def attention_kernels(query, q_start, local_k, local_v, local_start, far_k, *args, with_received=True, **kwargs
                       ) -> int:
     """Kernels `qllm_kernels.attention` launches on these inputs at the LLaMA-3-8B shape's heads (32 / 8, bf16)."""
-    from qllm_kernels.attention import key_runs
+    try:
+        from qllm_kernels.attention import key_runs
+    except ImportError as e:
+        raise SystemExit(f"launch_count counts the kernels' launches: pip install 'quickllama[kernels]' ({e})") from e
 
     split = key_runs(4 * query.shape[1], local_k.shape[1], far_k.shape[1], 2) > 1  # rows: 4 query heads a KV head
     return 1 + split + with_received

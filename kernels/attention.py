@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ._common import FLOAT_DTYPES, check_device, dot_dtype, on_device
 
-__all__ = ["attention"]
+__all__ = ["LAUNCH", "SPLIT", "attention", "key_runs", "supports_head_dim"]
 
 _LOG2E = 1.4426950408889634
 _HEAD_DIMS = (32, 64, 128)
@@ -90,13 +90,13 @@ def _attn_fwd_kernel(
     stride_cosn, stride_sinn, stride_om, stride_oh, stride_lseh,
     n_q, n_loc, n_far, q_rel_start, q_start, n_local, q_far_start, k_far_start, group, qk_scale, n_splits,
     HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ORDERED: tl.constexpr, SPLIT: tl.constexpr,
+    ORDERED: tl.constexpr, PARTIAL: tl.constexpr,
 ):  # fmt: skip
     HALF: tl.constexpr = HEAD_DIM // 2
-    pid_m = tl.program_id(0)  # the row tile; SPLIT: the run of key tiles (one row tile holds every row)
+    pid_m = tl.program_id(0)  # the row tile; PARTIAL: the run of key tiles (one row tile holds every row)
     kv_head = tl.program_id(1)
 
-    offs_r = (0 if SPLIT else pid_m) * BLOCK_M + tl.arange(0, BLOCK_M)  # row = (query head of the group, query)
+    offs_r = (0 if PARTIAL else pid_m) * BLOCK_M + tl.arange(0, BLOCK_M)  # row = (query head of the group, query)
     row_ok = offs_r < group * n_q
     offs_m = offs_r % n_q
     head = kv_head * group + offs_r // n_q
@@ -120,7 +120,7 @@ def _attn_fwd_kernel(
     hi = tl.minimum(tl.max(tl.where(row_ok, q_rel, 0), 0) + 1, n_loc)
     far_lo = 0
     far_hi = n_far
-    if SPLIT:  # this program's share of the key tiles: [local tiles lo..hi | far tiles], cut into n_splits runs
+    if PARTIAL:  # this program's share of the key tiles: [local tiles lo..hi | far tiles], cut into n_splits runs
         n_lt = tl.maximum(hi - lo + BLOCK_N - 1, 0) // BLOCK_N
         per = (n_lt + tl.cdiv(n_far, BLOCK_N) + n_splits - 1) // n_splits
         t0 = pid_m * per
@@ -164,7 +164,7 @@ def _attn_fwd_kernel(
         v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0).to(DOT_DTYPE)
         m_i, l_i, acc = _softmax_step(s * qk_scale, visible, v, m_i, l_i, acc)
 
-    if SPLIT:  # the unnormalised state, for `_combine_kernel`: Part (n_splits, kv_heads, BLOCK_M, HEAD_DIM + 2)
+    if PARTIAL:  # the unnormalised state, for `_combine_kernel`: Part (n_splits, kv_heads, BLOCK_M, HEAD_DIM + 2)
         row = ((pid_m * tl.num_programs(1) + kv_head) * BLOCK_M + tl.arange(0, BLOCK_M)) * (HEAD_DIM + 2)
         tl.store(Part + row[:, None] + offs_d[None, :], acc)
         tl.store(Part + row + HEAD_DIM, m_i)
@@ -192,7 +192,7 @@ def _combine_kernel(
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for split in range(n_splits):
         m = tl.maximum(m, tl.load(Part + split * stride_split + row + HEAD_DIM))
-    m_ref = tl.where(m == float("-inf"), 0.0, m)  # rows past group * n_q saw nothing (not stored)
+    m_ref = tl.where(m == float("-inf"), 0.0, m)  # defensive: every row sees at least its own key
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for split in range(n_splits):
@@ -299,13 +299,13 @@ def attention(
     lse = torch.empty(heads, n_q, dtype=torch.float32, device=device)
 
     forward, receive = (_launch(LAUNCH[name], query.element_size()) for name in ("forward", "received"))
-    block_m = min(forward.pop("block_m"), max(16, triton.next_power_of_2(group * n_q)))
+    block_m = _rows_per_program(group * n_q, forward.pop("block_m"))
     row_tiles = triton.cdiv(group * n_q, block_m)
     n_splits = key_runs(group * n_q, n_loc, n_far, query.element_size())
     part = torch.empty((n_splits, kv_heads, block_m, head_dim + 2) if n_splits > 1 else (1,), dtype=torch.float32,
                        device=device)
     with on_device(device):
-        _attn_fwd_kernel[(max(row_tiles, n_splits), kv_heads)](
+        _attn_fwd_kernel[(n_splits if n_splits > 1 else row_tiles, kv_heads)](
             query, local_k, local_v, far_k, far_v, far_pos, cos, sin, out, lse, part,
             query.stride(0), query.stride(1),
             local_k.stride(0), local_k.stride(1), local_v.stride(0), local_v.stride(1),
@@ -313,7 +313,7 @@ def attention(
             cos.stride(0), sin.stride(0), out.stride(0), out.stride(1), lse.stride(0),
             n_q, n_loc, n_far, q_rel_start, q_start, n_local, q_far_start, k_far_start, group, qk_scale, n_splits,
             HEAD_DIM=head_dim, DOT_DTYPE=dot_dtype(query.dtype), BLOCK_M=block_m, ORDERED=far_origin is not None,
-            SPLIT=n_splits > 1, **forward,
+            PARTIAL=n_splits > 1, **forward,
         )  # fmt: skip
         if n_splits > 1:
             _combine_kernel[(kv_heads,)](
@@ -323,7 +323,7 @@ def attention(
         if not with_received:
             return out, None
         received = torch.empty(heads, n_loc, dtype=torch.float32, device=device)
-        block_m = min(receive.pop("block_m"), max(16, triton.next_power_of_2(n_q)))
+        block_m = _rows_per_program(n_q, receive.pop("block_m"))
         _received_kernel[(triton.cdiv(n_loc, receive["BLOCK_N"]), heads)](
             query, local_k, cos, sin, lse, received,
             query.stride(0), query.stride(1), local_k.stride(0), local_k.stride(1),
@@ -339,10 +339,15 @@ def key_runs(rows: int, n_loc: int, n_far: int, element_size: int) -> int:
     row tile (decode), which would leave most of the GPU idle; then runs of about `SPLIT["tiles"]` key tiles, their
     softmax states merged after (flash-decoding)."""
     forward = _launch(LAUNCH["forward"], element_size)
-    if rows > min(forward["block_m"], max(16, triton.next_power_of_2(rows))):
+    if rows > forward["block_m"]:  # more than one row tile
         return 1
     key_tiles = triton.cdiv(n_loc, forward["BLOCK_N"]) + triton.cdiv(n_far, forward["BLOCK_N"])
     return min(SPLIT["max_splits"], triton.cdiv(key_tiles, SPLIT["tiles"]))
+
+
+def _rows_per_program(rows: int, block_m: int) -> int:
+    """BLOCK_M for `rows` rows: the launch shape's, or the next power of two >= 16 when fewer rows than that."""
+    return min(block_m, max(16, triton.next_power_of_2(rows)))
 
 
 def _launch(shape: dict[str, int], element_size: int) -> dict[str, int]:

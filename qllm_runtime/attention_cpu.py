@@ -49,7 +49,7 @@ def attend_tiled(
     far_hidden = (torch.arange(q_start, q_start + n_q, device=device)[:, None] - far_pos[None, :].to(device)) < n_local
 
     out = torch.empty((kv_heads, group, n_q, head_dim), dtype=torch.float32, device=device)
-    received = torch.zeros((kv_heads, group, n_loc), dtype=torch.float32, device=device)
+    received = torch.zeros((kv_heads, group, n_loc), dtype=torch.float32, device=device) if with_received else None
     for t0 in range(0, n_q, tile):
         t1 = min(n_q, t0 + tile)
         rows = group * (t1 - t0)  # a KV head's query heads' rows, one batched matmul per KV head
@@ -70,10 +70,10 @@ def attend_tiled(
         if n_far:
             tile_out.baddbmm_(far, v_far)
         out[:, :, t0:t1] = tile_out.mul_(inv_total).view(kv_heads, group, t1 - t0, head_dim)
-        if not with_received:
+        if received is None:
             continue
         per_head = (kv_heads * group, t1 - t0)
         received[..., lo:hi] += torch.bmm(inv_total.view(*per_head, 1).transpose(1, 2),
                                           local.view(*per_head, hi - lo)).view(kv_heads, group, hi - lo)
     return (out.view(heads, n_q, head_dim).transpose(0, 1).to(query.dtype),
-            received.view(heads, n_loc) if with_received else None)
+            None if received is None else received.view(heads, n_loc))

@@ -169,16 +169,16 @@ class BlockStore:
         return Planes(*planes)
 
     def add(self, k: Tensor, v: Tensor) -> None:
-        """Append blocks. k, v: (count, kv_heads, block_size, head_dim), any strides, any device (a loaded
-        memory's blocks come from the CPU)."""
-        k, v = k.to(self.device, non_blocking=True), v.to(self.device, non_blocking=True)
+        """Append blocks. k, v: (count, kv_heads, block_size, head_dim), any strides, on the store's device or the
+        CPU (a loaded memory's blocks)."""
         first, count = self.n_blocks, k.shape[0]
         pooled = max(0, min(count, self.device_limit - first))
         if pooled:
             if first + pooled > self._pool.k.shape[0]:
                 self._pool = self._grown(self._pool, min(self.device_limit, max(2 * self._pool.k.shape[0],
                                                                                 first + pooled)), self.device)
-            self._store(k[:pooled], v[:pooled], self._pool.map(lambda t: t[first : first + pooled]))
+            pool_k, pool_v = (t[:pooled].to(self.device, non_blocking=True) for t in (k, v))
+            self._store(pool_k, pool_v, self._pool.map(lambda t: t[first : first + pooled]))
         if count > pooled:  # device -> pinned host, ordered on the stream before any later gather
             start, end = self.offloaded, self.offloaded + count - pooled
             if end > self._host.k.shape[0]:
@@ -188,6 +188,8 @@ class BlockStore:
             host = self._host.map(lambda t: t[start:end])
             if self.device.type == "cpu":
                 self._store(k[pooled:], v[pooled:], host)
+            elif k.device.type == "cpu":  # loaded blocks: encoded where they are, never through the device
+                store_reference(k[pooled:], v[pooled:], host)
             else:  # encoded on the device, then one DMA copy per plane (not byte stores over the bus)
                 staged = self._empty(end - start, self.device)
                 self._store(k[pooled:], v[pooled:], staged)

@@ -20,7 +20,7 @@ from .layout import BlockLayout
 from .loading import DEFAULT_NAME, default_gguf_path, load
 from .locking import DEFAULT_LOCK_TIMEOUT, ModelLock
 from .memory import ModelMemory
-from .ops import attention_op
+from .ops import attention_op, kernels
 from .placement import Placement, plan_placement
 from .policies import POLICIES, make_policy
 from .prompt import ContextTokens, PromptBuilder, PromptParts, check_text
@@ -58,6 +58,12 @@ class QLLMEngine:
             raise TypeError(f"config must be a QLLMConfig, got {type(self.config).__name__}")
         text_config = model.config.get_text_config()
         self._rope = RotaryTables(model, self.device)  # raises UnsupportedModelError without RoPE
+        if kernels(self.device) is not None and not self._rope.repeats_half():
+            raise UnsupportedModelError(
+                f"{type(self._rope.rotary).__name__} makes RoPE tables whose rows do not repeat their first half: "
+                "the CUDA kernels need rotate-half RoPE (Llama, Mistral, Qwen2, Qwen3 families); QUICKLLAMA_KERNELS=0 "
+                "runs the PyTorch path"
+            )
         if not getattr(model, "_can_set_attn_implementation", lambda: False)():
             raise UnsupportedModelError(
                 f"{type(model).__name__} does not route attention through transformers' AttentionInterface"

@@ -23,7 +23,7 @@ from .blocks import GatherFn, Planes, RepresentFn, StoreFn, gather_reference, re
 
 log = logging.getLogger("quickllama")
 
-AttendFn = Callable[..., tuple[Tensor, Tensor]]
+AttendFn = Callable[..., tuple[Tensor, Tensor | None]]
 
 
 @cache

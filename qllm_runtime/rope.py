@@ -20,8 +20,7 @@ def find_rotary(model: nn.Module) -> nn.Module:
 
 
 class RotaryTables:
-    """cos/sin for positions 0 .. n-1, shape (n, head_dim), float32, without attention scaling; each row repeats
-    its first half (rotate-half RoPE, which the kernels rely on: checked when the tables are made).
+    """cos/sin for positions 0 .. n-1, shape (n, head_dim), float32, without attention scaling.
 
     The model is run with all position ids 0, where its rotary module has already multiplied q and k
     by `attention_scaling` once; dividing it out here keeps it from being applied twice. Tables are computed
@@ -47,11 +46,12 @@ class RotaryTables:
                 cos, sin = self.rotary(probe, positions)
             scale = float(getattr(self.rotary, "attention_scaling", 1.0))
             cos, sin = (cos[0].float() / scale).to(device), (sin[0].float() / scale).to(device)
-            half = cos.shape[1] // 2
-            if not (torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:])):
-                raise UnsupportedModelError(
-                    f"{type(self.rotary).__name__} makes RoPE tables whose rows do not repeat their first half: "
-                    "QuickLLaMA needs rotate-half RoPE (Llama, Mistral, Qwen2, Qwen3 families)"
-                )
             self.tables[device] = cos, sin
         return cos[:n], sin[:n]
+
+    def repeats_half(self, n: int = 64) -> bool:
+        """Whether each table row repeats its first half (rotate-half RoPE, as the families above make it; the
+        kernels read only that half), checked over the first `n` positions."""
+        cos, sin = self.get(n)
+        half = cos.shape[1] // 2
+        return all(torch.equal(t[:, :half], t[:, half:]) for t in (cos, sin))

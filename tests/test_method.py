@@ -303,3 +303,21 @@ def test_rope_matrix_rotates_like_apply_rope():
         cos, sin = torch.cat([angles, angles]).cos(), torch.cat([angles, angles]).sin()
         x = torch.randn(5, 3, head_dim, generator=gen)
         assert torch.allclose(x @ rope_matrix(cos, sin), apply_rope(x, cos, sin), atol=1e-6)
+
+
+def test_rotary_tables_that_do_not_repeat_their_first_half_are_told_apart(llama):
+    """The kernels read half of each RoPE table row (rotate-half RoPE repeats it); `repeats_half` tells a rotary
+    module that does not apart, and the engine refuses one on CUDA."""
+
+    class InterleavedRotaryEmbedding(torch.nn.Module):
+        inv_freq = torch.ones(4)
+
+        def forward(self, x, positions):
+            angles = positions[..., None].float() * torch.arange(1, 9)  # 8 distinct frequencies, no repeat
+            return angles.cos(), angles.sin()
+
+    model, _ = llama
+    assert RotaryTables(model, torch.device("cpu")).repeats_half()
+    odd = torch.nn.Module()
+    odd.rotary_emb = InterleavedRotaryEmbedding()
+    assert not RotaryTables(odd, torch.device("cpu")).repeats_half()
