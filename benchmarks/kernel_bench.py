@@ -75,6 +75,24 @@ def _rope_tables(n_pos, head_dim, device, base=500000.0):
     return emb.cos().float().to(device), emb.sin().float().to(device)
 
 
+def _device_ms(device, fn: Callable[[], object], reps: int = 20) -> float:
+    """GPU time of the kernels one call of `fn` launches (torch profiler, kernels only: the host's launch time, which
+    the synchronised `median_ms` includes, is left out); nan off CUDA."""
+    if device.type != "cuda":
+        return math.nan
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize(device)
+    kernels_us = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+                     for e in prof.key_averages() if not e.key.startswith(("aten::", "cuda")))
+    return kernels_us / reps / 1e3
+
+
 def attention_case(heads, kv_heads, head_dim, n_q, n_local, n_far, dtype, device, gen, ordered=False):
     """One lookup group: n_local local keys behind each query; far keys: init + blocks, then a remainder;
     ordered: packed in document order against the remainder's end (the engine's default far positions)."""
@@ -164,7 +182,12 @@ def run(args) -> int:
     if args.sweep:  # on the prefill groups, where the time goes (decode rows take BLOCK_M 16 whatever is set)
         prefill_cases = {label: case for label, case in cases.items() if case["query"].shape[1] > 1}
         failed |= sweep(qk, attend_reference, prefill_cases, median_ms, args.launch_out)
+    split = sys.modules["qllm_kernels.attention"].SPLIT
+    runs = split["max_splits"]
+    for kind in ("ordered", "shared"):  # decode once more with its key tiles unsplit: the split's GPU time vs none
+        cases[f"{kind} n_q=1 unsplit"] = cases[f"{kind} n_q=1"]
     for label, case in cases.items():
+        split["max_splits"] = 1 if label.endswith("unsplit") else runs
         err, ok = _close(qk, attend_reference, case)
         group = heads // kv_heads
         n_keys = case["local_k"].shape[1] + n_far
@@ -173,10 +196,11 @@ def run(args) -> int:
         v4 = torch.cat([case["local_v"], case["far_v"]], 1).repeat_interleave(group, 0)[None]
         rows.append((
             "attention", f"{label} keys={n_keys}", median_ms(lambda c=case: qk.attention(**c)),
-            median_ms(lambda c=case: attend_reference(**c)),
+            _device_ms(device, lambda c=case: qk.attention(**c)), median_ms(lambda c=case: attend_reference(**c)),
             median_ms(lambda q=q4, k=k4, v=v4: F.scaled_dot_product_attention(q, k, v)), err, ok,
         ))  # fmt: skip
         failed |= not ok
+    split["max_splits"] = runs
 
     repr_keys = torch.randn(n_blocks, heads, head_dim, generator=gen).to(device, dtype)
     question = torch.randn(n_blocks, generator=gen).to(device)
@@ -194,19 +218,21 @@ def run(args) -> int:
             ref.gather(1, indices), best, rtol=1e-3, atol=1e-2
         )
         t_kernel = median_ms(lambda g=group_queries: qk.block_score(g, repr_keys, question, 4.0, 8))
+        t_gpu = _device_ms(device, lambda g=group_queries: qk.block_score(g, repr_keys, question, 4.0, 8))
         t_ref = median_ms(lambda g=group_queries: select_blocks(reference_scores(g), 8))
         shape = f"groups={n_groups} blocks={n_blocks}"
-        rows.append(("block_score", shape, t_kernel, t_ref, math.nan, err, ok))
+        rows.append(("block_score", shape, t_kernel, t_gpu, t_ref, math.nan, err, ok))
         failed |= not ok
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
     versions = f"torch {torch.__version__}, triton {sys.modules['triton'].__version__}"
     print(f"\n{name}, {versions}, {dtype}, heads {heads}/{kv_heads}, head_dim {head_dim}, "
-          f"n_local {n_local}, n_far {n_far}; median of {args.reps} runs, ms")  # fmt: skip
-    header = ("op", "shape", "triton", "torch ref", "sdpa", "x ref", "x sdpa", "max err")
-    print("{:<12}{:<36}{:>9}{:>11}{:>9}{:>8}{:>8}{:>10}  ok".format(*header))
-    for op, shape, t_kernel, t_ref, t_sdpa, err, ok in rows:
-        print(f"{op:<12}{shape:<36}{t_kernel:>9.3f}{t_ref:>11.3f}{t_sdpa:>9.3f}{t_ref / t_kernel:>8.2f}"
+          f"n_local {n_local}, n_far {n_far}; median of {args.reps} synchronised calls from the host, ms; "
+          "triton gpu: its kernels' GPU time a call")  # fmt: skip
+    header = ("op", "shape", "triton", "triton gpu", "torch ref", "sdpa", "x ref", "x sdpa", "max err")
+    print("{:<12}{:<36}{:>9}{:>11}{:>11}{:>9}{:>8}{:>8}{:>10}  ok".format(*header))
+    for op, shape, t_kernel, t_gpu, t_ref, t_sdpa, err, ok in rows:
+        print(f"{op:<12}{shape:<36}{t_kernel:>9.3f}{t_gpu:>11.3f}{t_ref:>11.3f}{t_sdpa:>9.3f}{t_ref / t_kernel:>8.2f}"
               f"{t_sdpa / t_kernel:>8.2f}{err:>10.2e}  {'yes' if ok else 'NO'}")  # fmt: skip
     return int(failed)
 
