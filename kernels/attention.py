@@ -299,11 +299,12 @@ def attention(
     lse = torch.empty(heads, n_q, dtype=torch.float32, device=device)
 
     forward, receive = (_launch(LAUNCH[name], query.element_size()) for name in ("forward", "received"))
+    n_splits = _runs(group * n_q, n_loc, n_far, forward)
     block_m = _rows_per_program(group * n_q, forward.pop("block_m"))
     row_tiles = triton.cdiv(group * n_q, block_m)
-    n_splits = key_runs(group * n_q, n_loc, n_far, query.element_size())
-    part = torch.empty((n_splits, kv_heads, block_m, head_dim + 2) if n_splits > 1 else (1,), dtype=torch.float32,
-                       device=device)
+    # the split programs' states; without a split never read (lse stands in: a launch takes no missing tensor)
+    part = lse if n_splits == 1 else torch.empty((n_splits, kv_heads, block_m, head_dim + 2), dtype=torch.float32,
+                                                 device=device)
     with on_device(device):
         _attn_fwd_kernel[(n_splits if n_splits > 1 else row_tiles, kv_heads)](
             query, local_k, local_v, far_k, far_v, far_pos, cos, sin, out, lse, part,
@@ -338,7 +339,11 @@ def key_runs(rows: int, n_loc: int, n_far: int, element_size: int) -> int:
     """Programs per KV head that share the key tiles of `rows` (query head, query) rows: 1 unless the rows fit one
     row tile (decode), which would leave most of the GPU idle; then runs of about `SPLIT["tiles"]` key tiles, their
     softmax states merged after (flash-decoding)."""
-    forward = _launch(LAUNCH["forward"], element_size)
+    return _runs(rows, n_loc, n_far, _launch(LAUNCH["forward"], element_size))
+
+
+def _runs(rows: int, n_loc: int, n_far: int, forward: dict[str, int]) -> int:
+    """`key_runs` under the forward kernel's launch arguments (`_launch`)."""
     if rows > forward["block_m"]:  # more than one row tile
         return 1
     key_tiles = triton.cdiv(n_loc, forward["BLOCK_N"]) + triton.cdiv(n_far, forward["BLOCK_N"])

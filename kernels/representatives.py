@@ -62,13 +62,14 @@ def representative_keys(keys: Tensor, scores: Tensor, repr_topk: int, out: Tenso
     kv_heads, n_tokens = keys.shape[:2]
     if count == 0 or head_dim == 0:
         return
+    block_size = n_tokens // count
     with on_device(keys.device):
         _representatives_kernel[(count, heads)](
             keys, scores, out,
             keys.stride(0), keys.stride(1), scores.stride(0), out.stride(0), out.stride(1),
-            n_tokens // count, head_dim, heads // kv_heads, repr_topk,
+            block_size, head_dim, heads // kv_heads, repr_topk,
             ROUND_BF16=out.dtype == torch.bfloat16,
-            BLOCK_S=triton.next_power_of_2(n_tokens // count), BLOCK_D=triton.next_power_of_2(head_dim),
+            BLOCK_S=triton.next_power_of_2(block_size), BLOCK_D=triton.next_power_of_2(head_dim),
         )  # fmt: skip
 
 
