@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ._common import FLOAT_DTYPES, check_device, dot_dtype, on_device
 
-__all__ = ["LAUNCH", "SPLIT", "attention", "key_runs", "supports_head_dim"]
+__all__ = ["LAUNCH", "SPLIT", "attention", "decode_attention", "key_runs", "supports_head_dim"]
 
 _LOG2E = 1.4426950408889634
 _HEAD_DIMS = (32, 64, 128)
@@ -83,18 +83,25 @@ def _softmax_step(s, visible, v, m_i, l_i, acc):
 # positions and lengths change from call to call: one compiled kernel for all of them, not one per divisibility
 @triton.jit(do_not_specialize=["n_loc", "n_far", "q_rel_start", "q_start", "q_far_start", "k_far_start", "n_splits"])
 def _attn_fwd_kernel(
-    Q, K_loc, V_loc, K_far, V_far, Far_pos, Cos, Sin, Out, Lse, Part,
+    Q, K_loc, V_loc, K_far, V_far, Far_pos, Cos, Sin, Out, Lse, Part, Step,
     stride_qh, stride_qm,
     stride_klh, stride_kln, stride_vlh, stride_vln,
     stride_kfh, stride_kfn, stride_vfh, stride_vfn,
     stride_cosn, stride_sinn, stride_om, stride_oh, stride_lseh,
     n_q, n_loc, n_far, q_rel_start, q_start, n_local, q_far_start, k_far_start, group, qk_scale, n_splits,
     HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ORDERED: tl.constexpr, PARTIAL: tl.constexpr,
+    ORDERED: tl.constexpr, PARTIAL: tl.constexpr, STEP_ON_DEVICE: tl.constexpr,
 ):  # fmt: skip
     HALF: tl.constexpr = HEAD_DIM // 2
     pid_m = tl.program_id(0)  # the row tile; PARTIAL: the run of key tiles (one row tile holds every row)
     kv_head = tl.program_id(1)
+    if STEP_ON_DEVICE:  # `decode_attention`: (window offset, n_far, q_start, far_origin) read here, not passed
+        window = tl.load(Step)
+        K_loc += window * stride_kln
+        V_loc += window * stride_vln
+        n_far = tl.load(Step + 1).to(tl.int32)
+        q_start = tl.load(Step + 2).to(tl.int32)
+        q_far_start = q_start - tl.load(Step + 3).to(tl.int32)
 
     offs_r = (0 if PARTIAL else pid_m) * BLOCK_M + tl.arange(0, BLOCK_M)  # row = (query head of the group, query)
     row_ok = offs_r < group * n_q
@@ -289,50 +296,117 @@ def attention(
         _check(query, q_start, local_k, local_v, local_start, far_k, far_v, far_pos, cos, sin, n_local, far_origin)
     q_far_start, k_far_start = _far_shifts(q_start, far_origin)
     heads, n_q, head_dim = query.shape
-    kv_heads, n_loc, _ = local_k.shape
-    n_far = far_k.shape[1]
-    device = query.device
-    group = heads // kv_heads
+    n_loc = local_k.shape[1]
     qk_scale = float(scaling) * _LOG2E
     q_rel_start = q_start - local_start
+    forward = _launch(LAUNCH["forward"], query.element_size())
+    n_splits = _runs(heads // local_k.shape[0] * n_q, n_loc, far_k.shape[1], forward)
+    out, lse = _forward(
+        query, local_k, local_v, far_k, far_v, far_pos, cos, sin, None, forward, n_splits, n_loc=n_loc,
+        n_far=far_k.shape[1], q_rel_start=q_rel_start, q_start=q_start, n_local=n_local, q_far_start=q_far_start,
+        k_far_start=k_far_start, qk_scale=qk_scale, ordered=far_origin is not None,
+    )  # fmt: skip
+    if not with_received:
+        return out, None
+    receive = _launch(LAUNCH["received"], query.element_size())
+    received = torch.empty(heads, n_loc, dtype=torch.float32, device=query.device)
+    block_m = _rows_per_program(n_q, receive.pop("block_m"))
+    with on_device(query.device):
+        _received_kernel[(triton.cdiv(n_loc, receive["BLOCK_N"]), heads)](
+            query, local_k, cos, sin, lse, received,
+            query.stride(0), query.stride(1), local_k.stride(0), local_k.stride(1),
+            cos.stride(0), sin.stride(0), lse.stride(0), received.stride(0),
+            n_q, n_loc, q_rel_start, n_local, heads // local_k.shape[0], qk_scale,
+            HEAD_DIM=head_dim, DOT_DTYPE=dot_dtype(query.dtype), BLOCK_M=block_m, **receive,
+        )  # fmt: skip
+    return out, received
+
+
+def decode_attention(
+    query: Tensor,
+    window_k: Tensor,
+    window_v: Tensor,
+    far_k: Tensor,
+    far_v: Tensor,
+    far_pos: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    n_local: int,
+    scaling: float,
+    step: Tensor,
+    *,
+    ordered: bool,
+    check: bool = True,
+) -> Tensor:
+    """A decode step's `attention` whose positions are read on the device from `step`, so that one launch sequence
+    (a CUDA graph) serves every step while they change.
+
+    query: (heads, 1, head_dim), raw, at position q_start; its window is full: the n_local keys before it, itself
+    last. window_k, window_v: (kv_heads, capacity, head_dim) buffers holding the window at [offset, offset +
+    n_local). far_k, far_v: (kv_heads, far_capacity, head_dim) and far_pos (far_capacity,): the first n_far are the
+    far keys, as `attention` takes them. step: (4,) int64 on the device: offset, n_far (<= far_capacity), q_start,
+    far_origin (ordered: far key j at virtual position far_origin + j, q_start - n_local + 1 - n_far <= far_origin <=
+    q_start; unread when shared). cos, sin: more than n_local + far_capacity rows.
+
+    Returns out (1, heads, head_dim): `attention(query, q_start, window_k[:, offset : offset + n_local], ...,
+    q_start - n_local + 1, far_k[:, :n_far], far_v[:, :n_far], far_pos[:n_far], ..., far_origin=far_origin if
+    ordered else None, with_received=False)`. The key tiles are shared out for far_capacity keys (fixed programs);
+    check=True validates the inputs with the step's values (a host sync).
+    """
+    if check:
+        offset, n_far, q_start, far_origin = _check_step(step, window_k.shape[1], far_k.shape[1], n_local, ordered)
+        window = slice(offset, offset + n_local)
+        _check(query, q_start, window_k[:, window], window_v[:, window], q_start - n_local + 1, far_k[:, :n_far],
+               far_v[:, :n_far], far_pos[:n_far], cos, sin, n_local, far_origin)
+        if query.shape[1] != 1 or cos.shape[0] <= n_local + far_k.shape[1]:
+            raise ValueError("decode_attention takes one query per head and cos/sin of more than n_local + "
+                             f"far_capacity ({n_local + far_k.shape[1]}) rows")
+    forward = _launch(LAUNCH["forward"], query.element_size())
+    n_splits = _runs(query.shape[0] // window_k.shape[0], n_local, far_k.shape[1], forward)
+    # n_far, q_start and the far shifts are read from `step`; the window holds n_local keys, the query last
+    out, _ = _forward(
+        query, window_k, window_v, far_k, far_v, far_pos, cos, sin, step, forward, n_splits, n_loc=n_local, n_far=0,
+        q_rel_start=n_local - 1, q_start=0, n_local=n_local, q_far_start=0, k_far_start=0,
+        qk_scale=float(scaling) * _LOG2E, ordered=ordered,
+    )  # fmt: skip
+    return out
+
+
+def _forward(
+    query: Tensor, local_k: Tensor, local_v: Tensor, far_k: Tensor, far_v: Tensor, far_pos: Tensor, cos: Tensor,
+    sin: Tensor, step: Tensor | None, forward: dict[str, int], n_splits: int, *, n_loc: int, n_far: int,
+    q_rel_start: int, q_start: int, n_local: int, q_far_start: int, k_far_start: int, qk_scale: float, ordered: bool,
+) -> tuple[Tensor, Tensor]:
+    """Launch the forward kernel (and the merge of split runs) with `n_splits` programs per KV head sharing the key
+    tiles: out (n_q, heads, head_dim), lse (heads, n_q). With `step`, the kernel reads the positions from it."""
+    heads, n_q, head_dim = query.shape
+    kv_heads = local_k.shape[0]
+    group = heads // kv_heads
+    device = query.device
     out = torch.empty(n_q, heads, head_dim, dtype=query.dtype, device=device)
     lse = torch.empty(heads, n_q, dtype=torch.float32, device=device)
-
-    forward, receive = (_launch(LAUNCH[name], query.element_size()) for name in ("forward", "received"))
-    n_splits = _runs(group * n_q, n_loc, n_far, forward)
+    forward = dict(forward)
     block_m = _rows_per_program(group * n_q, forward.pop("block_m"))
-    row_tiles = triton.cdiv(group * n_q, block_m)
     # the split programs' states; without a split never read (lse stands in: a launch takes no missing tensor)
     part = lse if n_splits == 1 else torch.empty((n_splits, kv_heads, block_m, head_dim + 2), dtype=torch.float32,
                                                  device=device)
     with on_device(device):
-        _attn_fwd_kernel[(n_splits if n_splits > 1 else row_tiles, kv_heads)](
-            query, local_k, local_v, far_k, far_v, far_pos, cos, sin, out, lse, part,
+        _attn_fwd_kernel[(n_splits if n_splits > 1 else triton.cdiv(group * n_q, block_m), kv_heads)](
+            query, local_k, local_v, far_k, far_v, far_pos, cos, sin, out, lse, part, lse if step is None else step,
             query.stride(0), query.stride(1),
             local_k.stride(0), local_k.stride(1), local_v.stride(0), local_v.stride(1),
             far_k.stride(0), far_k.stride(1), far_v.stride(0), far_v.stride(1),
             cos.stride(0), sin.stride(0), out.stride(0), out.stride(1), lse.stride(0),
             n_q, n_loc, n_far, q_rel_start, q_start, n_local, q_far_start, k_far_start, group, qk_scale, n_splits,
-            HEAD_DIM=head_dim, DOT_DTYPE=dot_dtype(query.dtype), BLOCK_M=block_m, ORDERED=far_origin is not None,
-            PARTIAL=n_splits > 1, **forward,
+            HEAD_DIM=head_dim, DOT_DTYPE=dot_dtype(query.dtype), BLOCK_M=block_m, ORDERED=ordered,
+            PARTIAL=n_splits > 1, STEP_ON_DEVICE=step is not None, **forward,
         )  # fmt: skip
         if n_splits > 1:
             _combine_kernel[(kv_heads,)](
                 part, out, lse, out.stride(0), out.stride(1), lse.stride(0), n_q, group, n_splits,
                 HEAD_DIM=head_dim, BLOCK_M=block_m,
             )  # fmt: skip
-        if not with_received:
-            return out, None
-        received = torch.empty(heads, n_loc, dtype=torch.float32, device=device)
-        block_m = _rows_per_program(n_q, receive.pop("block_m"))
-        _received_kernel[(triton.cdiv(n_loc, receive["BLOCK_N"]), heads)](
-            query, local_k, cos, sin, lse, received,
-            query.stride(0), query.stride(1), local_k.stride(0), local_k.stride(1),
-            cos.stride(0), sin.stride(0), lse.stride(0), received.stride(0),
-            n_q, n_loc, q_rel_start, n_local, group, qk_scale,
-            HEAD_DIM=head_dim, DOT_DTYPE=dot_dtype(query.dtype), BLOCK_M=block_m, **receive,
-        )  # fmt: skip
-    return out, received
+    return out, lse
 
 
 def key_runs(rows: int, n_loc: int, n_far: int, element_size: int) -> int:
@@ -416,6 +490,20 @@ def _check(
         if t.numel() and t.stride(-1) != 1:
             raise ValueError(f"{name} needs a contiguous last dim; call .contiguous() first")
     check_device([query, *named.values()])
+
+
+def _check_step(step: Tensor, capacity: int, far_capacity: int, n_local: int, ordered: bool
+                ) -> tuple[int, int, int, int | None]:
+    """`decode_attention`'s step as ints (offset, n_far, q_start, far_origin or None); ValueError unless it fits."""
+    if not isinstance(step, Tensor) or step.shape != (4,) or step.dtype != torch.int64:
+        raise ValueError(f"step must be a (4,) int64 tensor, got {getattr(step, 'shape', type(step))}")
+    offset, n_far, q_start, far_origin = step.tolist()
+    if not (0 <= offset <= capacity - n_local and 0 <= n_far <= far_capacity and q_start >= n_local - 1):
+        raise ValueError(f"step {step.tolist()} does not fit buffers of {capacity} window and {far_capacity} far keys")
+    if ordered and not q_start - n_local + 1 - n_far <= far_origin <= q_start:
+        raise ValueError(f"far_origin ({far_origin}) must lie in [q_start - n_local + 1 - n_far, q_start] = "
+                         f"[{q_start - n_local + 1 - n_far}, {q_start}]")
+    return offset, n_far, q_start, far_origin if ordered else None
 
 
 def _far_shifts(q_start: int, far_origin: int | None) -> tuple[int, int]:

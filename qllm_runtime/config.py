@@ -85,6 +85,10 @@ class QLLMConfig(BaseModel):
         None, gt=0, description="auto: bytes of blocks (all layers) kept on the device before offloading; "
         "None = half the free accelerator memory, unlimited on CPU"
     )
+    decode_graphs: bool = Field(
+        True, description="on CUDA, each answer token read from evidence replays one recorded CUDA graph of the "
+        "model's step (its positions written on the device) instead of launching its kernels from Python"
+    )
     max_context_tokens: int = Field(
         1 << 20, ge=1, description="most tokens one reading holds (context, question turn and answer); "
         "longer input is refused before reading; advertised to frameworks"

@@ -50,18 +50,14 @@ def _attention(
     return out[None], None
 
 
-def _no_mask(*args, **kwargs) -> None:
-    """QuickLLaMA masks by absolute positions inside its attention; transformers builds no mask."""
-    return None
-
-
 def register() -> None:
-    """Make the attention and mask functions known to transformers (idempotent)."""
+    """Make the attention function known to transformers (idempotent). No mask function is registered: QuickLLaMA
+    masks by absolute positions inside its attention, and for an implementation without one transformers returns
+    no mask at once (with one, it first checks the position ids for packed sequences: a host sync, which a CUDA
+    graph cannot hold)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTENTION_NAME, _attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
 
 
 _CONFIGS: WeakKeyDictionary[nn.Module, list[PretrainedConfig]] = WeakKeyDictionary()

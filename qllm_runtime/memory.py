@@ -27,7 +27,7 @@ from .blocks import BlockStore
 from .config import QLLMConfig
 from .layout import BlockLayout
 from .lookup import choose_evidence
-from .ops import AttendFn, gather_op, representatives_op, store_op
+from .ops import AttendFn, DecodeAttendFn, gather_op, representatives_op, store_op
 from .placement import Placement
 from .policies import LookupPolicy
 from .question import Question
@@ -114,6 +114,8 @@ class LayerMemory:
         self._evidence_buffer: EvidenceBuffer | None = None
         self._positions = torch.arange(capacity, device=device)
         self._rotation: Tensor | None = None  # (head_dim, head_dim), see _far_rotation
+        self._decode_rope: tuple[Tensor, ...] = ()  # cos, sin of the readied decode step
+        self._decode_remainder = 0  # its remainder's length
 
     @property
     def n_blocks(self) -> int:
@@ -215,32 +217,45 @@ class LayerMemory:
     def _evidence_far_set(self, far_end: int) -> tuple[Tensor, Tensor, Tensor]:
         """`_far_set` while answering from evidence: init and the evidence blocks (with those made since) are
         gathered once into a buffer, and each step only writes the remainder after them."""
-        rem_start, n_rem = self._remainder(far_end)
-        buf = self._evidence_buffer
-        stale = buf is None or (buf.n_blocks, buf.rem_start) != (self.n_blocks, rem_start)
-        if stale or buf.fixed + n_rem > buf.k.shape[1]:
-            buf = self._evidence_buffer = self._gather_evidence(rem_start, n_rem)
-        if n_rem > buf.written:  # remainder tokens that left the window since the last step
-            r0, w = rem_start - self._base, buf.written
-            buf.k[:, buf.fixed + w : buf.fixed + n_rem] = self.tail_k[:, r0 + w : r0 + n_rem]
-            buf.v[:, buf.fixed + w : buf.fixed + n_rem] = self.tail_v[:, r0 + w : r0 + n_rem]
-        buf.written = n_rem
+        buf, n_rem = self._current_evidence(far_end)
         end = buf.fixed + n_rem
         return buf.k[:, :end], buf.v[:, :end], buf.pos[:end]
 
-    def _gather_evidence(self, rem_start: int, n_rem: int) -> EvidenceBuffer:
-        """A fresh evidence buffer: init and the evidence blocks gathered, positions written for room beyond."""
+    def _current_evidence(self, far_end: int, leave_last: bool = False) -> tuple[EvidenceBuffer, int]:
+        """The evidence buffer of a group whose far keys end before `far_end`, with the remainder written after the
+        fixed part (but its last token with `leave_last`), and the remainder's length. One slot past the remainder
+        stays free (`attend_decode_step` writes there when there is no remainder)."""
+        rem_start, n_rem = self._remainder(far_end)
+        buf = self._evidence_buffer
+        if buf is None or (buf.n_blocks, buf.rem_start) != (self.n_blocks, rem_start) or \
+                buf.fixed + n_rem >= buf.k.shape[1]:  # a new block, or out of room: gather again
+            buf = self._evidence_buffer = self._gather_evidence(rem_start, n_rem, buf)
+        upto = max(n_rem - 1, 0) if leave_last else n_rem
+        if upto > buf.written:  # remainder tokens that left the window since the last step
+            r0, w = rem_start - self._base, buf.written
+            buf.k[:, buf.fixed + w : buf.fixed + upto] = self.tail_k[:, r0 + w : r0 + upto]
+            buf.v[:, buf.fixed + w : buf.fixed + upto] = self.tail_v[:, r0 + w : r0 + upto]
+            buf.written = upto
+        return buf, n_rem
+
+    def _gather_evidence(self, rem_start: int, n_rem: int, old: EvidenceBuffer | None) -> EvidenceBuffer:
+        """The evidence buffer refilled: init and the evidence blocks gathered, positions written for room beyond;
+        in `old`'s tensors where they have room (a decode graph keeps reading them), else in new ones."""
         blocks = self._evidence_blocks()
         block_k, block_v = self.store.gather(blocks)
         n_init = self.init_len
         fixed = n_init + block_k.shape[1]
-        room = max(self.tail_k.shape[1], 2 * n_rem)  # the remainder lies in the tail
-        shape = (self.kv_heads, fixed + room, self.head_dim)
-        k, v = self.tail_k.new_empty(shape), self.tail_v.new_empty(shape)
+        if old is not None and fixed + n_rem < old.k.shape[1]:
+            k, v, pos = old.k, old.v, old.pos
+        else:
+            room = max(self.tail_k.shape[1], 2 * n_rem)  # the remainder lies in the tail
+            shape = (self.kv_heads, fixed + room, self.head_dim)
+            k, v = self.tail_k.new_empty(shape), self.tail_v.new_empty(shape)
+            pos = self._positions.new_empty(fixed + room)
         k[:, :n_init], v[:, :n_init] = self.init_k[:, :n_init], self.init_v[:, :n_init]
         k[:, n_init:fixed], v[:, n_init:fixed] = block_k, block_v
-        pos = torch.cat([self._arange(0, n_init), self._block_positions(blocks[0]),
-                         self._arange(rem_start, rem_start + room)])
+        pos[:n_init], pos[n_init:fixed] = self._arange(0, n_init), self._block_positions(blocks[0])
+        pos[fixed:] = self._arange(rem_start, rem_start + pos.shape[0] - fixed)
         return EvidenceBuffer(k, v, pos, self.n_blocks, fixed, rem_start)
 
     def _remainder(self, far_end: int) -> tuple[int, int]:
@@ -307,6 +322,56 @@ class LayerMemory:
         if end > self._positions.shape[0]:
             self._positions = torch.arange(max(end, 2 * self._positions.shape[0]), device=self.device)
         return self._positions[start:end]
+
+    # ---- one-token steps replayed from a CUDA graph (`qllm_runtime.decode_graph`) ---------------------------
+    def prepare_decode_step(self) -> tuple[int, ...] | None:
+        """Ready the next one-token step for `attend_decode_step`, which takes its positions from the device: returns
+        them (tail slot, remainder source, remainder target, window offset, n_far, q_start, far_origin), or None when
+        the step must go through `append_and_attend` (no evidence, the window not full yet, the tail out of room)."""
+        cfg, p = self.config, self.seen
+        far_end = p - cfg.n_local + 1  # the window is [far_end, p]
+        if self.evidence is None or far_end < max(cfg.n_init, self.tail_start):
+            return None
+        if p + 1 - self._base > self.tail_k.shape[1]:
+            self._compact_tail()
+            if p + 1 - self._base > self.tail_k.shape[1]:
+                return None
+        buf, n_rem = self._current_evidence(far_end, leave_last=True)
+        self._decode_rope = self.rope.get(cfg.n_local + buf.k.shape[1] + 1, self.device)
+        self._decode_remainder = n_rem
+        slot = p - self._base
+        # the token that leaves the window joins the remainder; with no remainder the copy goes to the free slot
+        source, target = (buf.rem_start + n_rem - 1 - self._base, buf.fixed + n_rem - 1) if n_rem else (
+            slot, buf.k.shape[1] - 1)
+        n_far = buf.fixed + n_rem
+        return slot, source, target, far_end - self._base, n_far, p, far_end - n_far
+
+    def attend_decode_step(self, query: Tensor, key: Tensor, value: Tensor, scaling: float, step: Tensor,
+                           attend: DecodeAttendFn) -> Tensor:
+        """The device work of the step `prepare_decode_step` readied, whose values `step` (7,) int64 holds on the
+        device: the token into the tail, the remainder's newest token into the evidence buffer, the attention.
+        Launches only (no host sync, no branch on positions), so a CUDA graph replays it. -> (1, heads, head_dim)"""
+        slot = step[0:1]
+        self.tail_k.index_copy_(1, slot, key)
+        self.tail_v.index_copy_(1, slot, value)
+        self.tail_scores.index_fill_(1, slot, 0.0)
+        buf = self._evidence_buffer
+        buf.k.index_copy_(1, step[2:3], self.tail_k.index_select(1, step[1:2]))
+        buf.v.index_copy_(1, step[2:3], self.tail_v.index_select(1, step[1:2]))
+        cos, sin = self._decode_rope
+        return attend(query, self.tail_k, self.tail_v, buf.k, buf.v, buf.pos, cos, sin, self.config.n_local, scaling,
+                      step[3:], ordered=self.config.far_positions == "ordered")
+
+    def finish_decode_step(self) -> None:
+        """After the step's device work: the token is read; blocks it completes are made (as `append_and_attend`)."""
+        self.seen += 1
+        self._evidence_buffer.written = self._decode_remainder
+        self._retire(processed=self.seen)
+
+    def decode_step_tensors(self) -> list[Tensor]:
+        """What a step's device work reads and writes: a graph recorded over other tensors cannot be replayed."""
+        buf = self._evidence_buffer
+        return [self.tail_k, self.tail_v, self.tail_scores, buf.k, buf.v, buf.pos, *self._decode_rope]
 
     # ---- bookkeeping -----------------------------------------------------------------------------
     def _retire(self, processed: int) -> None:

@@ -24,6 +24,7 @@ from .blocks import GatherFn, Planes, RepresentFn, StoreFn, gather_reference, re
 log = logging.getLogger("quickllama")
 
 AttendFn = Callable[..., tuple[Tensor, Tensor | None]]
+DecodeAttendFn = Callable[..., Tensor]  # `qllm_kernels.decode_attention`
 
 
 @cache
@@ -53,6 +54,15 @@ def attention_op(device: torch.device, head_dim: int) -> AttendFn:
     if device.type == "cpu" and os.environ.get("QUICKLLAMA_KERNELS", "1") != "0":
         return attend_tiled
     return attend_reference
+
+
+def decode_attention_op(device: torch.device, head_dim: int) -> DecodeAttendFn | None:
+    """The attention of one-token steps with positions on the device (CUDA graphs), or None where the kernels do
+    not run: those steps then take the ordinary path."""
+    module = kernels(device)
+    if module is None or not module.supports_head_dim(head_dim):
+        return None
+    return partial(module.decode_attention, check=False)
 
 
 def gather_op(device: torch.device) -> GatherFn:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .decode_graph import DecodeGraph
 from .hook import run_model
 from .memory import LayerSnapshot, ModelMemory
 from .question import Question
@@ -34,13 +35,18 @@ class MemorySession:
     def __init__(self, model: nn.Module, memory: ModelMemory, device: torch.device) -> None:
         self.model, self.memory, self.device = model, memory, device
         self.prefill_chunk = memory.config.prefill_chunk
+        use_graph = device.type == "cuda" and memory.config.decode_graphs
+        self.decode_graph = DecodeGraph(model, memory, device) if use_graph else None
 
     @property
     def seen(self) -> int:
         return self.memory.seen
 
     def feed(self, ids: list[int], progress: Progress | None = None) -> Tensor:
-        """Read `ids`; logits of the last one (vocab,)."""
+        """Read `ids`; logits of the last one (vocab,). One token answering from evidence replays the decode graph
+        where it can."""
+        if len(ids) == 1 and self.decode_graph is not None and (logits := self.decode_graph.step(ids[0])) is not None:
+            return logits
         logits = None
         for chunk in _chunks(ids, self.prefill_chunk, progress):
             logits = run_model(self.model, torch.tensor([chunk], device=self.device), self.memory)

@@ -153,6 +153,52 @@ def test_split_key_tiles_match_reference(
         _check_attention(case, dtype)
 
 
+def _in_buffer(t: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """`t` (kv_heads, n, head_dim) inside a NaN buffer, `before` slots ahead of it and `after` behind: values a
+    kernel must never read."""
+    buffer = torch.full((t.shape[0], before + t.shape[1] + after, t.shape[2]), math.nan, dtype=t.dtype,
+                        device=t.device)
+    buffer[:, before : before + t.shape[1]] = t
+    return buffer
+
+
+@FAR_POSITIONS
+@pytest.mark.parametrize("tiles", [1, 4])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "n_far", "n_local", "offset", "spare"),
+                         [(8, 2, 64, 70, 24, 5, 40), (4, 4, 32, 0, 16, 0, 9), (6, 2, 128, 33, 40, 17, 0)])
+def test_decode_attention_reads_positions_from_the_device(
+    poison, monkeypatch, tiles, heads, kv_heads, head_dim, n_far, n_local, offset, spare, ordered
+):
+    """`decode_attention` (positions in a device tensor, window and far keys inside larger buffers) = `attention`
+    on the slices they name, for fp32 and bf16, however the far buffer's key tiles are shared out."""
+    monkeypatch.setitem(sys.modules["qllm_kernels.attention"].SPLIT, "tiles", tiles)
+    for dtype in (torch.float32, torch.bfloat16):
+        case = _attention_case(heads, kv_heads, head_dim, 1, n_local, n_far, n_local, dtype, seed=5, ordered=ordered)
+        case["cos"], case["sin"] = _rope_tables(2 * n_local + n_far + spare + 3, head_dim)
+        expected, _ = qk.attention(**case, with_received=False)
+        far_origin = case["far_origin"] if ordered else 0
+        step = torch.tensor([offset, n_far, case["q_start"], far_origin], device=DEVICE)
+        window_k, window_v = (_in_buffer(case[name], offset, 7) for name in ("local_k", "local_v"))
+        far_k, far_v = (_in_buffer(case[name], 0, spare) for name in ("far_k", "far_v"))
+        far_pos = torch.cat([case["far_pos"], torch.zeros(spare, dtype=torch.int64, device=DEVICE)])
+        out = qk.decode_attention(case["query"], window_k, window_v, far_k, far_v, far_pos, case["cos"], case["sin"],
+                                  n_local, case["scaling"], step, ordered=ordered)
+        rtol = LOW_PRECISION.get(dtype, 1e-5)
+        torch.testing.assert_close(out.float(), expected.float(), rtol=rtol, atol=rtol / 10)
+
+
+def test_decode_attention_refuses_a_step_that_does_not_fit():
+    case = _attention_case(4, 2, 32, 1, 16, 10, 16, torch.float32, ordered=True)
+    args = (case["query"], case["local_k"], case["local_v"], case["far_k"], case["far_v"], case["far_pos"],
+            case["cos"], case["sin"], 16, 0.1)
+    q_start = case["q_start"]
+    for step, match in (([1, 10, q_start, 0], "does not fit"), ([0, 11, q_start, 0], "does not fit"),
+                        ([0, 10, q_start, q_start + 1], "far_origin"), ([0, 10, q_start, q_start - 26], "far_origin"),
+                        ([0, 10, q_start], "int64")):
+        with pytest.raises(ValueError, match=match):
+            qk.decode_attention(*args, torch.tensor(step, device=DEVICE), ordered=True)
+
+
 @FAR_POSITIONS
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(ATTENTION_DIMS, [(8, 2, 64, 19, 50, 40, 32), (4, 1, 128, 1, 20, 33, 16)])
