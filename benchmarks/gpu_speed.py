@@ -164,6 +164,7 @@ def profile_breakdown(engine, ids: list[int], decode_steps: int = 0) -> dict:
         else:
             _, wall = timed(lambda: session.feed(ids))
     totals: dict[str, float] = {}
+    kernels = []
     for event in prof.key_averages():
         gpu_us = getattr(event, "self_device_time_total", 0) or getattr(event, "self_cuda_time_total", 0)
         if gpu_us <= 0 or event.key.startswith("aten::") or event.key.startswith("cuda"):
@@ -171,8 +172,11 @@ def profile_breakdown(engine, ids: list[int], decode_steps: int = 0) -> dict:
         name = event.key.lower()
         stage = next((s for s, keys in STAGES if any(k in name for k in keys)), "other kernels")
         totals[stage] = totals.get(stage, 0.0) + gpu_us / 1e6
+        kernels.append({"kernel": event.key[:120], "stage": stage, "calls": event.count, "gpu_s": gpu_us / 1e6})
     busy = sum(totals.values())
-    return {"wall_s": wall, "gpu_busy_s": busy, "gpu_idle_s": max(wall - busy, 0.0), "stages_s": totals}
+    top = sorted(kernels, key=lambda k: -k["gpu_s"])[:20]
+    return {"wall_s": wall, "gpu_busy_s": busy, "gpu_idle_s": max(wall - busy, 0.0), "stages_s": totals,
+            "top_kernels": top}
 
 
 def main() -> None:
