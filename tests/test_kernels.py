@@ -367,6 +367,7 @@ BLOCK_SHAPES = [
     # n_groups, heads, head_dim, n_blocks, topk
     pytest.param(1, 4, 64, 1, 4, id="decode-one-block"),
     pytest.param(3, 2, 128, 37, 8, id="tail"),
+    pytest.param(1, 6, 128, 301, 8, id="lookup-one-group-features-not-tile-multiple"),
     pytest.param(20, 3, 64, 70, 5, id="many-groups"),
     pytest.param(5, 1, 32, 130, 130, id="topk-all"),
 ]
@@ -401,6 +402,9 @@ def test_block_score_empty_and_bad_inputs():
     gq, rk = torch.randn(2, 4, 32, device=DEVICE), torch.randn(9, 4, 32, device=DEVICE)
     scores, indices = qk.block_score(gq, rk[:0], None, 0.0, 3)
     assert scores.shape == (2, 0) and indices.shape == (2, 0)
+    scores, indices = qk.block_score(gq, rk, None, 0.0, None)  # the scores alone
+    assert indices is None
+    torch.testing.assert_close(scores, block_scores_reference(gq, rk, None, 0.0), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="does not match"):
         qk.block_score(gq, rk[:, :3], None, 0.0, 2)
     with pytest.raises(ValueError, match="question_scores must be"):

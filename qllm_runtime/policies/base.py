@@ -78,7 +78,7 @@ class LookupPolicy:
     def scores(self, group_queries: Tensor, repr_keys: Tensor, block_terms: Tensor | None) -> Tensor:
         """(n_groups, n_blocks) float32: <group query, representative key> summed over heads, + block_terms."""
         if self._kernel is not None:
-            return self._kernel(group_queries, repr_keys, block_terms, 1.0, 1)[0]
+            return self._kernel(group_queries, repr_keys, block_terms, 1.0, None)[0]  # the top-k is `select`'s
         return block_scores_reference(group_queries, repr_keys, block_terms, 1.0)
 
     def select(self, group_queries: Tensor, repr_keys: Tensor, block_terms: Tensor | None, k: int) -> Tensor:
