@@ -11,6 +11,7 @@ offloads everything. With `fp8` the blocks are kept as float8 e4m3 bits with a f
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
 import torch
@@ -18,6 +19,9 @@ from torch import Tensor
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
+# allocates host planes while the reading goes on: page-locking them costs ~1 ms per MB of host time (3.5 s of a
+# 100K-token reading of the LLaMA-3-8B shape with a 2 GB pool, BENCHMARKS.md §1), which the pool's filling now hides
+_BACKGROUND = ThreadPoolExecutor(max_workers=8, thread_name_prefix="quickllama-host-planes")
 
 
 @dataclass
@@ -149,6 +153,10 @@ class BlockStore:
         self.n_blocks = 0
         self._pool = self._empty(min(device_limit, max(expected_blocks, 16)), device)
         self._host = self._empty(0, torch.device("cpu"))  # grown when the first block is offloaded
+        # the host room the reading is expected to need, allocated in the background while the pool fills
+        ahead = expected_blocks - device_limit
+        self._host_ahead: Future[Planes] | None = _BACKGROUND.submit(
+            self._empty, ahead, torch.device("cpu")) if 0 < ahead < float("inf") else None
         self._gather, self._store = gather, store
         self._stage: Planes | None = None  # see _staging
 
@@ -182,6 +190,8 @@ class BlockStore:
             self._store(pool_k, pool_v, self._pool.map(lambda t: t[first : first + pooled]))
         if count > pooled:  # device -> pinned host, ordered on the stream before any later gather
             start, end = self.offloaded, self.offloaded + count - pooled
+            if self._host_ahead is not None and not start:  # the first offloaded block: take the room made ahead
+                self._host, self._host_ahead = self._host_ahead.result(), None
             if end > self._host.k.shape[0]:
                 expected = self.expected_blocks - self.device_limit
                 self._host = self._grown(self._host, max(end, 2 * self._host.k.shape[0], expected, 16),
