@@ -5,6 +5,7 @@
     python -m benchmarks.gpu_speed --kv-dtype float8_e4m3 --lengths 100000 1000000 --no-full --offload-lengths
     python -m benchmarks.gpu_speed --lengths 100000 --offload-lengths --far-positions ordered shared
     python -m benchmarks.gpu_speed --lengths 100000 --profile-length 100000 --profile-decode 16   # decode breakdown
+    python -m benchmarks.gpu_speed --lengths 32768 --no-full --host-profile-length 100000   # host time by function
 
 Random bf16 weights of the real shape (speed and memory only, never accuracy). Full attention is one
 forward of the stock model (SDPA) with a DynamicCache, then single-token decode steps. QuickLLaMA reads
@@ -134,7 +135,7 @@ def run_qllm(engine, ids: list[int], decode_steps: int) -> dict:
     session.decode_graph = graph
     layer = next(iter(session.memory.layers.values()))
     result = {"prefill_s": prefill, "decode_ms": 1000 * statistics.median(steps),
-              "decode_eager_ms": 1000 * statistics.median(eager), "decode_graph": graph is not None,
+              "decode_eager_ms": 1000 * statistics.median(eager), "decode_graph": graph is not None and graph.recorded,
               "peak_gb": peaks_gb(), "blocks_per_layer": layer.n_blocks, "offloaded_per_layer": layer.store.offloaded}
     return result
 
@@ -179,6 +180,24 @@ def profile_breakdown(engine, ids: list[int], decode_steps: int = 0) -> dict:
             "top_kernels": top}
 
 
+def host_profile(engine, ids: list[int], lines: int = 25) -> str:
+    """cProfile of reading `ids` (a question set, as `run_qllm`): the host functions by their own time."""
+    import cProfile
+    import io
+    import pstats
+
+    session = asking_session(engine, len(ids))
+    synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    session.feed(ids)
+    synchronize()
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(lines)
+    return out.getvalue()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 100000])
@@ -191,6 +210,9 @@ def main() -> None:
                         help="with --profile-length: profile this many decode steps after the reading instead")
     parser.add_argument("--profile-offload", action="store_true",
                         help="profile the offload variant (a --offload-gb pool) instead of the device pool")
+    parser.add_argument("--host-profile-length", type=int, default=0,
+                        help="cProfile reading this many tokens: host time by function (the --profile-offload variant "
+                        "or the device pool)")
     parser.add_argument("--no-full", action="store_true")
     parser.add_argument("--full-max", type=int, default=None, help="full attention only up to this many tokens")
     parser.add_argument("--gpus", type=int, default=1, help="split the layers evenly over this many GPUs")
@@ -241,6 +263,10 @@ def main() -> None:
                              **profile_breakdown(offloaded if args.profile_offload else pools["qllm"], ids,
                                                  args.profile_decode)}
         print(json.dumps(report["profile"]), flush=True)
+    if args.host_profile_length:
+        ids = torch.randint(0, 128000, (args.host_profile_length,), generator=rng).tolist()
+        report["host_profile"] = host_profile(offloaded if args.profile_offload else pools["qllm"], ids)
+        print(report["host_profile"], flush=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     print(f"\n{args.gpus} × {report['device']}, torch {report['torch']}, LLaMA-3-8B shape ({args.layers} layers), bf16")

@@ -354,13 +354,14 @@ def decode_attention(
     check=True validates the inputs with the step's values (a host sync).
     """
     if check:
-        offset, n_far, q_start, far_origin = _check_step(step, window_k.shape[1], far_k.shape[1], n_local, ordered)
+        if query.dim() != 3 or query.shape[1] != 1 or cos.shape[0] <= n_local + far_k.shape[1]:
+            raise ValueError("decode_attention takes one query per head (heads, 1, head_dim) and cos/sin of more "
+                             f"than n_local + far_capacity ({n_local + far_k.shape[1]}) rows")
+        offset, n_far, q_start, far_origin = _check_step(step, query.device, window_k.shape[1], far_k.shape[1],
+                                                         n_local, ordered)
         window = slice(offset, offset + n_local)
         _check(query, q_start, window_k[:, window], window_v[:, window], q_start - n_local + 1, far_k[:, :n_far],
                far_v[:, :n_far], far_pos[:n_far], cos, sin, n_local, far_origin)
-        if query.shape[1] != 1 or cos.shape[0] <= n_local + far_k.shape[1]:
-            raise ValueError("decode_attention takes one query per head and cos/sin of more than n_local + "
-                             f"far_capacity ({n_local + far_k.shape[1]}) rows")
     forward = _launch(LAUNCH["forward"], query.element_size())
     n_splits = _runs(query.shape[0] // window_k.shape[0], n_local, far_k.shape[1], forward)
     # n_far, q_start and the far shifts are read from `step`; the window holds n_local keys, the query last
@@ -492,11 +493,13 @@ def _check(
     check_device([query, *named.values()])
 
 
-def _check_step(step: Tensor, capacity: int, far_capacity: int, n_local: int, ordered: bool
+def _check_step(step: Tensor, device: torch.device, capacity: int, far_capacity: int, n_local: int, ordered: bool
                 ) -> tuple[int, int, int, int | None]:
     """`decode_attention`'s step as ints (offset, n_far, q_start, far_origin or None); ValueError unless it fits."""
-    if not isinstance(step, Tensor) or step.shape != (4,) or step.dtype != torch.int64:
-        raise ValueError(f"step must be a (4,) int64 tensor, got {getattr(step, 'shape', type(step))}")
+    if not isinstance(step, Tensor) or step.shape != (4,) or step.dtype != torch.int64 or step.stride(0) != 1:
+        raise ValueError(f"step must be a contiguous (4,) int64 tensor, got {getattr(step, 'shape', type(step))}")
+    if step.device != device:
+        raise ValueError(f"step must be on the query's device {device}, got {step.device}")
     offset, n_far, q_start, far_origin = step.tolist()
     if not (0 <= offset <= capacity - n_local and 0 <= n_far <= far_capacity and q_start >= n_local - 1):
         raise ValueError(f"step {step.tolist()} does not fit buffers of {capacity} window and {far_capacity} far keys")

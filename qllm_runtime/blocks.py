@@ -184,8 +184,8 @@ class BlockStore:
         pooled = max(0, min(count, self.device_limit - first))
         if pooled:
             if first + pooled > self._pool.k.shape[0]:
-                self._pool = self._grown(self._pool, min(self.device_limit, max(2 * self._pool.k.shape[0],
-                                                                                first + pooled)), self.device)
+                self._pool = self._grown(self._pool, first, min(self.device_limit, max(2 * self._pool.k.shape[0],
+                                                                                       first + pooled)), self.device)
             pool_k, pool_v = (t[:pooled].to(self.device, non_blocking=True) for t in (k, v))
             self._store(pool_k, pool_v, self._pool.map(lambda t: t[first : first + pooled]))
         if count > pooled:  # device -> pinned host, ordered on the stream before any later gather
@@ -194,7 +194,7 @@ class BlockStore:
                 self._host, self._host_ahead = self._host_ahead.result(), None
             if end > self._host.k.shape[0]:
                 expected = self.expected_blocks - self.device_limit
-                self._host = self._grown(self._host, max(end, 2 * self._host.k.shape[0], expected, 16),
+                self._host = self._grown(self._host, start, max(end, 2 * self._host.k.shape[0], expected, 16),
                                          torch.device("cpu"))
             host = self._host.map(lambda t: t[start:end])
             if self.device.type == "cpu":
@@ -215,12 +215,12 @@ class BlockStore:
             self._stage = self._empty(max(n, 2 * (0 if self._stage is None else self._stage.k.shape[0])), self.device)
         return self._stage.map(lambda t: t[:n])
 
-    def _grown(self, planes: Planes, capacity: int, device: torch.device) -> Planes:
-        """`planes` copied into room for `capacity` blocks on `device`."""
+    def _grown(self, planes: Planes, held: int, capacity: int, device: torch.device) -> Planes:
+        """The first `held` blocks of `planes` copied into room for `capacity` blocks on `device`."""
         if device.type == "cpu":
             self._settle()  # copies into the old host planes, and gathers from them, may still be under way
         grown = self._empty(capacity, device)
-        planes.copy_to(grown.map(lambda t: t[: planes.k.shape[0]]), Tensor.copy_)
+        planes.map(lambda t: t[:held]).copy_to(grown.map(lambda t: t[:held]), Tensor.copy_)
         return grown
 
     def _settle(self) -> None:

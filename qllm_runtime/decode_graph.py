@@ -12,6 +12,10 @@ and a step whose tensors moved records the graph again.
 
 from __future__ import annotations
 
+import logging
+from contextlib import nullcontext
+from itertools import chain
+
 import torch
 from torch import Tensor, nn
 
@@ -20,6 +24,7 @@ from .memory import LayerMemory, ModelMemory
 from .ops import DecodeAttendFn, decode_attention_op
 
 STEP_VALUES = 7  # LayerMemory.prepare_decode_step
+log = logging.getLogger("quickllama")
 
 
 class DecodeGraph:
@@ -38,12 +43,23 @@ class DecodeGraph:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._recorded: list[tuple] | None = None  # what the graph reads and writes
         self._logits: Tensor | None = None  # the graph's output
+        self.failed: str | None = None  # why recording failed: the steps then take the ordinary path
+
+    @property
+    def recorded(self) -> bool:
+        """Whether the last step replayed (or recorded) a graph."""
+        return self._graph is not None
 
     @torch.inference_mode()
     def step(self, token: int) -> Tensor | None:
         """Read `token`; the logits after it (vocab,), or None when this step must take the ordinary path."""
+        # streams, events and the capture belong to the memory's device, which need not be the current one
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
+            return self._step(token)
+
+    def _step(self, token: int) -> Tensor | None:
         layers = self._layers()
-        if not layers:
+        if not layers or self.failed is not None:
             return None
         values = []
         for layer in layers:
@@ -54,6 +70,7 @@ class DecodeGraph:
         self._write_steps(values)
         self._ids.fill_(token)
         recorded = [_describe(layer.decode_step_tensors()) for layer in layers]
+        recorded.append(tuple(t.data_ptr() for t in chain(self.model.parameters(), self.model.buffers())))
         if self._graph is not None and recorded == self._recorded:
             self._graph.replay()
             logits = self._logits.clone()
@@ -107,9 +124,16 @@ class DecodeGraph:
         with torch.cuda.stream(stream):
             logits = self._run().clone()
         torch.cuda.current_stream(self.device).wait_stream(stream)
+        logits.record_stream(torch.cuda.current_stream(self.device))  # made on the side stream, used on this one
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self._logits = self._run()
+        try:
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream(self.device), capture_error_mode="thread_local"):
+                self._logits = self._run()
+        except RuntimeError as e:  # e.g. a model whose forward syncs the host (dynamic RoPE): answer the ordinary way
+            self.failed, self._logits = f"{type(e).__name__}: {e}", None
+            log.warning("recording the decode step as a CUDA graph failed (%s); this reading's answer steps take "
+                        "the ordinary path (QLLMConfig(decode_graphs=False) skips the attempt)", self.failed)
+            return logits
         self._graph, self._recorded = graph, recorded
         return logits
 

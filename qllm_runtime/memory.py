@@ -113,7 +113,7 @@ class LayerMemory:
         self.evidence_end = 0  # blocks that existed when the evidence was chosen; later ones join it
         self._evidence_buffer: EvidenceBuffer | None = None
         self._positions = torch.arange(capacity, device=device)
-        self._block_table = self._positions.new_empty((0, config.block_size))  # see _block_positions
+        self._first_block = self.layout.start(0) + torch.arange(config.block_size, device=device)  # its positions
         self._rotation: Tensor | None = None  # (head_dim, head_dim), see _far_rotation
         self._decode_rope: tuple[Tensor, ...] = ()  # cos, sin of the readied decode step
         self._decode_remainder = 0  # its remainder's length
@@ -278,12 +278,9 @@ class LayerMemory:
         return torch.cat([self.evidence, self._arange(self.evidence_end, self.n_blocks)[None]], dim=1)
 
     def _block_positions(self, blocks: Tensor) -> Tensor:
-        """Positions (m * block_size,) of the tokens of `blocks` (m,), block by block: rows of a table kept for
-        every block so far (one launch a lookup)."""
-        if self._block_table.shape[0] < self.n_blocks:
-            rows = self._arange(0, max(self.n_blocks, 2 * self._block_table.shape[0]))
-            self._block_table = self.layout.start(rows[:, None]) + self._arange(0, self.config.block_size)
-        return self._block_table[blocks].flatten()
+        """Positions (m * block_size,) of the tokens of `blocks` (m,), block by block: block 0's positions plus
+        block_size times the block, in one launch."""
+        return torch.add(self._first_block, blocks[:, None], alpha=self.config.block_size).flatten()
 
     def _lookup(self, query: Tensor) -> Tensor:
         """Blocks the group of `query` (heads, n_q, head_dim) attends: (rows, m) indices, each row ascending

@@ -49,7 +49,7 @@ SUFFIX = ".qmem"
 # changes what a block reading stores.
 ANSWER_OR_PLACEMENT_FIELDS = frozenset({"question_weight", "question_topk", "question_scale", "evidence_tokens",
                                         "evidence_neighbors", "offload", "device_pool_gb",
-                                        "max_context_tokens", "full_within_window"})
+                                        "max_context_tokens", "full_within_window", "decode_graphs"})
 _SAMPLES_PER_WEIGHT = 64
 
 

@@ -46,6 +46,8 @@ class MemorySession:
         """Read `ids`; logits of the last one (vocab,). One token answering from evidence replays the decode graph
         where it can."""
         if len(ids) == 1 and self.decode_graph is not None and (logits := self.decode_graph.step(ids[0])) is not None:
+            if progress is not None:
+                progress(1, 1)
             return logits
         logits = None
         for chunk in _chunks(ids, self.prefill_chunk, progress):

@@ -105,3 +105,34 @@ def test_recorded_steps_replay_as_the_ordinary_steps(tokenizer, dtype, offload, 
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     for a, b in zip(expected, got, strict=True):
         torch.testing.assert_close(b.float(), a.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+def test_a_step_that_cannot_be_recorded_falls_back_to_the_ordinary_path(tokenizer, caplog):
+    """A model whose forward syncs the host (here a hook on its last norm) cannot be recorded: the step that tried
+    answers from its real run, a warning says why, and later steps take the ordinary path with the same logits."""
+    model = tiny_model("llama", len(tokenizer), hidden_size=256).to("cuda")
+    ids = [random_ids(n, len(tokenizer), seed=seed) for n, seed in ((700, 1), (12, 2), (20, 3))]
+
+    def syncs_while_recording(module, args):
+        if torch.cuda.is_current_stream_capturing():
+            args[0].sum().item()
+
+    def run(graphs: bool):
+        config = QLLMConfig(decode_graphs=graphs, evidence_tokens=64, **GPU_WINDOWS)
+        engine = QLLMEngine(model, tokenizer, config)
+        session = engine._new_session(sum(map(len, ids)))
+        session.set_question(engine._question("Which number comes after the word apple?"))
+        session.feed(ids[0])
+        session.choose_evidence(engine._evidence_blocks())
+        return [session.feed(ids[1]), *(session.feed([t]) for t in ids[2])], session
+
+    expected, _ = run(False)
+    hook = model.model.norm.register_forward_pre_hook(syncs_while_recording)
+    try:
+        got, session = run(True)
+    finally:
+        hook.remove()
+    assert session.decode_graph.failed and "CUDA graph failed" in caplog.text
+    for a, b in zip(expected, got, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
