@@ -19,8 +19,8 @@ from torch import Tensor
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
-# allocates host planes while the reading goes on: page-locking them costs ~1 ms per MB of host time (3.5 s of a
-# 100K-token reading of the LLaMA-3-8B shape with a 2 GB pool, BENCHMARKS.md §1), which the pool's filling now hides
+# allocates host planes while the reading goes on: page-locking them costs ~1 ms per MB (3.6 s of host time in a
+# 100K-token reading of the LLaMA-3-8B shape with a 2 GB pool, BENCHMARKS.md §1), now off the reading's thread
 _BACKGROUND = ThreadPoolExecutor(max_workers=8, thread_name_prefix="quickllama-host-planes")
 
 
@@ -208,9 +208,8 @@ class BlockStore:
         self.n_blocks += count
 
     def _staging(self, n: int) -> Planes:
-        """Device room for n blocks on their way to host memory, kept for every later add (an allocation per add
-        took ~0.2 ms of host time on the H200 box). Reuse is safe in stream order: the next store into it runs
-        after the copies out of it."""
+        """Device room for n blocks on their way to host memory, kept for every later add (not one allocation per
+        add). Reuse is safe in stream order: the next store into it runs after the copies out of it."""
         if self._stage is None or self._stage.k.shape[0] < n:
             self._stage = self._empty(max(n, 2 * (0 if self._stage is None else self._stage.k.shape[0])), self.device)
         return self._stage.map(lambda t: t[:n])
