@@ -323,20 +323,8 @@ def attention(
 
 
 def decode_attention(
-    query: Tensor,
-    window_k: Tensor,
-    window_v: Tensor,
-    far_k: Tensor,
-    far_v: Tensor,
-    far_pos: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    n_local: int,
-    scaling: float,
-    step: Tensor,
-    *,
-    ordered: bool,
-    check: bool = True,
+    query: Tensor, window_k: Tensor, window_v: Tensor, far_k: Tensor, far_v: Tensor, far_pos: Tensor, cos: Tensor,
+    sin: Tensor, n_local: int, scaling: float, step: Tensor, *, ordered: bool, check: bool = True,
 ) -> Tensor:
     """A decode step's `attention` whose positions are read on the device from `step`, so that one launch sequence
     (a CUDA graph) serves every step while they change.
