@@ -88,7 +88,8 @@ def _block_score_rows_kernel(
 
 
 def block_score(
-    group_queries: Tensor, repr_keys: Tensor, question_scores: Tensor | None, beta: float, topk: int | None
+    group_queries: Tensor, repr_keys: Tensor, question_scores: Tensor | None, beta: float, topk: int | None,
+    *, check: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Score every lookup group against every block and pick each group's top-k blocks.
 
@@ -96,30 +97,14 @@ def block_score(
     repr_keys: (n_blocks, heads, head_dim), representative keys; fp16/bf16/fp32; each row contiguous.
     question_scores: (n_blocks,) float, the cached question term, or None (beta is then ignored).
     Returns scores: (n_groups, n_blocks) float32 and indices: (n_groups, min(topk, n_blocks)) int64,
-    best first, both on the inputs' device (topk None: the scores alone, indices None).
+    best first, both on the inputs' device (topk None: the scores alone, indices None). check=False skips validating
+    the inputs (the engine's lookups, valid by construction).
     """
-    for name, t in (("group_queries", group_queries), ("repr_keys", repr_keys)):
-        if t.dim() != 3:
-            raise ValueError(f"{name} must be (n, heads, head_dim), got shape {tuple(t.shape)}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
-        if t.stride(2) != 1 or t.stride(1) != t.shape[2]:
-            raise ValueError(f"{name} needs contiguous (heads, head_dim) rows; call .contiguous() first")
+    if check:
+        _check(group_queries, repr_keys, question_scores, topk)
     n_groups, heads, head_dim = group_queries.shape
     n_blocks = repr_keys.shape[0]
-    if repr_keys.shape[1:] != (heads, head_dim):
-        raise ValueError(
-            f"repr_keys {tuple(repr_keys.shape)} does not match group_queries {tuple(group_queries.shape)}"
-        )
-    if question_scores is not None and (
-        question_scores.shape != (n_blocks,) or not question_scores.is_floating_point()
-    ):
-        raise ValueError(f"question_scores must be a float tensor of shape ({n_blocks},)")
-    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
-        raise ValueError(f"topk must be a positive int or None, got {topk!r}")
-    tensors = [group_queries, repr_keys] + ([] if question_scores is None else [question_scores])
-    device = check_device(tensors)
-
+    device = group_queries.device
     scores = torch.empty(n_groups, n_blocks, dtype=torch.float32, device=device)
     has_question = question_scores is not None and beta != 0.0
     args = (group_queries, repr_keys, question_scores if has_question else scores, scores,
@@ -144,3 +129,27 @@ def block_score(
     if topk is None:
         return scores, None
     return scores, scores.topk(min(topk, n_blocks), dim=-1).indices
+
+
+def _check(group_queries: Tensor, repr_keys: Tensor, question_scores: Tensor | None, topk: int | None) -> None:
+    """ValueError unless the inputs are as `block_score` documents them."""
+    for name, t in (("group_queries", group_queries), ("repr_keys", repr_keys)):
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be (n, heads, head_dim), got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+        if t.stride(2) != 1 or t.stride(1) != t.shape[2]:
+            raise ValueError(f"{name} needs contiguous (heads, head_dim) rows; call .contiguous() first")
+    _, heads, head_dim = group_queries.shape
+    n_blocks = repr_keys.shape[0]
+    if repr_keys.shape[1:] != (heads, head_dim):
+        raise ValueError(
+            f"repr_keys {tuple(repr_keys.shape)} does not match group_queries {tuple(group_queries.shape)}"
+        )
+    if question_scores is not None and (
+        question_scores.shape != (n_blocks,) or not question_scores.is_floating_point()
+    ):
+        raise ValueError(f"question_scores must be a float tensor of shape ({n_blocks},)")
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
+        raise ValueError(f"topk must be a positive int or None, got {topk!r}")
+    check_device([group_queries, repr_keys] + ([] if question_scores is None else [question_scores]))

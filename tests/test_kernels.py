@@ -405,6 +405,8 @@ def test_block_score_empty_and_bad_inputs():
     scores, indices = qk.block_score(gq, rk, None, 0.0, None)  # the scores alone
     assert indices is None
     torch.testing.assert_close(scores, block_scores_reference(gq, rk, None, 0.0), rtol=1e-4, atol=1e-4)
+    unchecked, _ = qk.block_score(gq, rk, None, 0.0, None, check=False)  # the engine's call: the same scores
+    torch.testing.assert_close(unchecked, scores, rtol=0, atol=0)
     with pytest.raises(ValueError, match="does not match"):
         qk.block_score(gq, rk[:, :3], None, 0.0, 2)
     with pytest.raises(ValueError, match="question_scores must be"):
