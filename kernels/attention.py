@@ -299,10 +299,8 @@ def attention(
     n_loc = local_k.shape[1]
     qk_scale = float(scaling) * _LOG2E
     q_rel_start = q_start - local_start
-    forward = _launch(LAUNCH["forward"], query.element_size())
-    n_splits = _runs(heads // local_k.shape[0] * n_q, n_loc, far_k.shape[1], forward)
     out, lse = _forward(
-        query, local_k, local_v, far_k, far_v, far_pos, cos, sin, None, forward, n_splits, n_loc=n_loc,
+        query, local_k, local_v, far_k, far_v, far_pos, cos, sin, None, n_loc=n_loc,
         n_far=far_k.shape[1], q_rel_start=q_rel_start, q_start=q_start, n_local=n_local, q_far_start=q_far_start,
         k_far_start=k_far_start, qk_scale=qk_scale, ordered=far_origin is not None,
     )  # fmt: skip
@@ -350,11 +348,9 @@ def decode_attention(
         window = slice(offset, offset + n_local)
         _check(query, q_start, window_k[:, window], window_v[:, window], q_start - n_local + 1, far_k[:, :n_far],
                far_v[:, :n_far], far_pos[:n_far], cos, sin, n_local, far_origin)
-    forward = _launch(LAUNCH["forward"], query.element_size())
-    n_splits = _runs(query.shape[0] // window_k.shape[0], n_local, far_k.shape[1], forward)
     # n_far, q_start and the far shifts are read from `step`; the window holds n_local keys, the query last
     out, _ = _forward(
-        query, window_k, window_v, far_k, far_v, far_pos, cos, sin, step, forward, n_splits, n_loc=n_local, n_far=0,
+        query, window_k, window_v, far_k, far_v, far_pos, cos, sin, step, n_loc=n_local, n_far=0,
         q_rel_start=n_local - 1, q_start=0, n_local=n_local, q_far_start=0, k_far_start=0,
         qk_scale=float(scaling) * _LOG2E, ordered=ordered,
     )  # fmt: skip
@@ -363,18 +359,19 @@ def decode_attention(
 
 def _forward(
     query: Tensor, local_k: Tensor, local_v: Tensor, far_k: Tensor, far_v: Tensor, far_pos: Tensor, cos: Tensor,
-    sin: Tensor, step: Tensor | None, forward: dict[str, int], n_splits: int, *, n_loc: int, n_far: int,
-    q_rel_start: int, q_start: int, n_local: int, q_far_start: int, k_far_start: int, qk_scale: float, ordered: bool,
+    sin: Tensor, step: Tensor | None, *, n_loc: int, n_far: int, q_rel_start: int, q_start: int, n_local: int,
+    q_far_start: int, k_far_start: int, qk_scale: float, ordered: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Launch the forward kernel (and the merge of split runs) with `n_splits` programs per KV head sharing the key
-    tiles: out (n_q, heads, head_dim), lse (heads, n_q). With `step`, the kernel reads the positions from it."""
+    """Launch the forward kernel (and the merge of split runs, `key_runs` for the buffers' n_loc and far keys):
+    out (n_q, heads, head_dim), lse (heads, n_q). With `step`, the kernel reads the positions from it."""
     heads, n_q, head_dim = query.shape
     kv_heads = local_k.shape[0]
     group = heads // kv_heads
     device = query.device
     out = torch.empty(n_q, heads, head_dim, dtype=query.dtype, device=device)
     lse = torch.empty(heads, n_q, dtype=torch.float32, device=device)
-    forward = dict(forward)
+    forward = _launch(LAUNCH["forward"], query.element_size())
+    n_splits = _runs(group * n_q, n_loc, far_k.shape[1], forward)
     block_m = _rows_per_program(group * n_q, forward.pop("block_m"))
     # the split programs' states; without a split never read (lse stands in: a launch takes no missing tensor)
     part = lse if n_splits == 1 else torch.empty((n_splits, kv_heads, block_m, head_dim + 2), dtype=torch.float32,

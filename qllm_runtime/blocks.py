@@ -156,7 +156,7 @@ class BlockStore:
         # the host room the reading is expected to need, allocated in the background while the pool fills
         ahead = expected_blocks - device_limit
         self._host_ahead: Future[Planes] | None = _BACKGROUND.submit(
-            self._empty, ahead, torch.device("cpu")) if 0 < ahead < float("inf") else None
+            self._empty, ahead, torch.device("cpu")) if ahead > 0 else None
         self._gather, self._store = gather, store
         self._stage: Planes | None = None  # see _staging
 
@@ -192,9 +192,8 @@ class BlockStore:
             start, end = self.offloaded, self.offloaded + count - pooled
             if self._host_ahead is not None and not start:  # the first offloaded block: take the room made ahead
                 self._host, self._host_ahead = self._host_ahead.result(), None
-            if end > self._host.k.shape[0]:
-                expected = self.expected_blocks - self.device_limit
-                self._host = self._grown(self._host, start, max(end, 2 * self._host.k.shape[0], expected, 16),
+            if end > self._host.k.shape[0]:  # beyond the room made ahead (the reading's expected size)
+                self._host = self._grown(self._host, start, max(end, 2 * self._host.k.shape[0], 16),
                                          torch.device("cpu"))
             host = self._host.map(lambda t: t[start:end])
             if self.device.type == "cpu":

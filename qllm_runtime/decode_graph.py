@@ -101,13 +101,13 @@ class DecodeGraph:
             shape = (len(values), STEP_VALUES)
             self._steps = torch.zeros(shape, dtype=torch.int64, device=self.device)
             self._host_steps = torch.zeros(shape, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+            self._written = torch.cuda.Event() if self.device.type == "cuda" else None
             self._graph = None
         if self._written is not None:
-            self._written.synchronize()
+            self._written.synchronize()  # an event not yet recorded returns at once
         self._host_steps.numpy()[:] = values
         self._steps.copy_(self._host_steps, non_blocking=True)
-        if self.device.type == "cuda":
-            self._written = torch.cuda.Event()
+        if self._written is not None:
             self._written.record()
 
     def _run(self) -> Tensor:

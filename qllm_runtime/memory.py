@@ -113,7 +113,7 @@ class LayerMemory:
         self.evidence_end = 0  # blocks that existed when the evidence was chosen; later ones join it
         self._evidence_buffer: EvidenceBuffer | None = None
         self._positions = torch.arange(capacity, device=device)
-        self._first_block = self.layout.start(0) + torch.arange(config.block_size, device=device)  # its positions
+        self._first_block = self.layout.start(0) + self._arange(0, config.block_size)  # its token positions
         self._rotation: Tensor | None = None  # (head_dim, head_dim), see _far_rotation
         self._decode_rope: tuple[Tensor, ...] = ()  # cos, sin of the readied decode step
         self._decode_remainder = 0  # its remainder's length
