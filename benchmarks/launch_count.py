@@ -6,7 +6,8 @@
 On CUDA the block memory's prefill is bound by the host: each lookup group of each layer launches its small
 kernels from Python. This reads chunks into one `LayerMemory` with tiny heads on the CPU and counts the ops that
 write memory (a new tensor, or an in-place op): each is one launch on CUDA. The ops that are one Triton kernel on
-CUDA (block gather, block scorer, representative keys, block store) count as one launch here too; the attention is
+CUDA (block gather, block scorer, representative keys, block store) count as one launch here too, the fused lookup
+(`qllm_kernels.top_blocks`) as its two or three; the attention is
 a stand-in counted as the kernels `qllm_kernels.attention` launches for its shapes (forward; the merge of split key
 runs for decode; the received scores unless answering from evidence). Also reported: the same for one decode step
 answering from evidence.
@@ -25,7 +26,7 @@ from torch.utils._pytree import tree_flatten
 
 from benchmarks.gpu_speed import QLLM_WINDOWS
 from qllm_runtime.config import QLLMConfig
-from qllm_runtime.lookup import block_scores_reference
+from qllm_runtime.lookup import block_scores_reference, select_blocks
 from qllm_runtime.memory import LayerMemory
 from qllm_runtime.placement import Placement
 from qllm_runtime.policies import make_policy
@@ -90,6 +91,19 @@ def attention_kernels(query, q_start, local_k, local_v, local_start, far_k, *arg
     return 1 + split + with_received
 
 
+def top_blocks_stand_in(group_queries, repr_keys, block_terms, beta, topk, standardized=False) -> torch.Tensor:
+    """`qllm_kernels.top_blocks` by its spec."""
+    scores = block_scores_reference(group_queries, repr_keys, block_terms, beta, standardized)
+    return select_blocks(scores, topk).sort(dim=-1).values
+
+
+def top_blocks_kernels(group_queries, repr_keys, *args, **kwargs) -> int:
+    """Kernels `qllm_kernels.top_blocks` launches: the scorer, the ranking, and a merge beyond one chunk of blocks."""
+    from qllm_kernels.block_score import TOP_CHUNK
+
+    return 2 + (repr_keys.shape[0] > TOP_CHUNK)
+
+
 def new_layer(config: QLLMConfig, counter: LaunchCounter) -> LayerMemory:
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
@@ -107,6 +121,7 @@ def new_layer(config: QLLMConfig, counter: LaunchCounter) -> LayerMemory:
     layer._represent = counter.as_kernels(layer._represent, "representative keys")
     policy._kernel = counter.as_kernels(lambda q, r, t, beta, _: (block_scores_reference(q, r, t, beta),),
                                         "block scorer")
+    policy._top = counter.as_kernels(top_blocks_stand_in, "lookup", kernels=top_blocks_kernels)
     return layer
 
 

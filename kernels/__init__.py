@@ -1,5 +1,5 @@
-"""Triton kernels for QuickLLaMA: the block scorer, the fused [local | far] attention, the block gather, the block
-store (float8 quantisation on the way) and the blocks' representative keys.
+"""Triton kernels for QuickLLaMA: the block scorer and the whole lookup, the fused [local | far] attention, the block
+gather, the block store (float8 quantisation on the way) and the blocks' representative keys.
 
 Each op has a plain-PyTorch reference in `qllm_runtime` (the spec and the CPU path). Kernels are compiled
 for CUDA, or run by Triton's CPU interpreter when TRITON_INTERPRET=1 is set before Triton is first
@@ -8,12 +8,12 @@ imported; `triton_available(device)` says which devices they can run on.
 
 from ._common import triton_available
 from .attention import attention, decode_attention, supports_head_dim
-from .block_score import block_score
+from .block_score import block_score, top_blocks
 from .gather import gather_blocks
 from .representatives import representative_keys
 from .store import store_blocks
 
 __all__ = [
     "attention", "block_score", "decode_attention", "gather_blocks", "representative_keys", "store_blocks",
-    "supports_head_dim", "triton_available",
+    "supports_head_dim", "top_blocks", "triton_available",
 ]

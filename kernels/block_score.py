@@ -2,9 +2,10 @@
 
 scores[g, b] = sum_h < group_queries[g, h], repr_keys[b, h] >  +  beta * question_scores[b]
 
-One tiled matrix product over the flattened (heads * head_dim) axis with fp32 accumulation; the top-k
-stays on the device (`torch.topk`), so a decode step needs no host synchronisation. The spec is
-`qllm_runtime.lookup.block_scores_reference` followed by `select_blocks`.
+`block_score`: one tiled matrix product over the flattened (heads * head_dim) axis with fp32 accumulation; the top-k
+stays on the device (`torch.topk`), so a decode step needs no host synchronisation. `top_blocks`: the lookup whole,
+scores, standardisation, top-k and document order in two or three launches (the engine's per-group lookup, which
+took nine from PyTorch). The spec is `qllm_runtime.lookup.block_scores_reference` followed by `select_blocks`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from ._common import FLOAT_DTYPES, check_device, dot_dtype, on_device
 
-__all__ = ["block_score"]
+__all__ = ["block_score", "top_blocks"]
 
 
 @triton.jit
@@ -129,6 +130,128 @@ def block_score(
     if topk is None:
         return scores, None
     return scores, scores.topk(min(topk, n_blocks), dim=-1).indices
+
+
+# top_blocks: a block's rank is one int64 key, its combined score's order-preserving bits above the complement of its
+# index, so a single max reduction finds the best block and, among equal scores, the lowest index (torch.topk's
+# choice among ties is unspecified); no block has the key -2**63. Each program ranks up to TOP_CHUNK blocks; more
+# chunks are merged by a second launch.
+TOP_CHUNK = 1024
+
+
+@triton.jit
+def _deviation(X, n, TILE: tl.constexpr):
+    """Standard deviation (unbiased, as torch.std) of X[0 : n], n >= 2, in two passes over tiles."""
+    offs = tl.arange(0, TILE)
+    total = tl.zeros([TILE], dtype=tl.float32)
+    for start in range(0, n, TILE):
+        total += tl.load(X + start + offs, mask=start + offs < n, other=0.0).to(tl.float32)
+    mean = tl.sum(total, 0) / n
+    squares = tl.zeros([TILE], dtype=tl.float32)
+    for start in range(0, n, TILE):
+        ok = start + offs < n
+        d = tl.where(ok, tl.load(X + start + offs, mask=ok, other=0.0).to(tl.float32) - mean, 0.0)
+        squares += d * d
+    return tl.sqrt(tl.sum(squares, 0) / (n - 1))
+
+
+@triton.jit
+def _best_keys(keys, k, K_PAD: tl.constexpr):
+    """The k largest of `keys` (distinct), in slots 0 .. k-1 of a (K_PAD,) vector, the rest -2**63."""
+    slots = tl.arange(0, K_PAD)
+    best = tl.full([K_PAD], -(2**63), dtype=tl.int64)
+    for i in range(0, k):
+        top = tl.max(keys, 0)
+        best = tl.where(slots == i, top, best)
+        keys = tl.where(keys == top, -(2**63), keys)
+    return best
+
+
+@triton.jit
+def _store_ascending(Out, best, k, K_PAD: tl.constexpr):
+    """The blocks of `_best_keys`' first k keys, in ascending order, to Out[0 : k]."""
+    slots = tl.arange(0, K_PAD)
+    index = tl.where(slots < k, 0x7FFFFFFF - (best & 0x7FFFFFFF), 0x7FFFFFFF)
+    tl.store(Out + slots, tl.sort(index, 0).to(tl.int64), mask=slots < k)
+
+
+@triton.jit
+def _top_chunk_kernel(
+    Scores, Terms, Keys, Out,
+    stride_sg, stride_kg, stride_og,
+    n_blocks, k, beta,
+    HAS_TERMS: tl.constexpr, STANDARDIZED: tl.constexpr, FINAL: tl.constexpr,
+    CHUNK: tl.constexpr, K_PAD: tl.constexpr,
+):  # fmt: skip
+    group = tl.program_id(0)
+    chunk = tl.program_id(1)
+    row = Scores + group * stride_sg
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    ok = offs < n_blocks
+    value = tl.load(row + offs, mask=ok, other=0.0)
+    if HAS_TERMS:
+        weight = beta
+        if STANDARDIZED:  # z(query term) + beta * z(block term), less the means, which no ranking sees
+            value = value / tl.maximum(_deviation(row, n_blocks, CHUNK), 1e-6)
+            weight = beta / tl.maximum(_deviation(Terms, n_blocks, CHUNK), 1e-6)
+        value += weight * tl.load(Terms + offs, mask=ok, other=0.0)
+    bits = value.to(tl.int32, bitcast=True)
+    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)  # signed order = the float order
+    keys = tl.where(ok, (ordered << 32) | (0x7FFFFFFF - offs).to(tl.int64), -(2**63))
+    best = _best_keys(keys, k, K_PAD)
+    if FINAL:
+        _store_ascending(Out + group * stride_og, best, k, K_PAD)
+    else:
+        tl.store(Keys + group * stride_kg + chunk * K_PAD + tl.arange(0, K_PAD), best)
+
+
+@triton.jit
+def _top_merge_kernel(Keys, Out, stride_kg, stride_og, n_keys, k, K_PAD: tl.constexpr, MERGE: tl.constexpr):
+    group = tl.program_id(0)
+    offs = tl.arange(0, MERGE)
+    keys = tl.load(Keys + group * stride_kg + offs, mask=offs < n_keys, other=-(2**63))
+    _store_ascending(Out + group * stride_og, _best_keys(keys, k, K_PAD), k, K_PAD)
+
+
+def top_blocks(
+    group_queries: Tensor, repr_keys: Tensor, block_terms: Tensor | None, beta: float, topk: int,
+    *, standardized: bool = False, check: bool = True,
+) -> Tensor:
+    """Each lookup group's top-k blocks in document order: (n_groups, min(topk, n_blocks)) int64, ascending.
+
+    Ranked by the query term s (as `block_score`) plus beta * block_terms; `standardized`: s / std(s) + beta *
+    block_terms / std(block_terms), each deviation over the blocks (unbiased, at least 1e-6; the means are left out:
+    no ranking sees them). Among equal scores the lower index wins. Inputs as `block_score`'s, block_terms (n_blocks,)
+    float32 or None. The spec: `select_blocks(block_scores_reference(..., standardized), topk)`, sorted.
+    """
+    if check:
+        _check(group_queries, repr_keys, block_terms, topk)
+        if topk is None:
+            raise ValueError("topk must be a positive int, got None")
+    n_groups = group_queries.shape[0]
+    n_blocks = repr_keys.shape[0]
+    k = min(topk, n_blocks)
+    out = torch.empty(n_groups, k, dtype=torch.int64, device=group_queries.device)
+    if not (n_groups and k):
+        return out
+    scores, _ = block_score(group_queries, repr_keys, None, 0.0, None, check=False)
+    n_chunks = triton.cdiv(n_blocks, TOP_CHUNK)  # one shape for every count: no compiling mid-reading as blocks come
+    k_pad = max(16, triton.next_power_of_2(k))
+    has_terms = block_terms is not None and beta != 0.0
+    keys = torch.empty(n_groups, n_chunks * k_pad, dtype=torch.int64, device=out.device) if n_chunks > 1 else out
+    with on_device(out.device):
+        _top_chunk_kernel[(n_groups, n_chunks)](
+            scores, block_terms if has_terms else scores, keys, out,
+            scores.stride(0), keys.stride(0), out.stride(0),
+            n_blocks, k, float(beta),
+            HAS_TERMS=has_terms, STANDARDIZED=standardized, FINAL=n_chunks == 1, CHUNK=TOP_CHUNK, K_PAD=k_pad,
+        )  # fmt: skip
+        if n_chunks > 1:
+            _top_merge_kernel[(n_groups,)](
+                keys, out, keys.stride(0), out.stride(0), keys.shape[1], k,
+                K_PAD=k_pad, MERGE=max(512, triton.next_power_of_2(keys.shape[1])),
+            )  # fmt: skip
+    return out
 
 
 def _check(group_queries: Tensor, repr_keys: Tensor, question_scores: Tensor | None, topk: int | None) -> None:

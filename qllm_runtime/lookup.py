@@ -14,22 +14,33 @@ from torch import Tensor
 
 
 def block_scores_reference(
-    group_queries: Tensor, repr_keys: Tensor, question_scores: Tensor | None, beta: float
+    group_queries: Tensor, repr_keys: Tensor, question_scores: Tensor | None, beta: float, standardized: bool = False
 ) -> Tensor:
     """Scores of lookup groups against blocks.
 
     group_queries: (n_groups, heads, head_dim), mean far-rotated query of each group, any float dtype.
     repr_keys: (n_blocks, heads, head_dim), representative keys, any float dtype.
     question_scores: (n_blocks,) float32, the cached question term, or None (beta is then ignored).
+    standardized: each term divided by its deviation over the blocks first (`QLLMConfig.question_scale`).
     Returns (n_groups, n_blocks) float32.
     """
     n_groups, heads, head_dim = group_queries.shape
     scores = group_queries.reshape(n_groups, heads * head_dim).float() @ repr_keys.reshape(
         -1, heads * head_dim
     ).float().T
-    if question_scores is not None and beta != 0.0:
-        scores = scores + beta * question_scores.float()[None, :]
-    return scores
+    if question_scores is None or beta == 0.0:
+        return scores
+    return add_question_scores(scores, question_scores, beta, standardized)
+
+
+def add_question_scores(scores: Tensor, question_scores: Tensor, beta: float, standardized: bool) -> Tensor:
+    """scores (n_groups, n_blocks) float32 + beta * question_scores (n_blocks,); standardized: z(scores, per row) +
+    beta * z(question_scores), each deviation at least 1e-6, less each row's constant sum of the two means (which no
+    ranking sees)."""
+    if standardized:
+        return torch.addcdiv(scores / scores.std(dim=-1, keepdim=True).clamp_min(1e-6), question_scores.float()[None],
+                             question_scores.float().std().clamp_min(1e-6), value=beta)
+    return scores + beta * question_scores.float()[None, :]
 
 
 def question_scores_reference(question_vector: Tensor, repr_keys: Tensor) -> Tensor:

@@ -165,14 +165,27 @@ class LayerMemory:
             self.init_v[:, start : start + take] = value[:, :take]
             self.init_len = start + take
         outs = []
-        for g0 in range(0, n, cfg.lookup_chunk):  # a group's keys join the tail just before it attends
+        far_queries = self._far_queries(query) if self.evidence is None and self.policy.uses_blocks else None
+        for i, g0 in enumerate(range(0, n, cfg.lookup_chunk)):  # a group's keys join the tail just before it attends
             g1 = min(n, g0 + cfg.lookup_chunk)
             self._tail_append(key[:, g0:g1], value[:, g0:g1])
-            outs.append(self._attend_group(query[:, g0:g1], start + g0, scaling))
+            far_query = None if far_queries is None else far_queries[i]
+            outs.append(self._attend_group(query[:, g0:g1], start + g0, scaling, far_query))
             self._retire(processed=start + g1)
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def _attend_group(self, query: Tensor, q_start: int, scaling: float) -> Tensor:
+    def _far_queries(self, query: Tensor, group: int | None = None) -> Tensor:
+        """The mean query of each group of `group` (default: lookup_chunk) tokens, far-rotated: (n_groups, heads,
+        head_dim) float32, for a chunk's groups at once (a launch or two, not two a group)."""
+        group = group or self.config.lookup_chunk
+        whole = query.shape[1] // group * group
+        means = [query[:, :whole].unflatten(1, (-1, group)).mean(dim=2, dtype=torch.float32)] if whole else []
+        if whole < query.shape[1]:
+            means.append(query[:, whole:].mean(dim=1, keepdim=True, dtype=torch.float32))
+        means = means[0] if len(means) == 1 else torch.cat(means, dim=1)  # (heads, n_groups, head_dim)
+        return (means @ self._far_rotation()).transpose(0, 1)
+
+    def _attend_group(self, query: Tensor, q_start: int, scaling: float, far_query: Tensor | None) -> Tensor:
         cfg = self.config
         n_q = query.shape[1]
         q_last = q_start + n_q - 1
@@ -183,7 +196,7 @@ class LayerMemory:
         if self.evidence is not None and n_init_far == self.init_len:
             fk, fv, fp = self._evidence_far_set(far_end)
         else:
-            fk, fv, fp = self._far_set(query, n_init_far, far_end)
+            fk, fv, fp = self._far_set(query, n_init_far, far_end, far_query)
         # ordered: far keys packed in document order so that the last one sits just before far_end
         far_origin = far_end - fp.shape[0] if cfg.far_positions == "ordered" else None
         cos, sin = self.rope.get(cfg.n_local + max(n_q, fp.shape[0]) + 1, self.device)
@@ -196,14 +209,15 @@ class LayerMemory:
             self.tail_scores[:, lo:hi].add_(received)
         return out
 
-    def _far_set(self, query: Tensor, n_init_far: int, far_end: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _far_set(self, query: Tensor, n_init_far: int, far_end: int, far_query: Tensor | None
+                 ) -> tuple[Tensor, Tensor, Tensor]:
         """Far keys, values (kv_heads, n_far, head_dim) and positions (n_far,) of a lookup group: init, the
         blocks it looks up, the remainder."""
         cfg = self.config
         far_k, far_v = [self.init_k[:, :n_init_far]], [self.init_v[:, :n_init_far]]
         far_pos = [self._arange(0, n_init_far)]
         if self.policy.uses_blocks and self.n_blocks and cfg.topk:
-            picked = self._lookup(query)
+            picked = self._lookup(query, far_query)
             if self.hits is not None and self.evidence is None:
                 self.hits.index_add_(0, picked.flatten(), torch.ones_like(picked.flatten()))
             block_k, block_v = self.store.gather(picked)
@@ -282,9 +296,10 @@ class LayerMemory:
         block_size times the block, in one launch."""
         return torch.add(self._first_block, blocks[:, None], alpha=self.config.block_size).flatten()
 
-    def _lookup(self, query: Tensor) -> Tensor:
+    def _lookup(self, query: Tensor, far_query: Tensor | None = None) -> Tensor:
         """Blocks the group of `query` (heads, n_q, head_dim) attends: (rows, m) indices, each row ascending
-        (document order, which `ordered` far positions rely on); one row, or one per KV head."""
+        (document order, which `ordered` far positions rely on); one row, or one per KV head. far_query: the
+        group's mean query far-rotated (`_far_queries`) if already made."""
         cfg, n, k = self.config, self.n_blocks, self.config.topk
         if self.evidence is not None:
             return self._evidence_blocks()
@@ -294,23 +309,24 @@ class LayerMemory:
             picked = self._arange(0, n).expand(rows, n)
         else:
             pinned = self.pinned if answering and cfg.pin_question_blocks else None
-            far_q = query.mean(dim=1, dtype=torch.float32) @ self._far_rotation()  # (heads, head_dim)
+            far_q = self._far_queries(query, query.shape[1])[0] if far_query is None else far_query  # (heads, d)
             if rows > 1:  # row h keeps only the query heads of KV head h: its score sums over those heads
                 owner = torch.arange(self.heads, device=self.device) // (self.heads // self.kv_heads)
                 group_queries = far_q * (owner == torch.arange(rows, device=self.device)[:, None])[..., None]
             else:
                 group_queries = far_q[None]
             terms = self.block_terms[:n] if self.has_terms else None
-            want = k if pinned is None else min(n, k + pinned.shape[1])
-            picked = self.policy.select(group_queries, self.repr_keys[:n], terms, want)  # (rows, want), best first
             if pinned is not None:  # the question's blocks + this token's best others: fixed size, no host sync
+                want = min(n, k + pinned.shape[1])
+                picked = self.policy.select(group_queries, self.repr_keys[:n], terms, want)  # best first
                 fresh = ~(picked[:, :, None] == pinned[:, None, :]).any(dim=-1)
                 order = torch.argsort((~fresh).to(torch.int8), dim=-1, stable=True)
                 own = picked.gather(1, order[:, : min(k, want - pinned.shape[1])])
                 return torch.cat([pinned, own], dim=1).sort(dim=-1).values
+            picked = self.policy.pick(group_queries, self.repr_keys[:n], terms, k)  # (rows, k), ascending
         if not answering:  # a prompt (e.g. the question turn): its answer's tokens may keep these picks
             self.pinned = picked
-        return picked.sort(dim=-1).values
+        return picked
 
     def _far_rotation(self) -> Tensor:
         """RoPE to the far position n_local as a matrix (`rope_matrix`), made once."""

@@ -417,6 +417,76 @@ def test_block_score_empty_and_bad_inputs():
         qk.block_score(gq.double(), rk, None, 0.0, 2)
 
 
+TOP_SHAPES = [
+    # n_groups, n_blocks, topk
+    pytest.param(1, 40, 8, id="one-group"),
+    pytest.param(8, 70, 5, id="per-kv-head-rows"),  # more rows than the row scorer takes: the tiled scorer
+    pytest.param(2, 33, 33, id="every-block"),
+    pytest.param(2, 2100, 33, id="three-chunks-merged"),  # beyond TOP_CHUNK blocks; k beyond a power of two
+]
+
+
+@pytest.mark.parametrize(("n_groups", "n_blocks", "topk"), TOP_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("terms", "standardized"), [(False, False), (True, False), (True, True)],
+                         ids=["no-terms", "raw", "standardized"])
+def test_top_blocks_matches_reference(n_groups, n_blocks, topk, dtype, terms, standardized):
+    """The fused lookup picks the reference's top-k (tie-robust: the picked blocks carry its best scores), each row
+    ascending without repeats; block terms on a larger scale than the query term, so standardising changes picks."""
+    gen = torch.Generator().manual_seed(n_blocks + topk)
+    group_queries = torch.randn(n_groups, 4, 32, generator=gen).to(DEVICE, dtype)
+    repr_keys = torch.randn(n_blocks, 4, 32, generator=gen).to(DEVICE, dtype)
+    block_terms = 300 * torch.randn(n_blocks, generator=gen).to(DEVICE) if terms else None
+    picked = qk.top_blocks(group_queries, repr_keys, block_terms, 2.0, topk, standardized=standardized)
+
+    ref = block_scores_reference(group_queries, repr_keys, block_terms, 2.0, standardized)
+    assert picked.dtype == torch.int64 and picked.shape == (n_groups, min(topk, n_blocks))
+    assert bool((picked[:, 1:] > picked[:, :-1]).all())  # ascending, no block twice
+    best = ref.gather(1, select_blocks(ref, topk)).sort(dim=-1, descending=True).values
+    torch.testing.assert_close(ref.gather(1, picked).sort(dim=-1, descending=True).values, best, rtol=1e-5, atol=1e-5)
+
+
+def test_top_blocks_ties_and_bad_inputs():
+    """Equal scores go to the lower index; an empty memory picks nothing; bad input is refused."""
+    group_queries = torch.ones(1, 2, 16, device=DEVICE)
+    repr_keys = torch.zeros(50, 2, 16, device=DEVICE)
+    repr_keys[[3, 9, 20, 41]] = 1.0  # four equal best blocks, take three
+    assert qk.top_blocks(group_queries, repr_keys, None, 0.0, 3).tolist() == [[3, 9, 20]]
+    assert qk.top_blocks(group_queries, repr_keys[:0], None, 0.0, 3).shape == (1, 0)
+    with pytest.raises(ValueError, match="topk must be"):
+        qk.top_blocks(group_queries, repr_keys, None, 0.0, 0)
+    with pytest.raises(ValueError, match="topk must be"):
+        qk.top_blocks(group_queries, repr_keys, None, 0.0, None)
+    with pytest.raises(ValueError, match="does not match"):
+        qk.top_blocks(group_queries, repr_keys[:, :1], None, 0.0, 2)
+
+
+@pytest.mark.parametrize(("mode", "scale"), [("qllm", "standardized"), ("qllm", "raw"), ("infllm", "standardized")])
+def test_policy_pick_through_the_kernels_is_its_selection_in_document_order(monkeypatch, mode, scale):
+    """A policy's `pick` on the kernels (one fused lookup) = its PyTorch `select`, ascending; `follow_blocks` and
+    the random control take the general path."""
+    from qllm_runtime.config import QLLMConfig
+    from qllm_runtime.policies import POLICIES, base
+
+    monkeypatch.setattr(base, "kernels", lambda device: qk)  # the CUDA path, here under the interpreter
+    gen = torch.Generator().manual_seed(1)
+    queries, repr_keys = torch.randn(1, 4, 16, generator=gen), torch.randn(90, 4, 16, generator=gen)
+    question = torch.randn(4, 16, generator=gen)
+    config = QLLMConfig(mode=mode, question_scale=scale, question_weight=1.5)
+    fused, reference = POLICIES[mode](config, DEVICE), POLICIES[mode](config, DEVICE)
+    reference._kernel = reference._top = None
+    terms = fused.block_terms(question.to(DEVICE), repr_keys.to(DEVICE))
+    got = fused.pick(queries.to(DEVICE), repr_keys.to(DEVICE), terms, 7)
+    assert torch.equal(got.cpu(), reference.select(queries, repr_keys, None if terms is None else terms.cpu(),
+                                                   7).sort(dim=-1).values)
+    following = POLICIES[mode](QLLMConfig(mode=mode, follow_blocks=2), DEVICE)
+    following._top = lambda *args, **kwargs: pytest.fail("follow_blocks has no fused lookup")
+    following.pick(queries.to(DEVICE), repr_keys.to(DEVICE), None, 7)
+    random_policy = POLICIES["random"](QLLMConfig(mode="random"), DEVICE)
+    assert random_policy.weighting() is None and random_policy.pick(queries.to(DEVICE), repr_keys.to(DEVICE), None,
+                                                                    7).shape == (1, 7)
+
+
 def _stored_blocks(n: int, shape: tuple[int, int, int], dtype: torch.dtype, fp8: bool, seed: int) -> Planes:
     """n random blocks as a BlockStore stores them: in `dtype`, or float8 bits with their scales."""
     gen = torch.Generator().manual_seed(seed)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor
 
-from ..lookup import block_scores_reference, select_blocks
+from ..lookup import add_question_scores, block_scores_reference, select_blocks
 from ..ops import kernels
 
 if TYPE_CHECKING:
@@ -41,10 +41,10 @@ def register_policy(name: str):
 class LookupPolicy:
     """Scores blocks by <group query, representative key> summed over heads, plus `block_terms`; takes top-k.
 
-    Subclasses change `block_terms` or `scores`; selection lives here: a block also scores as high as the
-    `follow_blocks` blocks before it (so a hit brings the text after it along: a fact cut by a block boundary
-    stays whole), then the top-k are taken. The Triton block scorer is used where it runs (CUDA); the PyTorch
-    reference elsewhere, with the same results.
+    Subclasses change `block_terms`, how they weigh (`weighting`) or `scores`; selection lives here: a block also
+    scores as high as the `follow_blocks` blocks before it (so a hit brings the text after it along: a fact cut by a
+    block boundary stays whole), then the top-k are taken. The Triton kernels are used where they run (CUDA: the
+    whole lookup in two launches, `qllm_kernels.top_blocks`); the PyTorch reference elsewhere, with the same results.
     """
 
     name: ClassVar[str]
@@ -56,6 +56,7 @@ class LookupPolicy:
         module = kernels(device)
         # the engine's inputs are valid by construction: no validation on the host per lookup
         self._kernel = partial(module.block_score, check=False) if module is not None else None
+        self._top = partial(module.top_blocks, check=False) if module is not None else None
 
     @classmethod
     def uses_question(cls, config: QLLMConfig) -> bool:
@@ -77,11 +78,22 @@ class LookupPolicy:
         without a question; init_keys: (kv_heads, n_init, head_dim)."""
         return None
 
+    def weighting(self) -> tuple[float, bool] | None:
+        """How `scores` adds the block terms: (beta, standardized) for <query, repr> + beta * block_terms, each term
+        first divided by its deviation over the blocks when standardized; None when the scores are something else
+        (then `pick` takes the general path)."""
+        return 1.0, False
+
     def scores(self, group_queries: Tensor, repr_keys: Tensor, block_terms: Tensor | None) -> Tensor:
-        """(n_groups, n_blocks) float32: <group query, representative key> summed over heads, + block_terms."""
-        if self._kernel is not None:
-            return self._kernel(group_queries, repr_keys, block_terms, 1.0, None)[0]  # the top-k is `select`'s
-        return block_scores_reference(group_queries, repr_keys, block_terms, 1.0)
+        """(n_groups, n_blocks) float32: <group query, representative key> summed over heads, + the weighted
+        block_terms (`weighting`)."""
+        beta, standardized = self.weighting()
+        if self._kernel is None:
+            return block_scores_reference(group_queries, repr_keys, block_terms, beta, standardized)
+        if standardized and block_terms is not None and beta != 0.0:
+            return add_question_scores(self._kernel(group_queries, repr_keys, None, 0.0, None)[0], block_terms, beta,
+                                       standardized=True)
+        return self._kernel(group_queries, repr_keys, block_terms, beta, None)[0]  # the top-k is `select`'s
 
     def select(self, group_queries: Tensor, repr_keys: Tensor, block_terms: Tensor | None, k: int) -> Tensor:
         """Indices (n_groups, k) of the blocks each group attends, best first, k < n_blocks, on the device."""
@@ -89,6 +101,15 @@ class LookupPolicy:
         for _ in range(self.config.follow_blocks):  # block b scores max(s[b], s[b-1], ..., s[b-follow])
             scores = torch.cat([scores[:, :1], torch.maximum(scores[:, 1:], scores[:, :-1])], dim=1)
         return select_blocks(scores, k)
+
+    def pick(self, group_queries: Tensor, repr_keys: Tensor, block_terms: Tensor | None, k: int) -> Tensor:
+        """The blocks of `select`, ascending (document order): (n_groups, k). On CUDA one fused lookup, which breaks
+        ties towards the lower index."""
+        weighting = self.weighting()
+        if self._top is None or weighting is None or self.config.follow_blocks:
+            return self.select(group_queries, repr_keys, block_terms, k).sort(dim=-1).values
+        beta, standardized = weighting
+        return self._top(group_queries, repr_keys, block_terms, beta, k, standardized=standardized)
 
 
 def make_policy(config: QLLMConfig, device: torch.device) -> LookupPolicy:

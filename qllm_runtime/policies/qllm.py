@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
 from torch import Tensor
 
 from ..lookup import question_attention, question_scores_reference
@@ -42,14 +41,9 @@ class QLLMPolicy(LookupPolicy):
     def block_terms(self, question_vector: Tensor | None, repr_keys: Tensor) -> Tensor | None:
         if question_vector is None or self.config.question_weight == 0:
             return None
-        terms = question_scores_reference(question_vector, repr_keys)  # (n_blocks,) float32
-        return terms if self.config.question_scale == "standardized" else self.config.question_weight * terms
+        return question_scores_reference(question_vector, repr_keys)  # (n_blocks,) float32
 
-    def scores(self, group_queries: Tensor, repr_keys: Tensor, block_terms: Tensor | None) -> Tensor:
-        """Standardised: z(query term) + beta * z(question term), less each row's constant sum of the two means
-        (which no ranking sees, so it is not subtracted: six launches a lookup instead of twelve)."""
-        if block_terms is None or self.config.question_scale == "raw":
-            return super().scores(group_queries, repr_keys, block_terms)
-        scores = super().scores(group_queries, repr_keys, None)  # (n_groups, n_blocks)
-        return torch.addcdiv(scores / scores.std(dim=-1, keepdim=True).clamp_min(1e-6), block_terms[None],
-                             block_terms.std().clamp_min(1e-6), value=self.config.question_weight)
+    def weighting(self) -> tuple[float, bool]:
+        """beta = `question_weight`; standardised: z(query term) + beta * z(question term), the ranking of
+        `lookup.add_question_scores`."""
+        return self.config.question_weight, self.config.question_scale == "standardized"

@@ -17,6 +17,9 @@ class RandomPolicy(LookupPolicy):
         super().__init__(config, device)
         self._generator = torch.Generator(device=device).manual_seed(0)
 
+    def weighting(self) -> None:
+        return None  # random draws: no fused lookup
+
     def scores(self, group_queries: Tensor, repr_keys: Tensor, block_terms: Tensor | None) -> Tensor:
         draws = torch.rand(group_queries.shape[0], repr_keys.shape[0], generator=self._generator, device=self.device)
         return draws.to(repr_keys.device)  # a layer may sit on another GPU than the generator
