@@ -183,7 +183,7 @@ class LayerMemory:
         if whole < query.shape[1]:
             means.append(query[:, whole:].mean(dim=1, keepdim=True, dtype=torch.float32))
         means = means[0] if len(means) == 1 else torch.cat(means, dim=1)  # (heads, n_groups, head_dim)
-        return (means @ self._far_rotation()).transpose(0, 1)
+        return means.transpose(0, 1) @ self._far_rotation()  # a new tensor: (heads, head_dim) rows contiguous
 
     def _attend_group(self, query: Tensor, q_start: int, scaling: float, far_query: Tensor | None) -> Tensor:
         cfg = self.config

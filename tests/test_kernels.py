@@ -487,6 +487,26 @@ def test_policy_pick_through_the_kernels_is_its_selection_in_document_order(monk
                                                                     7).shape == (1, 7)
 
 
+@pytest.mark.parametrize("lookup_heads", ["all", "kv_head"])
+def test_engine_lookups_through_the_kernels_equal_the_reference(tokenizer, monkeypatch, lookup_heads):
+    """A reading whose lookups run the fused kernels (as on CUDA; the rest of the engine on its CPU path) gives the
+    logits of the PyTorch lookups: the engine hands the kernels the layout they need (contiguous head rows)."""
+    from qllm_runtime import QLLMConfig, QLLMEngine
+    from qllm_runtime.policies import base
+
+    from .conftest import random_ids, session_logits, tiny_model
+
+    model = tiny_model("llama", len(tokenizer))
+    ids = random_ids(400, len(tokenizer))
+    config = QLLMConfig(n_init=8, n_local=64, block_size=16, topk=3, lookup_chunk=32, prefill_chunk=128,
+                        lookup_heads=lookup_heads, full_within_window=False)
+    reference = session_logits(QLLMEngine(model, tokenizer, config), ids, 2)
+    monkeypatch.setattr(base, "kernels", lambda device: qk)
+    fused = session_logits(QLLMEngine(model, tokenizer, config), ids, 2)
+    for got, expected in zip(fused, reference, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def _stored_blocks(n: int, shape: tuple[int, int, int], dtype: torch.dtype, fp8: bool, seed: int) -> Planes:
     """n random blocks as a BlockStore stores them: in `dtype`, or float8 bits with their scales."""
     gen = torch.Generator().manual_seed(seed)
