@@ -135,8 +135,10 @@ def block_score(
 # top_blocks: a block's rank is one int64 key, its combined score's order-preserving bits above the complement of its
 # index, so a single max reduction finds the best block and, among equal scores, the lowest index (torch.topk's
 # choice among ties is unspecified); no block has the key -2**63. Each program ranks up to TOP_CHUNK blocks; more
-# chunks are merged by a second launch.
-TOP_CHUNK = 1024
+# chunks are merged by a second launch, in one program up to TOP_MERGE keys (by torch.topk beyond). top-k up to
+# TOP_MAX_K (a program holds k keys).
+TOP_CHUNK, TOP_MERGE, TOP_MAX_K = 1024, 8192, 256
+_INDEX = 0x7FFFFFFF  # the key's low bits: the complement of the block's index
 
 
 @triton.jit
@@ -222,12 +224,13 @@ def top_blocks(
     Ranked by the query term s (as `block_score`) plus beta * block_terms; `standardized`: s / std(s) + beta *
     block_terms / std(block_terms), each deviation over the blocks (unbiased, at least 1e-6; the means are left out:
     no ranking sees them). Among equal scores the lower index wins. Inputs as `block_score`'s, block_terms (n_blocks,)
-    float32 or None. The spec: `select_blocks(block_scores_reference(..., standardized), topk)`, sorted.
+    float32 or None; topk at most TOP_MAX_K. The spec: `select_blocks(block_scores_reference(..., standardized),
+    topk)`, sorted.
     """
     if check:
         _check(group_queries, repr_keys, block_terms, topk)
-        if topk is None:
-            raise ValueError("topk must be a positive int, got None")
+        if topk is None or topk > TOP_MAX_K:
+            raise ValueError(f"topk must be a positive int up to {TOP_MAX_K}, got {topk!r}")
     n_groups = group_queries.shape[0]
     n_blocks = repr_keys.shape[0]
     k = min(topk, n_blocks)
@@ -246,11 +249,13 @@ def top_blocks(
             n_blocks, k, float(beta),
             HAS_TERMS=has_terms, STANDARDIZED=standardized, FINAL=n_chunks == 1, CHUNK=TOP_CHUNK, K_PAD=k_pad,
         )  # fmt: skip
-        if n_chunks > 1:
+        if n_chunks > 1 and keys.shape[1] <= TOP_MERGE:
             _top_merge_kernel[(n_groups,)](
                 keys, out, keys.stride(0), out.stride(0), keys.shape[1], k,
                 K_PAD=k_pad, MERGE=max(512, triton.next_power_of_2(keys.shape[1])),
             )  # fmt: skip
+    if keys.shape[1] > TOP_MERGE:  # very many chunks: their picks merged by torch (the keys rank as the scores)
+        out = (_INDEX - (keys.topk(k, dim=-1).values & _INDEX)).sort(dim=-1).values
     return out
 
 

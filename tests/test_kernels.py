@@ -7,6 +7,7 @@ shapes marked `gpu`. Kernel outputs start as NaN (see `poison`), so an element n
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import sys
@@ -446,6 +447,18 @@ def test_top_blocks_matches_reference(n_groups, n_blocks, topk, dtype, terms, st
     torch.testing.assert_close(ref.gather(1, picked).sort(dim=-1, descending=True).values, best, rtol=1e-5, atol=1e-5)
 
 
+def test_top_blocks_merges_many_chunks_with_torch(monkeypatch):
+    """Beyond TOP_MERGE chunk picks (lakhs of blocks) the merge is torch.topk over the same keys: the same blocks."""
+    module = importlib.import_module("qllm_kernels.block_score")  # the package's `block_score` is the function
+    gen = torch.Generator().manual_seed(5)
+    group_queries = torch.randn(2, 4, 32, generator=gen).to(DEVICE)
+    repr_keys = torch.randn(2100, 4, 32, generator=gen).to(DEVICE)
+    block_terms = torch.randn(2100, generator=gen).to(DEVICE)
+    merged = qk.top_blocks(group_queries, repr_keys, block_terms, 1.0, 20, standardized=True)
+    monkeypatch.setattr(module, "TOP_MERGE", 64)
+    assert torch.equal(qk.top_blocks(group_queries, repr_keys, block_terms, 1.0, 20, standardized=True), merged)
+
+
 def test_top_blocks_ties_and_bad_inputs():
     """Equal scores go to the lower index; an empty memory picks nothing; bad input is refused."""
     group_queries = torch.ones(1, 2, 16, device=DEVICE)
@@ -457,6 +470,8 @@ def test_top_blocks_ties_and_bad_inputs():
         qk.top_blocks(group_queries, repr_keys, None, 0.0, 0)
     with pytest.raises(ValueError, match="topk must be"):
         qk.top_blocks(group_queries, repr_keys, None, 0.0, None)
+    with pytest.raises(ValueError, match="up to 256"):
+        qk.top_blocks(group_queries, repr_keys, None, 0.0, qk.TOP_MAX_K + 1)
     with pytest.raises(ValueError, match="does not match"):
         qk.top_blocks(group_queries, repr_keys[:, :1], None, 0.0, 2)
 
@@ -482,6 +497,8 @@ def test_policy_pick_through_the_kernels_is_its_selection_in_document_order(monk
     following = POLICIES[mode](QLLMConfig(mode=mode, follow_blocks=2), DEVICE)
     following._top = lambda *args, **kwargs: pytest.fail("follow_blocks has no fused lookup")
     following.pick(queries.to(DEVICE), repr_keys.to(DEVICE), None, 7)
+    fused._top = lambda *args, **kwargs: pytest.fail(f"top-k beyond {qk.TOP_MAX_K} has no fused lookup")
+    fused.pick(queries.to(DEVICE), torch.randn(400, 4, 16).to(DEVICE), None, qk.TOP_MAX_K + 1)
     random_policy = POLICIES["random"](QLLMConfig(mode="random"), DEVICE)
     assert random_policy.weighting() is None and random_policy.pick(queries.to(DEVICE), repr_keys.to(DEVICE), None,
                                                                     7).shape == (1, 7)

@@ -57,6 +57,7 @@ class LookupPolicy:
         # the engine's inputs are valid by construction: no validation on the host per lookup
         self._kernel = partial(module.block_score, check=False) if module is not None else None
         self._top = partial(module.top_blocks, check=False) if module is not None else None
+        self._top_max_k = module.TOP_MAX_K if module is not None else 0
 
     @classmethod
     def uses_question(cls, config: QLLMConfig) -> bool:
@@ -106,7 +107,7 @@ class LookupPolicy:
         """The blocks of `select`, ascending (document order): (n_groups, k). On CUDA one fused lookup, which breaks
         ties towards the lower index."""
         weighting = self.weighting()
-        if self._top is None or weighting is None or self.config.follow_blocks:
+        if self._top is None or weighting is None or self.config.follow_blocks or k > self._top_max_k:
             return self.select(group_queries, repr_keys, block_terms, k).sort(dim=-1).values
         beta, standardized = weighting
         return self._top(group_queries, repr_keys, block_terms, beta, k, standardized=standardized)
