@@ -143,7 +143,7 @@ def run_qllm(engine, ids: list[int], decode_steps: int) -> dict:
 
 STAGES = [  # (stage, substrings of CUDA kernel names), first match wins
     ("attention kernel", ("_attn", "_received", "_combine", "attention_kernel", "_local_far")),
-    ("lookup (score, top-k)", ("block_score", "_score", "topk", "sort", "radix")),
+    ("lookup (score, top-k)", ("block_score", "_score", "_top_chunk", "_top_merge", "topk", "sort", "radix")),
     ("linear layers (GEMM)", ("gemm", "cutlass", "xmma", "nvjet", "sm90", "cublas")),
     ("copies / gathers", ("copy", "memcpy", "index", "gather", "scatter", "cat", "elementwise_kernel_with_index")),
 ]

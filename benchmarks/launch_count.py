@@ -16,9 +16,11 @@ answering from evidence.
 from __future__ import annotations
 
 import argparse
+import importlib
 import traceback
 from collections import Counter
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -82,12 +84,8 @@ def attention_stand_in(query, q_start, local_k, local_v, local_start, far_k, far
 def attention_kernels(query, q_start, local_k, local_v, local_start, far_k, *args, with_received=True, **kwargs
                       ) -> int:
     """Kernels `qllm_kernels.attention` launches on these inputs at the LLaMA-3-8B shape's heads (32 / 8, bf16)."""
-    try:
-        from qllm_kernels.attention import key_runs
-    except ImportError as e:
-        raise SystemExit(f"launch_count counts the kernels' launches: pip install 'quickllama[kernels]' ({e})") from e
-
-    split = key_runs(4 * query.shape[1], local_k.shape[1], far_k.shape[1], 2) > 1  # rows: 4 query heads a KV head
+    rows = 4 * query.shape[1]  # 4 query heads a KV head
+    split = kernel_module("attention").key_runs(rows, local_k.shape[1], far_k.shape[1], 2) > 1
     return 1 + split + with_received
 
 
@@ -97,11 +95,17 @@ def top_blocks_stand_in(group_queries, repr_keys, block_terms, beta, topk, stand
     return select_blocks(scores, topk).sort(dim=-1).values
 
 
+def kernel_module(name: str) -> ModuleType:
+    """The `qllm_kernels` module `name`, whose launch shapes the counts follow."""
+    try:
+        return importlib.import_module(f"qllm_kernels.{name}")
+    except ImportError as e:
+        raise SystemExit(f"launch_count counts the kernels' launches: pip install 'quickllama[kernels]' ({e})") from e
+
+
 def top_blocks_kernels(group_queries, repr_keys, *args, **kwargs) -> int:
     """Kernels `qllm_kernels.top_blocks` launches: the scorer, the ranking, and a merge beyond one chunk of blocks."""
-    from qllm_kernels.block_score import TOP_CHUNK
-
-    return 2 + (repr_keys.shape[0] > TOP_CHUNK)
+    return 2 + (repr_keys.shape[0] > kernel_module("block_score").TOP_CHUNK)
 
 
 def new_layer(config: QLLMConfig, counter: LaunchCounter) -> LayerMemory:
@@ -122,6 +126,7 @@ def new_layer(config: QLLMConfig, counter: LaunchCounter) -> LayerMemory:
     policy._kernel = counter.as_kernels(lambda q, r, t, beta, _: (block_scores_reference(q, r, t, beta),),
                                         "block scorer")
     policy._top = counter.as_kernels(top_blocks_stand_in, "lookup", kernels=top_blocks_kernels)
+    policy._top_max_k = kernel_module("block_score").TOP_MAX_K
     return layer
 
 

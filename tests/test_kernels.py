@@ -504,24 +504,40 @@ def test_policy_pick_through_the_kernels_is_its_selection_in_document_order(monk
                                                                     7).shape == (1, 7)
 
 
-@pytest.mark.parametrize("lookup_heads", ["all", "kv_head"])
-def test_engine_lookups_through_the_kernels_equal_the_reference(tokenizer, monkeypatch, lookup_heads):
-    """A reading whose lookups run the fused kernels (as on CUDA; the rest of the engine on its CPU path) gives the
-    logits of the PyTorch lookups: the engine hands the kernels the layout they need (contiguous head rows)."""
+@pytest.mark.parametrize(("lookup_heads", "kv_dtype", "question"), [
+    ("all", "auto", False), ("kv_head", "auto", False), ("all", "float8_e4m3", True)])
+def test_engine_through_every_kernel_equals_the_reference(tokenizer, monkeypatch, lookup_heads, kv_dtype, question):
+    """A reading (and its answer steps, from evidence with a question) whose every op runs the kernels as on CUDA
+    (lookups, attention, gather, store, representative keys; interpreted here) gives the logits of the PyTorch
+    path: the engine hands each kernel the layouts it needs (a transposed view once reached the lookup on CUDA)."""
     if DEVICE.type == "cuda":
         pytest.skip("runs the kernels interpreted beside the CPU engine; on CUDA test_gpu's kernel-path tests cover it")
-    from qllm_runtime import QLLMConfig, QLLMEngine
+    from qllm_runtime import QLLMConfig, QLLMEngine, engine, ops
     from qllm_runtime.policies import base
 
-    from .conftest import random_ids, session_logits, tiny_model
+    from .conftest import random_ids, tiny_model
 
-    model = tiny_model("llama", len(tokenizer))
-    ids = random_ids(400, len(tokenizer))
+    model = tiny_model("llama", len(tokenizer), hidden_size=128)  # head_dim 32: the attention kernel's smallest
+    ids = random_ids(330, len(tokenizer))
     config = QLLMConfig(n_init=8, n_local=64, block_size=16, topk=3, lookup_chunk=32, prefill_chunk=128,
-                        lookup_heads=lookup_heads, full_within_window=False)
-    reference = session_logits(QLLMEngine(model, tokenizer, config), ids, 2)
-    monkeypatch.setattr(base, "kernels", lambda device: qk)
-    fused = session_logits(QLLMEngine(model, tokenizer, config), ids, 2)
+                        lookup_heads=lookup_heads, kv_dtype=kv_dtype, evidence_tokens=48 if question else None,
+                        full_within_window=False)
+
+    def run() -> list[torch.Tensor]:
+        qllm = QLLMEngine(model, tokenizer, config)
+        session = qllm._new_session(len(ids) + 4)
+        if question:
+            session.set_question(qllm._question("Which number comes after the word apple?"))
+        logits = [session.feed(ids[:300])]
+        if question:
+            session.choose_evidence(qllm._evidence_blocks())
+        logits += [session.feed(ids[300:326])] + [session.feed([t]) for t in ids[326:]]
+        return [out.float() for out in logits]
+
+    reference = run()
+    for module in (ops, base, engine):
+        monkeypatch.setattr(module, "kernels", lambda device: qk)
+    fused = run()
     for got, expected in zip(fused, reference, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
