@@ -6,10 +6,10 @@
 On CUDA the block memory's prefill is bound by the host: each lookup group of each layer launches its small
 kernels from Python. This reads chunks into one `LayerMemory` with tiny heads on the CPU and counts the ops that
 write memory (a new tensor, or an in-place op): each is one launch on CUDA. The ops that are one Triton kernel on
-CUDA (block gather, block scorer, representative keys, block store) count as one launch here too, the fused lookup
-(`qllm_kernels.top_blocks`) as its two or three; the attention is
-a stand-in counted as the kernels `qllm_kernels.attention` launches for its shapes (forward; the merge of split key
-runs for decode; the received scores unless answering from evidence). Also reported: the same for one decode step
+CUDA (block gather, far set, block scorer, representative keys, block store) count as one launch here too, the
+fused lookup (`qllm_kernels.top_blocks`) as its two or three; the attention is a stand-in counted as the kernels
+`qllm_kernels.attention` launches for its shapes (forward; the merge of split key runs for decode; the received
+scores unless answering from evidence). Also reported: the same for one decode step
 answering from evidence.
 """
 
@@ -121,6 +121,7 @@ def new_layer(config: QLLMConfig, counter: LaunchCounter) -> LayerMemory:
                         RotaryTables(model, device),
                         counter.as_kernels(attention_stand_in, "attention", kernels=attention_kernels), policy)
     layer.store._gather = counter.as_kernels(layer.store._gather, "block gather")
+    layer.store._far_set = counter.as_kernels(layer.store._far_set, "far set: blocks, remainder, positions")
     layer.store._store = counter.as_kernels(layer.store._store, "block store")
     layer._represent = counter.as_kernels(layer._represent, "representative keys")
     policy._kernel = counter.as_kernels(lambda q, r, t, beta, _: (block_scores_reference(q, r, t, beta),),

@@ -1,8 +1,12 @@
-"""Checks shared by the kernel wrappers."""
+"""Checks and the launcher shared by the kernel wrappers."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from functools import cache, partial
+from typing import Any
 
 import torch
 import triton
@@ -35,8 +39,10 @@ def dot_dtype(dtype: torch.dtype) -> tl.dtype:
 
 def on_device(device: torch.device) -> AbstractContextManager:
     """Where a launch must run: Triton launches on the current CUDA device, which need not be the inputs' (a
-    model split across GPUs)."""
-    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+    model split across GPUs). Switches only when it differs (a switch costs microseconds a launch)."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return nullcontext()
+    return torch.cuda.device(device)
 
 
 def check_device(tensors: list[Tensor]) -> torch.device:
@@ -51,3 +57,80 @@ def check_device(tensors: list[Tensor]) -> torch.device:
             "first imported to run on the CPU (slow), or use the qllm_runtime reference"
         )
     return device
+
+
+class Launcher:
+    """A Triton kernel launched as `kernel[grid](*args, **kwargs)`, with a third of the JIT's host work per launch.
+
+    Through the JIT a launch of a kernel with thirty arguments takes ~40 µs of host time on the GPU box, two thirds of
+    it spent working out the specialization (the binder); the compiled kernel's own launch takes ~12 µs. The block
+    memory launches its kernels a few times per lookup group, so the JIT's bookkeeping alone came to about a second of
+    a 100K-token reading. Here the first launch of each specialization goes through the JIT (which compiles or finds
+    the kernel) and is remembered under a key that holds everything Triton specialises on and more: each tensor's
+    dtype and 16-byte alignment, each specialised int's value, each unspecialised int's width, every other argument
+    and option as given. Later launches with the same key call the compiled kernel directly, so the kernel that runs is
+    the one the JIT would run.
+
+    Plain `kernel[grid]` is used under the interpreter, while launch hooks are set (profilers), for a Triton outside
+    the versions whose launch path this was checked against (3.6 to 3.9), and with QUICKLLAMA_FAST_LAUNCH=0.
+    """
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel = kernel
+        self._compiled: dict[tuple, Any] = {}
+        params = getattr(kernel, "params", [])
+        self._names = [p.name for p in params]
+        self._defaults = {p.name: p.default for p in params}
+        self._by_value = [p.is_constexpr or not p.do_not_specialize for p in params]  # else ints keyed by width
+
+    def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., Any]:
+        return partial(self._launch, grid)
+
+    def _launch(self, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Any:
+        if not _FAST_LAUNCH or _launch_hooked():
+            return self.kernel[grid](*args, **kwargs)
+        device = torch.cuda.current_device()
+        key = (device, *map(_arg_key, args, self._by_value), *kwargs.items())
+        compiled = self._compiled.get(key)
+        if compiled is None:  # the JIT's launch: compiles or finds the kernel of this specialization
+            compiled = self._compiled[key] = self.kernel[grid](*args, **kwargs)
+            return compiled
+        values = [*args, *(kwargs.get(name, self._defaults[name]) for name in self._names[len(args):])]
+        grid = (*grid, 1, 1)
+        compiled.run(grid[0], grid[1], grid[2], _stream_getter()(device), compiled.function, compiled.packed_metadata,
+                     None, None, None, *values)
+        return compiled
+
+
+def _arg_key(arg: Any, by_value: bool) -> Any:
+    """What of an argument can change the JIT's specialization (a superset of it)."""
+    if isinstance(arg, Tensor):
+        return arg.dtype, arg.data_ptr() & 15 == 0
+    if type(arg) is float:  # a float argument is never specialised on
+        return float
+    if type(arg) is int and not by_value:  # an unspecialised int: only its width (i32, i64 or u64)
+        return -0x80000000 <= arg <= 0x7FFFFFFF, arg >= 1 << 63
+    return type(arg), arg
+
+
+def _launch_hooked() -> bool:
+    """Whether a launch hook is set (a profiler's): then every launch goes through the JIT, which feeds it."""
+    hook = triton.knobs.runtime.launch_enter_hook  # a chain of hooks (empty unless one was added), or None
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+@cache
+def _stream_getter() -> Callable[[int], int]:
+    """The JIT's own way to the current stream's handle (torch's current stream; the capturing one in a CUDA graph)."""
+    return triton.runtime.driver.active.get_current_stream
+
+
+def _fast_launch_supported() -> bool:
+    """Whether `Launcher` may skip the JIT: compiled kernels, and a Triton whose launch path it was checked against."""
+    if _INTERPRETED or os.environ.get("QUICKLLAMA_FAST_LAUNCH", "1") == "0":
+        return False
+    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
+    return (3, 6) <= (major, minor) <= (3, 9)
+
+
+_FAST_LAUNCH = _fast_launch_supported()

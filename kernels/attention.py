@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import FLOAT_DTYPES, check_device, dot_dtype, on_device
+from ._common import FLOAT_DTYPES, Launcher, check_device, dot_dtype, on_device
 
 __all__ = ["LAUNCH", "SPLIT", "attention", "decode_attention", "key_runs", "supports_head_dim"]
 
@@ -81,6 +81,7 @@ def _softmax_step(s, visible, v, m_i, l_i, acc):
 
 
 # positions and lengths change from call to call: one compiled kernel for all of them, not one per divisibility
+@Launcher
 @triton.jit(do_not_specialize=["n_loc", "n_far", "q_rel_start", "q_start", "q_far_start", "k_far_start", "n_splits"])
 def _attn_fwd_kernel(
     Q, K_loc, V_loc, K_far, V_far, Far_pos, Cos, Sin, Out, Lse, Part, Step,
@@ -182,6 +183,7 @@ def _attn_fwd_kernel(
         tl.store(Lse + head * stride_lseh + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
 
 
+@Launcher
 @triton.jit(do_not_specialize=["n_splits"])
 def _combine_kernel(
     Part, Out, Lse, stride_om, stride_oh, stride_lseh, n_q, group, n_splits,
@@ -212,6 +214,7 @@ def _combine_kernel(
     tl.store(Lse + head * stride_lseh + offs_m, m + tl.math.log2(l_i), mask=row_ok)
 
 
+@Launcher
 @triton.jit(do_not_specialize=["n_loc", "q_rel_start"])
 def _received_kernel(
     Q, K_loc, Cos, Sin, Lse, Received,

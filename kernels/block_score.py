@@ -15,12 +15,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import FLOAT_DTYPES, check_device, dot_dtype, on_device
+from ._common import FLOAT_DTYPES, Launcher, check_device, dot_dtype, on_device
 
 __all__ = ["block_score", "top_blocks"]
 
 
-@triton.jit
+@Launcher
+@triton.jit(do_not_specialize=["n_groups", "n_blocks"])
 def _block_score_kernel(
     Query, Repr, Question, Scores,
     stride_qg, stride_rb, stride_sg,
@@ -61,7 +62,8 @@ def _block_score_kernel(
 ROW_GROUPS, ROW_BLOCKS, ROW_FEATURES = 4, 4, 512
 
 
-@triton.jit
+@Launcher
+@triton.jit(do_not_specialize=["n_blocks"])
 def _block_score_rows_kernel(
     Query, Repr, Question, Scores,
     stride_qg, stride_rb, stride_sg,
@@ -177,7 +179,8 @@ def _store_ascending(Out, best, k, K_PAD: tl.constexpr):
     tl.store(Out + slots, tl.sort(index, 0).to(tl.int64), mask=slots < k)
 
 
-@triton.jit
+@Launcher
+@triton.jit(do_not_specialize=["n_blocks"])
 def _top_chunk_kernel(
     Scores, Terms, Keys, Out,
     stride_sg, stride_kg, stride_og,
@@ -207,7 +210,8 @@ def _top_chunk_kernel(
         tl.store(Keys + group * stride_kg + chunk * K_PAD + tl.arange(0, K_PAD), best)
 
 
-@triton.jit
+@Launcher
+@triton.jit(do_not_specialize=["n_keys"])
 def _top_merge_kernel(Keys, Out, stride_kg, stride_og, n_keys, k, K_PAD: tl.constexpr, MERGE: tl.constexpr):
     group = tl.program_id(0)
     offs = tl.arange(0, MERGE)

@@ -14,12 +14,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import FLOAT_DTYPES, check_device, on_device
+from ._common import FLOAT_DTYPES, Launcher, check_device, on_device
 from .store import _round_to_bf16
 
 __all__ = ["representative_keys"]
 
 
+@Launcher
 @triton.jit
 def _representatives_kernel(
     Keys, Scores, Out,

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import FLOAT_DTYPES, check_device, on_device
+from ._common import FLOAT_DTYPES, Launcher, check_device, on_device
 
 __all__ = ["store_blocks"]
 
@@ -80,6 +80,7 @@ def _store_plane(
         tl.store(dst + t[:, None] * head_dim + offs_d[None, :], x.to(Dst.dtype.element_ty), mask=ok)
 
 
+@Launcher
 @triton.jit
 def _store_kernel(
     K, V, OutK, OutV, KScale, VScale,

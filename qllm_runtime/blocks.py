@@ -65,6 +65,7 @@ def dequantize(bits: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 GatherFn = Callable[[Planes, Planes, Tensor, int, torch.dtype], tuple[Tensor, Tensor]]
+FarSetFn = Callable[[Planes, Planes, Tensor, int, Tensor, Tensor, Tensor, Tensor, Tensor, int, int], None]
 StoreFn = Callable[[Tensor, Tensor, Planes], None]
 RepresentFn = Callable[[Tensor, Tensor, int, Tensor], None]
 
@@ -124,6 +125,24 @@ def gather_reference(pool: Planes, host: Planes, indices: Tensor, device_limit: 
     return k.reshape(kv_heads, -1, head_dim), v.reshape(kv_heads, -1, head_dim)
 
 
+def gather_far_set_reference(pool: Planes, host: Planes, indices: Tensor, device_limit: int, out_k: Tensor,
+                             out_v: Tensor, out_pos: Tensor, rem_k: Tensor, rem_v: Tensor, first_position: int,
+                             rem_position: int) -> None:
+    """A lookup group's far keys after its init tokens: the blocks `indices` as `gather_reference` reads them, then the
+    remainder rem_k, rem_v (kv_heads, n_rem, head_dim), written into out_k, out_v (kv_heads, m * block_size + n_rem,
+    head_dim) in their dtype; their positions into out_pos (m * block_size + n_rem,): first_position + b * block_size
+    + t for token t of block b (by the first row of `indices`), then rem_position + j for remainder token j."""
+    block_size = (pool if pool.k.shape[0] else host).k.shape[2]
+    n = indices.shape[1] * block_size
+    if n:
+        out_k[:, :n], out_v[:, :n] = gather_reference(pool, host, indices, device_limit, out_k.dtype)
+        tokens = torch.arange(block_size, device=out_pos.device)
+        out_pos[:n] = (first_position + indices[0].to(out_pos.device, torch.int64)[:, None] * block_size
+                       + tokens).flatten()
+    out_k[:, n:], out_v[:, n:] = rem_k, rem_v
+    out_pos[n:] = torch.arange(rem_position, rem_position + rem_k.shape[1], device=out_pos.device)
+
+
 def decode(planes: Planes, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """K and V of `planes` in `dtype` (de-quantised when they hold float8 bits)."""
     if planes.k_scale is None or planes.v_scale is None:
@@ -146,6 +165,7 @@ class BlockStore:
         fp8: bool = False,
         gather: GatherFn = gather_reference,
         store: StoreFn = store_reference,
+        far_set: FarSetFn = gather_far_set_reference,
     ) -> None:
         self.shape = (kv_heads, block_size, head_dim)
         self.dtype, self.device, self.fp8 = dtype, device, fp8
@@ -157,7 +177,7 @@ class BlockStore:
         ahead = expected_blocks - device_limit
         self._host_ahead: Future[Planes] | None = _BACKGROUND.submit(
             self._empty, ahead, torch.device("cpu")) if ahead > 0 else None
-        self._gather, self._store = gather, store
+        self._gather, self._store, self._far_set = gather, store, far_set
         self._stage: Planes | None = None  # see _staging
 
     @property
@@ -262,6 +282,16 @@ class BlockStore:
 
         indices: (1, m), the same blocks for every KV head, or (kv_heads, m), row h for KV head h.
         """
-        pool = self._pool.map(lambda t: t[: min(self.n_blocks, self.device_limit)])
-        host = self._host.map(lambda t: t[: self.offloaded])
-        return self._gather(pool, host, indices, self.device_limit, self.dtype)
+        return self._gather(*self._held(), indices, self.device_limit, self.dtype)
+
+    def gather_far_set(self, indices: Tensor, out_k: Tensor, out_v: Tensor, out_pos: Tensor, rem_k: Tensor,
+                       rem_v: Tensor, first_position: int, rem_position: int) -> None:
+        """The given blocks de-quantised, then the remainder rem_k, rem_v, written into out_k, out_v, with their
+        positions into out_pos, in one step: `gather_far_set_reference` says how."""
+        self._far_set(*self._held(), indices, self.device_limit, out_k, out_v, out_pos, rem_k, rem_v, first_position,
+                      rem_position)
+
+    def _held(self) -> tuple[Planes, Planes]:
+        """The planes of the blocks held: pooled, offloaded."""
+        return (self._pool.map(lambda t: t[: min(self.n_blocks, self.device_limit)]),
+                self._host.map(lambda t: t[: self.offloaded]))

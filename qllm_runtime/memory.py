@@ -27,7 +27,7 @@ from .blocks import BlockStore
 from .config import QLLMConfig
 from .layout import BlockLayout
 from .lookup import choose_evidence
-from .ops import AttendFn, DecodeAttendFn, gather_op, representatives_op, store_op
+from .ops import AttendFn, DecodeAttendFn, far_set_op, gather_op, representatives_op, store_op
 from .placement import Placement
 from .policies import LookupPolicy
 from .question import Question
@@ -99,8 +99,12 @@ class LayerMemory:
         self.store = BlockStore(
             kv_heads, config.block_size, head_dim, dtype, device, placement.device_limit,
             expected_blocks=placement.expected_blocks, fp8=config.kv_dtype == "float8_e4m3", gather=gather_op(device),
-            store=store_op(device),
+            store=store_op(device), far_set=far_set_op(device),
         )
+        # a lookup group's far keys, values and positions: init, the blocks it looks up, the remainder; kept from group
+        # to group (the init written once), grown when a group needs more room
+        self._far_k = self._far_v = self._far_pos = None
+        self._far_init = 0  # init tokens held in the far buffers
         self._represent = representatives_op(device)
         n_repr = max(placement.expected_blocks, 16)
         self.repr_keys = torch.empty((n_repr, heads, head_dim), dtype=dtype, device=device)
@@ -114,6 +118,7 @@ class LayerMemory:
         self._evidence_buffer: EvidenceBuffer | None = None
         self._positions = torch.arange(capacity, device=device)
         self._first_block = self.layout.start(0) + self._arange(0, config.block_size)  # its token positions
+        self._no_blocks = torch.zeros((1, 0), dtype=torch.int64, device=device)
         self._rotation: Tensor | None = None  # (head_dim, head_dim), see _far_rotation
         self._decode_rope: tuple[Tensor, ...] = ()  # cos, sin of the readied decode step
         self._decode_remainder = 0  # its remainder's length
@@ -212,22 +217,43 @@ class LayerMemory:
     def _far_set(self, query: Tensor, n_init_far: int, far_end: int, far_query: Tensor | None
                  ) -> tuple[Tensor, Tensor, Tensor]:
         """Far keys, values (kv_heads, n_far, head_dim) and positions (n_far,) of a lookup group: init, the
-        blocks it looks up, the remainder."""
+        blocks it looks up, the remainder; views of the far buffers, the blocks and the remainder written in one
+        step (`BlockStore.gather_far_set`)."""
         cfg = self.config
-        far_k, far_v = [self.init_k[:, :n_init_far]], [self.init_v[:, :n_init_far]]
-        far_pos = [self._arange(0, n_init_far)]
-        if self.policy.uses_blocks and self.n_blocks and cfg.topk:
+        if not self.policy.uses_blocks:
+            return self.init_k[:, :n_init_far], self.init_v[:, :n_init_far], self._arange(0, n_init_far)
+        picked = self._no_blocks
+        if self.n_blocks and cfg.topk:
             picked = self._lookup(query, far_query)
             if self.hits is not None and self.evidence is None:
                 self.hits.index_add_(0, picked.flatten(), torch.ones_like(picked.flatten()))
-            block_k, block_v = self.store.gather(picked)
-            far_k.append(block_k)
-            far_v.append(block_v)
-            # per-KV-head picks differ by row; any row's positions serve the mask (blocks are visible to all)
-            far_pos.append(self._block_positions(picked[0]))
-        if self.policy.uses_blocks:
-            self._append_remainder(far_k, far_v, far_pos, far_end)
-        return torch.cat(far_k, dim=1), torch.cat(far_v, dim=1), torch.cat(far_pos)
+        rem_start, n_rem = self._remainder(far_end)
+        n_far = n_init_far + picked.shape[1] * cfg.block_size + n_rem
+        far_k, far_v, far_pos = self._far_buffers(n_far, n_init_far)
+        if n_far > n_init_far:
+            new, rem = slice(n_init_far, n_far), slice(rem_start - self._base, rem_start - self._base + n_rem)
+            # per-KV-head picks differ by row; the first row's positions serve the mask (blocks are visible to all)
+            self.store.gather_far_set(picked, far_k[:, new], far_v[:, new], far_pos[new], self.tail_k[:, rem],
+                                      self.tail_v[:, rem], self.layout.start(0), rem_start)
+            self._far_init = min(self._far_init, n_init_far)  # init tokens after n_init_far were written over
+        return far_k[:, :n_far], far_v[:, :n_far], far_pos[:n_far]
+
+    def _far_buffers(self, n_far: int, n_init_far: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The far buffers with room for n_far keys, holding the first n_init_far init tokens."""
+        if self._far_k is None or self._far_k.shape[1] < n_far:
+            cfg = self.config
+            usual = cfg.n_init + (cfg.topk + 1) * cfg.block_size + min(cfg.lookup_chunk, cfg.prefill_chunk)
+            room = max(n_far, 2 * (0 if self._far_k is None else self._far_k.shape[1]), usual)
+            self._far_k = self.tail_k.new_empty((self.kv_heads, room, self.head_dim))
+            self._far_v = torch.empty_like(self._far_k)
+            self._far_pos = self._positions.new_empty(room)
+            self._far_init = 0
+        if self._far_init < n_init_far:  # the init tokens, written once
+            n = self.init_len
+            self._far_k[:, :n], self._far_v[:, :n] = self.init_k[:, :n], self.init_v[:, :n]
+            self._far_pos[:n] = self._arange(0, n)
+            self._far_init = n
+        return self._far_k, self._far_v, self._far_pos
 
     def _evidence_far_set(self, far_end: int) -> tuple[Tensor, Tensor, Tensor]:
         """`_far_set` while answering from evidence: init and the evidence blocks (with those made since) are
@@ -278,14 +304,6 @@ class LayerMemory:
         not yet in a block."""
         rem_start = max(self.tail_start, self.config.n_init)
         return rem_start, max(0, far_end - rem_start)
-
-    def _append_remainder(self, far_k: list[Tensor], far_v: list[Tensor], far_pos: list[Tensor], far_end: int) -> None:
-        rem_start, n_rem = self._remainder(far_end)
-        if n_rem:
-            r0 = rem_start - self._base
-            far_k.append(self.tail_k[:, r0 : r0 + n_rem])
-            far_v.append(self.tail_v[:, r0 : r0 + n_rem])
-            far_pos.append(self._arange(rem_start, rem_start + n_rem))
 
     def _evidence_blocks(self) -> Tensor:
         """(1, m): the evidence, then every block made since it was chosen, ascending."""
@@ -429,9 +447,9 @@ class LayerMemory:
             if self.tail_len + n > self.tail_k.shape[1]:
                 self._resize_tail(self.tail_len + n)
         i = self.seen - self._base
-        self.tail_k[:, i : i + n] = key
-        self.tail_v[:, i : i + n] = value
-        self.tail_scores[:, i : i + n] = 0
+        self.tail_k.narrow(1, i, n).copy_(key)  # narrow + copy_: a few microseconds less host work than indexing
+        self.tail_v.narrow(1, i, n).copy_(value)
+        self.tail_scores.narrow(1, i, n).zero_()
         self.seen += n
 
     def _tail_view(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -440,10 +458,12 @@ class LayerMemory:
         return self.tail_k[:, sl], self.tail_v[:, sl], self.tail_scores[:, sl]
 
     def _compact_tail(self) -> None:
-        """Move the tail to index 0 of its buffers."""
-        if self.tail_start != self._base:
-            for buf, tail in zip((self.tail_k, self.tail_v, self.tail_scores), self._tail_view(), strict=True):
-                buf[:, : tail.shape[1]] = tail.clone()
+        """Move the tail to index 0 of its buffers (through a copy only where the two overlap)."""
+        offset, n = self.tail_start - self._base, self.tail_len
+        if offset:
+            for buf in (self.tail_k, self.tail_v, self.tail_scores):
+                tail = buf.narrow(1, offset, n)
+                buf.narrow(1, 0, n).copy_(tail if offset >= n else tail.clone())
             self._base = self.tail_start
 
     def _resize_tail(self, needed: int) -> None:
@@ -483,6 +503,7 @@ class LayerMemory:
         self.init_len, self.tail_start, self.seen = state["positions"].tolist()
         self._base = self.tail_start
         self.init_k[:, : self.init_len] = state["init_k"]
+        self._far_init = 0
         self.init_v[:, : self.init_len] = state["init_v"]
         n = self.tail_len
         if n > self.tail_k.shape[1]:
@@ -509,6 +530,7 @@ class LayerMemory:
         n = snap.seen - snap.tail_start
         self.init_len, self.tail_start, self.seen = snap.init_len, snap.tail_start, snap.seen
         self._base = snap.tail_start
+        self._far_init = 0
         self.tail_k[:, :n] = snap.tail_k
         self.tail_v[:, :n] = snap.tail_v
         self.tail_scores[:, :n] = snap.tail_scores

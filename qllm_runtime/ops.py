@@ -19,7 +19,17 @@ from torch import Tensor
 
 from .attention import attend_reference
 from .attention_cpu import attend_tiled
-from .blocks import GatherFn, Planes, RepresentFn, StoreFn, gather_reference, representatives_reference, store_reference
+from .blocks import (
+    FarSetFn,
+    GatherFn,
+    Planes,
+    RepresentFn,
+    StoreFn,
+    gather_far_set_reference,
+    gather_reference,
+    representatives_reference,
+    store_reference,
+)
 
 log = logging.getLogger("quickllama")
 
@@ -78,6 +88,19 @@ def gather_op(device: torch.device) -> GatherFn:
         return module.gather_blocks(pool.held(), host.held(), indices, device_limit, dtype, check=False)
 
     return gather
+
+
+def far_set_op(device: torch.device) -> FarSetFn:
+    """Writing a lookup group's blocks and remainder into its far set (`BlockStore.gather_far_set`): on CUDA one kernel
+    launch (blocks read in place as `gather_op`'s, the remainder copied, positions written), elsewhere the reference."""
+    module = kernels(device)
+    if module is None:
+        return gather_far_set_reference
+
+    def far_set(pool: Planes, host: Planes, indices: Tensor, device_limit: int, *outputs_and_remainder) -> None:
+        module.gather_far_set(pool.held(), host.held(), indices, device_limit, *outputs_and_remainder, check=False)
+
+    return far_set
 
 
 def store_op(device: torch.device) -> StoreFn:

@@ -508,7 +508,7 @@ def test_policy_pick_through_the_kernels_is_its_selection_in_document_order(monk
     ("all", "auto", False), ("kv_head", "auto", False), ("all", "float8_e4m3", True)])
 def test_engine_through_every_kernel_equals_the_reference(tokenizer, monkeypatch, lookup_heads, kv_dtype, question):
     """A reading (and its answer steps, from evidence with a question) whose every op runs the kernels as on CUDA
-    (lookups, attention, gather, store, representative keys; interpreted here) gives the logits of the PyTorch
+    (lookups, attention, gather, far set, store, representative keys; interpreted here) gives the logits of the PyTorch
     path: the engine hands each kernel the layouts it needs (a transposed view once reached the lookup on CUDA)."""
     if DEVICE.type == "cuda":
         pytest.skip("runs the kernels interpreted beside the CPU engine; on CUDA test_gpu's kernel-path tests cover it")
@@ -585,6 +585,59 @@ def test_gather_matches_reference(poison, fp8, dtype, device_limit, rows):
         assert torch.equal(k, want_k) and torch.equal(v, want_v)
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("device_limit", [9, 4], ids=["pooled", "offloaded"])
+@pytest.mark.parametrize("rows", [1, 3], ids=["shared-picks", "per-kv-head"])
+@pytest.mark.parametrize("m, n_rem", [(5, 0), (2, 21), (0, 37)], ids=["blocks", "both", "remainder"])
+def test_far_set_matches_reference(poison, fp8, device_limit, rows, m, n_rem):
+    """The blocks and the remainder written after the init tokens, with their positions, as the reference writes them;
+    nothing outside the far set's new part is touched."""
+    from qllm_runtime.blocks import gather_far_set_reference
+
+    shape, dtype = (3, 16, 32), torch.bfloat16  # kv_heads, block_size, head_dim
+    blocks = _stored_blocks(9, shape, dtype, fp8, seed=rows + device_limit + m)
+    pool = blocks.map(lambda t: t[:device_limit].to(DEVICE))
+    host = blocks.map(lambda t: t[device_limit:])
+    if DEVICE.type == "cuda":
+        host = host.map(lambda t: t.pin_memory())
+    indices = torch.tensor([[8, 0, 4, 4, 6], [1, 2, 3, 5, 7], [6, 6, 0, 8, 2]][:rows], device=DEVICE)[:, :m]
+    tail = torch.randn(3, 60, 32, generator=torch.Generator().manual_seed(m)).to(DEVICE, dtype)
+    rem = slice(7, 7 + n_rem)
+    n = m * 16 + n_rem
+    outputs = []
+    for fn in (qk.gather_far_set, gather_far_set_reference):
+        k, v = (torch.full((3, 200, 32), math.nan, dtype=dtype, device=DEVICE) for _ in "kv")
+        pos = torch.full((200,), -1, dtype=torch.int64, device=DEVICE)
+        new = slice(11, 11 + n)
+        planes = (pool.held(), host.held()) if fn is qk.gather_far_set else (pool, host)
+        fn(*planes, indices, device_limit, k[:, new], v[:, new], pos[new], tail[:, rem], tail[:, rem], 128, 500)
+        outputs.append((k, v, pos))
+    (k, v, pos), (want_k, want_v, want_pos) = outputs
+    assert torch.equal(pos, want_pos) and pos[11 : 11 + n].min() >= 128 and (pos[:11] == -1).all()
+    assert k[:, :11].isnan().all() and k[:, 11 + n :].isnan().all()
+    if DEVICE.type == "cpu" and fp8:  # the interpreter truncates float32 to bfloat16
+        torch.testing.assert_close(k, want_k, rtol=2**-7, atol=0, equal_nan=True)
+        torch.testing.assert_close(v, want_v, rtol=2**-7, atol=0, equal_nan=True)
+    else:
+        torch.testing.assert_close(k, want_k, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(v, want_v, rtol=0, atol=0, equal_nan=True)
+
+
+def test_far_set_bad_inputs():
+    blocks = _stored_blocks(4, (2, 8, 16), torch.float32, False, seed=0)
+    pool, host = blocks.map(lambda t: t.to(DEVICE)).held(), blocks.map(lambda t: t[:0].to(DEVICE)).held()
+    one = torch.zeros(1, 1, dtype=torch.int64, device=DEVICE)
+    k, v = torch.zeros(2, 11, 16, device=DEVICE), torch.zeros(2, 11, 16, device=DEVICE)
+    pos, rem = torch.zeros(11, dtype=torch.int64, device=DEVICE), torch.zeros(2, 3, 16, device=DEVICE)
+    qk.gather_far_set(pool, host, one, 4, k, v, pos, rem, rem, 0, 0)  # 8 block tokens + 3 remainder tokens
+    with pytest.raises(ValueError, match="out_k must be"):
+        qk.gather_far_set(pool, host, one, 4, k[:, :10], v, pos, rem, rem, 0, 0)
+    with pytest.raises(ValueError, match="rem_v must be"):
+        qk.gather_far_set(pool, host, one, 4, k, v, pos, rem, rem.transpose(1, 2).contiguous().transpose(1, 2), 0, 0)
+    with pytest.raises(ValueError, match="out_pos must be"):
+        qk.gather_far_set(pool, host, one, 4, k, v, pos.int(), rem, rem, 0, 0)
+
+
 def test_gather_empty_and_bad_inputs():
     blocks = _stored_blocks(4, (2, 8, 16), torch.float32, False, seed=0)
     pool, host = blocks.map(lambda t: t.to(DEVICE)).held(), blocks.map(lambda t: t[:0].to(DEVICE)).held()
@@ -602,6 +655,26 @@ def test_gather_empty_and_bad_inputs():
     if DEVICE.type == "cuda":
         with pytest.raises(ValueError, match="pinned CPU memory"):
             qk.gather_blocks(pool, blocks.map(lambda t: t[:1]).held(), one, 4, torch.float32)
+
+
+@pytest.mark.gpu  # skipped without CUDA by conftest
+def test_fast_launches_run_the_kernels_the_jit_would(monkeypatch):
+    """`Launcher` reuses a compiled kernel only within its specialization: indices 8 bytes off the 16-byte alignment
+    launch another kernel than aligned ones, and every launch gives what a launch through the JIT gives."""
+    from qllm_kernels import _common, gather
+
+    blocks = _stored_blocks(9, (2, 16, 32), torch.bfloat16, True, seed=3)
+    pool, host = blocks.map(lambda t: t.to(DEVICE)).held(), blocks.map(lambda t: t[:0].to(DEVICE)).held()
+    base = torch.tensor([[7, 1, 8, 0, 4, 2, 5, 3]], device=DEVICE)
+    views = [base[:, i : i + 6] for i in (0, 1, 0, 1, 1, 2)]  # 0, 8, 0, 8, 8, 16 bytes in
+    monkeypatch.setattr(gather._gather_kernel, "_compiled", {})
+    fast = [qk.gather_blocks(pool, host, ix, 9, torch.bfloat16) for ix in views]
+    if _common._FAST_LAUNCH:
+        assert len(gather._gather_kernel._compiled) == 2  # aligned and not: each launched directly after its first
+    monkeypatch.setattr(_common, "_FAST_LAUNCH", False)
+    jit = [qk.gather_blocks(pool, host, ix, 9, torch.bfloat16) for ix in views]
+    for (k, v), (want_k, want_v) in zip(fast, jit, strict=True):
+        assert torch.equal(k, want_k) and torch.equal(v, want_v)
 
 
 def test_triton_available():
