@@ -29,6 +29,16 @@ def triton_available(device: torch.device | str) -> bool:
     return device.type == "cpu" and _INTERPRETED
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b), as `triton.cdiv`, without its constexpr wrapping (microseconds a call on the launch path)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= n >= 1 (0 for 0), as `triton.next_power_of_2`, without its constexpr wrapping."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def dot_dtype(dtype: torch.dtype) -> tl.dtype:
     """Operand dtype for `tl.dot` on inputs of `dtype`: the input dtype, except bfloat16 under the
     interpreter, whose `tl.dot` multiplies bfloat16 bit patterns (triton-lang/triton#11584): fp32 there."""
@@ -90,7 +100,13 @@ class Launcher:
         if not _FAST_LAUNCH or _launch_hooked():
             return self.kernel[grid](*args, **kwargs)
         device = torch.cuda.current_device()
-        key = (device, *map(_arg_key, args, self._by_value), *kwargs.items())
+        # what of each argument can change the JIT's specialization (a superset): a tensor's dtype and 16-byte
+        # alignment; nothing of a float (never specialised on); an unspecialised int's width (i32, i64 or u64); else
+        # its type and value
+        key = (device, *kwargs.items(), *[
+            (a.dtype, not a.data_ptr() & 15) if isinstance(a, Tensor) else float if type(a) is float
+            else (-0x80000000 <= a <= 0x7FFFFFFF, a >= 1 << 63) if type(a) is int and not by_value else (type(a), a)
+            for a, by_value in zip(args, self._by_value, strict=False)])  # args may stop before the constexprs
         compiled = self._compiled.get(key)
         if compiled is None:  # the JIT's launch: compiles or finds the kernel of this specialization
             compiled = self._compiled[key] = self.kernel[grid](*args, **kwargs)
@@ -100,17 +116,6 @@ class Launcher:
         compiled.run(grid[0], grid[1], grid[2], _stream_getter()(device), compiled.function, compiled.packed_metadata,
                      None, None, None, *values)
         return compiled
-
-
-def _arg_key(arg: Any, by_value: bool) -> Any:
-    """What of an argument can change the JIT's specialization (a superset of it)."""
-    if isinstance(arg, Tensor):
-        return arg.dtype, arg.data_ptr() & 15 == 0
-    if type(arg) is float:  # a float argument is never specialised on
-        return float
-    if type(arg) is int and not by_value:  # an unspecialised int: only its width (i32, i64 or u64)
-        return -0x80000000 <= arg <= 0x7FFFFFFF, arg >= 1 << 63
-    return type(arg), arg
 
 
 def _launch_hooked() -> bool:

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import FLOAT_DTYPES, Launcher, check_device, dot_dtype, on_device
+from ._common import FLOAT_DTYPES, Launcher, cdiv, check_device, dot_dtype, next_power_of_2, on_device
 
 __all__ = ["LAUNCH", "SPLIT", "attention", "decode_attention", "key_runs", "supports_head_dim"]
 
@@ -313,7 +313,7 @@ def attention(
     received = torch.empty(heads, n_loc, dtype=torch.float32, device=query.device)
     block_m = _rows_per_program(n_q, receive.pop("block_m"))
     with on_device(query.device):
-        _received_kernel[(triton.cdiv(n_loc, receive["BLOCK_N"]), heads)](
+        _received_kernel[(cdiv(n_loc, receive["BLOCK_N"]), heads)](
             query, local_k, cos, sin, lse, received,
             query.stride(0), query.stride(1), local_k.stride(0), local_k.stride(1),
             cos.stride(0), sin.stride(0), lse.stride(0), received.stride(0),
@@ -380,7 +380,7 @@ def _forward(
     part = lse if n_splits == 1 else torch.empty((n_splits, kv_heads, block_m, head_dim + 2), dtype=torch.float32,
                                                  device=device)
     with on_device(device):
-        _attn_fwd_kernel[(n_splits if n_splits > 1 else triton.cdiv(group * n_q, block_m), kv_heads)](
+        _attn_fwd_kernel[(n_splits if n_splits > 1 else cdiv(group * n_q, block_m), kv_heads)](
             query, local_k, local_v, far_k, far_v, far_pos, cos, sin, out, lse, part, lse if step is None else step,
             query.stride(0), query.stride(1),
             local_k.stride(0), local_k.stride(1), local_v.stride(0), local_v.stride(1),
@@ -409,13 +409,13 @@ def _runs(rows: int, n_loc: int, n_far: int, forward: dict[str, int]) -> int:
     """`key_runs` under the forward kernel's launch arguments (`_launch`)."""
     if rows > forward["block_m"]:  # more than one row tile
         return 1
-    key_tiles = triton.cdiv(n_loc, forward["BLOCK_N"]) + triton.cdiv(n_far, forward["BLOCK_N"])
-    return min(SPLIT["max_splits"], triton.cdiv(key_tiles, SPLIT["tiles"]))
+    key_tiles = cdiv(n_loc, forward["BLOCK_N"]) + cdiv(n_far, forward["BLOCK_N"])
+    return min(SPLIT["max_splits"], cdiv(key_tiles, SPLIT["tiles"]))
 
 
 def _rows_per_program(rows: int, block_m: int) -> int:
     """BLOCK_M for `rows` rows: the launch shape's, or the next power of two >= 16 when fewer rows than that."""
-    return min(block_m, max(16, triton.next_power_of_2(rows)))
+    return min(block_m, max(16, next_power_of_2(rows)))
 
 
 def _launch(shape: dict[str, int], element_size: int) -> dict[str, int]:

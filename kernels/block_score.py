@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import FLOAT_DTYPES, Launcher, check_device, dot_dtype, on_device
+from ._common import FLOAT_DTYPES, Launcher, cdiv, check_device, dot_dtype, next_power_of_2, on_device
 
 __all__ = ["block_score", "top_blocks"]
 
@@ -114,15 +114,15 @@ def block_score(
             group_queries.stride(0), repr_keys.stride(0), scores.stride(0))
     if n_groups and n_blocks and n_groups <= ROW_GROUPS:
         with on_device(device):
-            _block_score_rows_kernel[(triton.cdiv(n_blocks, ROW_BLOCKS), n_groups)](
+            _block_score_rows_kernel[(cdiv(n_blocks, ROW_BLOCKS), n_groups)](
                 *args, n_blocks, heads * head_dim, float(beta),
                 HAS_QUESTION=has_question, BLOCK_B=ROW_BLOCKS, BLOCK_K=ROW_FEATURES,
             )  # fmt: skip
     elif n_groups and n_blocks:
         mixed = group_queries.dtype != repr_keys.dtype  # then multiply in fp32
-        block_g = min(64, max(16, triton.next_power_of_2(n_groups)))
+        block_g = min(64, max(16, next_power_of_2(n_groups)))
         block_b = 32 if n_groups <= 16 else 64  # few groups: more programs over the blocks
-        grid = (triton.cdiv(n_blocks, block_b), triton.cdiv(n_groups, block_g))
+        grid = (cdiv(n_blocks, block_b), cdiv(n_groups, block_g))
         with on_device(device):
             _block_score_kernel[grid](
                 *args, n_groups, n_blocks, heads * head_dim, float(beta),
@@ -242,8 +242,8 @@ def top_blocks(
     if not (n_groups and k):
         return out
     scores, _ = block_score(group_queries, repr_keys, None, 0.0, None, check=False)
-    n_chunks = triton.cdiv(n_blocks, TOP_CHUNK)  # one shape for every count: no compiling mid-reading as blocks come
-    k_pad = max(16, triton.next_power_of_2(k))
+    n_chunks = cdiv(n_blocks, TOP_CHUNK)  # one shape for every count: no compiling mid-reading as blocks come
+    k_pad = max(16, next_power_of_2(k))
     has_terms = block_terms is not None and beta != 0.0
     keys = torch.empty(n_groups, n_chunks * k_pad, dtype=torch.int64, device=out.device) if n_chunks > 1 else out
     with on_device(out.device):
@@ -256,7 +256,7 @@ def top_blocks(
         if n_chunks > 1 and keys.shape[1] <= TOP_MERGE:
             _top_merge_kernel[(n_groups,)](
                 keys, out, keys.stride(0), out.stride(0), keys.shape[1], k,
-                K_PAD=k_pad, MERGE=max(512, triton.next_power_of_2(keys.shape[1])),
+                K_PAD=k_pad, MERGE=max(512, next_power_of_2(keys.shape[1])),
             )  # fmt: skip
     if keys.shape[1] > TOP_MERGE:  # very many chunks: their picks merged by torch (the keys rank as the scores)
         out = (_INDEX - (keys.topk(k, dim=-1).values & _INDEX)).sort(dim=-1).values

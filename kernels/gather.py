@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import FLOAT_DTYPES, Launcher, on_device, triton_available
+from ._common import FLOAT_DTYPES, Launcher, cdiv, next_power_of_2, on_device, triton_available
 
 __all__ = ["gather_blocks", "gather_far_set"]
 
@@ -147,7 +147,7 @@ def _launch(pool: tuple[Tensor, ...], host: tuple[Tensor, ...], indices: Tensor,
     fp8 = len(pool) == 4
     kv_heads, block_size, head_dim = (pool if pool[0].shape[0] else host)[0].shape[1:]
     m, n_rem = indices.shape[1], rem_k.shape[1]
-    slots = m + triton.cdiv(n_rem, block_size)
+    slots = m + cdiv(n_rem, block_size)
     if slots == 0:
         return
     indices = indices.to(out_k.device).contiguous()
@@ -157,14 +157,14 @@ def _launch(pool: tuple[Tensor, ...], host: tuple[Tensor, ...], indices: Tensor,
     scales = (*pool[2:], *host[2:]) if fp8 else (pool[0],) * 4
     rem_k, rem_v = (rem_k, rem_v) if n_rem else (out_k, out_v)
     with on_device(out_k.device):
-        _gather_kernel[(slots, kv_heads, triton.cdiv(block_size * head_dim, _CHUNK))](
+        _gather_kernel[(slots, kv_heads, cdiv(block_size * head_dim, _CHUNK))](
             pool[0], pool[1], host[0], host[1], scales[0], scales[1], scales[2], scales[3], indices, out_k, out_v,
             rem_k, rem_v, out_k if out_pos is None else out_pos,
             pool[0].stride(0), pool[0].stride(1), host[0].stride(0), host[0].stride(1),
             scales[0].stride(0) if fp8 else 0, scales[2].stride(0) if fp8 else 0,
             indices.stride(0) if indices.shape[0] > 1 else 0, out_k.stride(0), rem_k.stride(0),
             block_size * head_dim, device_limit, m, n_rem, block_size, first_position, rem_position,
-            FP8=fp8, CHUNK=_CHUNK, POSITIONS=out_pos is not None, TOKENS=triton.next_power_of_2(block_size),
+            FP8=fp8, CHUNK=_CHUNK, POSITIONS=out_pos is not None, TOKENS=next_power_of_2(block_size),
         )  # fmt: skip
 
 

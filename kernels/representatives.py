@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import FLOAT_DTYPES, Launcher, check_device, on_device
+from ._common import FLOAT_DTYPES, Launcher, check_device, next_power_of_2, on_device
 from .store import _round_to_bf16
 
 __all__ = ["representative_keys"]
@@ -70,7 +70,7 @@ def representative_keys(keys: Tensor, scores: Tensor, repr_topk: int, out: Tenso
             keys.stride(0), keys.stride(1), scores.stride(0), out.stride(0), out.stride(1),
             block_size, head_dim, heads // kv_heads, repr_topk,
             ROUND_BF16=out.dtype == torch.bfloat16,
-            BLOCK_S=triton.next_power_of_2(block_size), BLOCK_D=triton.next_power_of_2(head_dim),
+            BLOCK_S=next_power_of_2(block_size), BLOCK_D=next_power_of_2(head_dim),
         )  # fmt: skip
 
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import FLOAT_DTYPES, Launcher, check_device, on_device
+from ._common import FLOAT_DTYPES, Launcher, check_device, next_power_of_2, on_device
 
 __all__ = ["store_blocks"]
 
@@ -115,8 +115,8 @@ def store_blocks(k: Tensor, v: Tensor, target: tuple[Tensor, ...], *, check: boo
     if count == 0 or k.numel() == 0:
         return
     scales = target[2:] if fp8 else (out_k, out_k)  # not read without float8: stand-ins
-    block_d = triton.next_power_of_2(head_dim)
-    block_t = min(triton.next_power_of_2(block_size), max(1, _TILE // block_d))
+    block_d = next_power_of_2(head_dim)
+    block_t = min(next_power_of_2(block_size), max(1, _TILE // block_d))
     with on_device(k.device):
         _store_kernel[(count, kv_heads)](
             k, v, out_k, out_v, scales[0], scales[1],
