@@ -551,6 +551,17 @@ def test_infllm_reference_samples_and_comparison(tmp_path, tokenizer):
     assert short["expected"] == long["expected"] and short["context"] != long["context"]
 
 
+@pytest.mark.gpu  # skipped without CUDA by conftest
+def test_launch_overhead_compares_both_launch_paths(capsys):
+    """`python -m benchmarks.launch_overhead`: every wrapper a lookup group calls gives the same outputs through the
+    JIT and through `Launcher`, and the table lists them."""
+    from benchmarks import launch_overhead
+
+    launch_overhead.main(["--calls", "3"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "µs" not in line]
+    assert len(rows) == 4 and all(row.endswith("| True |") for row in rows[1:]), rows
+
+
 def test_launch_count_of_a_lookup_group(capsys):
     """`python -m benchmarks.launch_count`: a prefill lookup group of one layer launches about 15 kernels on CUDA
     (75 before the sixth session, 30 before the eighth, 28 before the ninth, 19 before the tenth: the lookup is one
