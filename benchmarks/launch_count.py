@@ -89,8 +89,12 @@ def attention_kernels(query, q_start, local_k, local_v, local_start, far_k, *arg
     return 1 + split + with_received
 
 
-def top_blocks_stand_in(group_queries, repr_keys, block_terms, beta, topk, standardized=False) -> torch.Tensor:
+def top_blocks_stand_in(group_queries, repr_keys, block_terms, beta, topk, standardized=False, term_row=False
+                        ) -> torch.Tensor:
     """`qllm_kernels.top_blocks` by its spec."""
+    if term_row:
+        block_terms = block_scores_reference(group_queries[-1:], repr_keys, None, 0.0)[0]
+        group_queries = group_queries[:-1]
     scores = block_scores_reference(group_queries, repr_keys, block_terms, beta, standardized)
     return select_blocks(scores, topk).sort(dim=-1).values
 

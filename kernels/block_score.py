@@ -21,7 +21,7 @@ __all__ = ["block_score", "top_blocks"]
 
 
 @Launcher
-@triton.jit(do_not_specialize=["n_groups", "n_blocks"])
+@triton.jit(do_not_specialize=["stride_sg", "n_groups", "n_blocks"])
 def _block_score_kernel(
     Query, Repr, Question, Scores,
     stride_qg, stride_rb, stride_sg,
@@ -63,7 +63,7 @@ ROW_GROUPS, ROW_BLOCKS, ROW_FEATURES = 4, 4, 512
 
 
 @Launcher
-@triton.jit(do_not_specialize=["n_blocks"])
+@triton.jit(do_not_specialize=["stride_sg", "n_blocks"])
 def _block_score_rows_kernel(
     Query, Repr, Question, Scores,
     stride_qg, stride_rb, stride_sg,
@@ -108,7 +108,8 @@ def block_score(
     n_groups, heads, head_dim = group_queries.shape
     n_blocks = repr_keys.shape[0]
     device = group_queries.device
-    scores = torch.empty(n_groups, n_blocks, dtype=torch.float32, device=device)
+    # rows 16-byte aligned whatever the block count (a row may serve as block terms: one specialization, not two)
+    scores = torch.empty(n_groups, cdiv(n_blocks, 4) * 4, dtype=torch.float32, device=device)[:, :n_blocks]
     has_question = question_scores is not None and beta != 0.0
     args = (group_queries, repr_keys, question_scores if has_question else scores, scores,
             group_queries.stride(0), repr_keys.stride(0), scores.stride(0))
@@ -180,7 +181,7 @@ def _store_ascending(Out, best, k, K_PAD: tl.constexpr):
 
 
 @Launcher
-@triton.jit(do_not_specialize=["n_blocks"])
+@triton.jit(do_not_specialize=["stride_sg", "stride_kg", "n_blocks"])
 def _top_chunk_kernel(
     Scores, Terms, Keys, Out,
     stride_sg, stride_kg, stride_og,
@@ -211,7 +212,7 @@ def _top_chunk_kernel(
 
 
 @Launcher
-@triton.jit(do_not_specialize=["n_keys"])
+@triton.jit(do_not_specialize=["stride_kg", "n_keys"])
 def _top_merge_kernel(Keys, Out, stride_kg, stride_og, n_keys, k, K_PAD: tl.constexpr, MERGE: tl.constexpr):
     group = tl.program_id(0)
     offs = tl.arange(0, MERGE)
@@ -221,27 +222,33 @@ def _top_merge_kernel(Keys, Out, stride_kg, stride_og, n_keys, k, K_PAD: tl.cons
 
 def top_blocks(
     group_queries: Tensor, repr_keys: Tensor, block_terms: Tensor | None, beta: float, topk: int,
-    *, standardized: bool = False, check: bool = True,
+    *, standardized: bool = False, term_row: bool = False, check: bool = True,
 ) -> Tensor:
     """Each lookup group's top-k blocks in document order: (n_groups, min(topk, n_blocks)) int64, ascending.
 
     Ranked by the query term s (as `block_score`) plus beta * block_terms; `standardized`: s / std(s) + beta *
     block_terms / std(block_terms), each deviation over the blocks (unbiased, at least 1e-6; the means are left out:
     no ranking sees them). Among equal scores the lower index wins. Inputs as `block_score`'s, block_terms (n_blocks,)
-    float32 or None; topk at most TOP_MAX_K. The spec: `select_blocks(block_scores_reference(..., standardized),
-    topk)`, sorted.
+    float32 or None; topk at most TOP_MAX_K. `term_row`: the last row of group_queries is no group but a term query,
+    whose scores (made in the same launch as the groups') are the block terms; block_terms is then None. The spec:
+    `select_blocks(block_scores_reference(..., standardized), topk)`, sorted.
     """
     if check:
         _check(group_queries, repr_keys, block_terms, topk)
         if topk is None or topk > TOP_MAX_K:
             raise ValueError(f"topk must be a positive int up to {TOP_MAX_K}, got {topk!r}")
-    n_groups = group_queries.shape[0]
+        if term_row and (block_terms is not None or group_queries.shape[0] < 2):
+            raise ValueError("with term_row the block terms are the last query row's scores: pass block_terms=None "
+                             "and at least one group before that row")
+    n_groups = group_queries.shape[0] - term_row
     n_blocks = repr_keys.shape[0]
     k = min(topk, n_blocks)
     out = torch.empty(n_groups, k, dtype=torch.int64, device=group_queries.device)
     if not (n_groups and k):
         return out
     scores, _ = block_score(group_queries, repr_keys, None, 0.0, None, check=False)
+    if term_row:
+        block_terms = scores[n_groups]
     n_chunks = cdiv(n_blocks, TOP_CHUNK)  # one shape for every count: no compiling mid-reading as blocks come
     k_pad = max(16, next_power_of_2(k))
     has_terms = block_terms is not None and beta != 0.0

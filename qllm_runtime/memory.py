@@ -111,6 +111,8 @@ class LayerMemory:
         self.block_terms = torch.zeros(n_repr, dtype=torch.float32, device=device)  # the policy's per-block term
         self.has_terms = False
         self.question_vector: Tensor | None = None  # (heads, head_dim), far-rotated
+        self._term_row: Tensor | None = None  # (1, heads, head_dim) float32: the policy's term query, if it has one
+        self._term_pair: Tensor | None = None  # (1, 2, heads, head_dim): see set_question
         self.hits: Tensor | None = None  # (n_repr,) selections per block while counting
         self.pinned: Tensor | None = None  # blocks the last multi-token lookup group picked
         self.evidence: Tensor | None = None  # (1, m) blocks every lookup attends while answering, ascending
@@ -136,7 +138,12 @@ class LayerMemory:
         """Bias later lookups towards `question_vector` (heads, head_dim); None removes the bias."""
         self.question_vector = question_vector
         self.has_terms = False
-        self._set_terms(0, self.repr_keys[: self.n_blocks])
+        term = self.policy.term_query(question_vector)  # scored with every lookup: no terms kept per block
+        self._term_row = None if term is None else term.float().reshape(1, self.heads, self.head_dim).contiguous()
+        # one group's query and the term query (a decode step's lookup writes its row in place: no launch to join them)
+        self._term_pair = None if term is None else torch.cat([torch.zeros_like(self._term_row), self._term_row])[None]
+        if self._term_row is None:
+            self._set_terms(0, self.repr_keys[: self.n_blocks])
 
     def _set_terms(self, first: int, repr_keys: Tensor) -> None:
         """The policy's per-block terms of blocks first .. first + len(repr_keys) - 1."""
@@ -180,15 +187,23 @@ class LayerMemory:
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _far_queries(self, query: Tensor, group: int | None = None) -> Tensor:
-        """The mean query of each group of `group` (default: lookup_chunk) tokens, far-rotated: (n_groups, heads,
-        head_dim) float32, for a chunk's groups at once (a launch or two, not two a group)."""
+        """The mean query of each group of `group` (default: lookup_chunk) tokens, far-rotated, then the policy's term
+        query if it has one: (n_groups, 1 or 2, heads, head_dim) float32, for a chunk's groups at once (a few launches,
+        not a few a group)."""
         group = group or self.config.lookup_chunk
         whole = query.shape[1] // group * group
         means = [query[:, :whole].unflatten(1, (-1, group)).mean(dim=2, dtype=torch.float32)] if whole else []
         if whole < query.shape[1]:
             means.append(query[:, whole:].mean(dim=1, keepdim=True, dtype=torch.float32))
         means = means[0] if len(means) == 1 else torch.cat(means, dim=1)  # (heads, n_groups, head_dim)
-        return means.transpose(0, 1) @ self._far_rotation()  # a new tensor: (heads, head_dim) rows contiguous
+        means = means.transpose(0, 1)  # (n_groups, heads, head_dim)
+        if self._term_row is None:
+            return (means @ self._far_rotation())[:, None]  # a new tensor: (heads, head_dim) rows dense
+        if means.shape[0] == 1:
+            torch.matmul(means, self._far_rotation(), out=self._term_pair[:, 0])
+            return self._term_pair
+        rows = (means @ self._far_rotation())[:, None]
+        return torch.cat([rows, self._term_row.expand(rows.shape[0], 1, -1, -1)], dim=1)
 
     def _attend_group(self, query: Tensor, q_start: int, scaling: float, far_query: Tensor | None) -> Tensor:
         cfg = self.config
@@ -327,21 +342,25 @@ class LayerMemory:
             picked = self._arange(0, n).expand(rows, n)
         else:
             pinned = self.pinned if answering and cfg.pin_question_blocks else None
-            far_q = self._far_queries(query, query.shape[1])[0] if far_query is None else far_query  # (heads, d)
+            # (1 or 2, heads, d): the group's query, then the term query if the policy has one
+            far_q = self._far_queries(query, query.shape[1])[0] if far_query is None else far_query
+            term_row = self._term_row is not None
             if rows > 1:  # row h keeps only the query heads of KV head h: its score sums over those heads
                 owner = torch.arange(self.heads, device=self.device) // (self.heads // self.kv_heads)
-                group_queries = far_q * (owner == torch.arange(rows, device=self.device)[:, None])[..., None]
+                group_queries = far_q[0] * (owner == torch.arange(rows, device=self.device)[:, None])[..., None]
+                if term_row:
+                    group_queries = torch.cat([group_queries, self._term_row])
             else:
-                group_queries = far_q[None]
-            terms = self.block_terms[:n] if self.has_terms else None
+                group_queries = far_q
+            terms = self.block_terms[:n] if self.has_terms and not term_row else None
             if pinned is not None:  # the question's blocks + this token's best others: fixed size, no host sync
                 want = min(n, k + pinned.shape[1])
-                picked = self.policy.select(group_queries, self.repr_keys[:n], terms, want)  # best first
+                picked = self.policy.select(group_queries, self.repr_keys[:n], terms, want, term_row=term_row)
                 fresh = ~(picked[:, :, None] == pinned[:, None, :]).any(dim=-1)
                 order = torch.argsort((~fresh).to(torch.int8), dim=-1, stable=True)
                 own = picked.gather(1, order[:, : min(k, want - pinned.shape[1])])
                 return torch.cat([pinned, own], dim=1).sort(dim=-1).values
-            picked = self.policy.pick(group_queries, self.repr_keys[:n], terms, k)  # (rows, k), ascending
+            picked = self.policy.pick(group_queries, self.repr_keys[:n], terms, k, term_row=term_row)  # ascending
         if not answering:  # a prompt (e.g. the question turn): its answer's tokens may keep these picks
             self.pinned = picked
         return picked
@@ -436,7 +455,8 @@ class LayerMemory:
             self._grow_repr(max(2 * self.repr_keys.shape[0], first + count))
         representatives = self.repr_keys[first : first + count]  # (count, heads, d)
         self._represent(self.tail_k[:, sl], self.tail_scores[:, sl], cfg.repr_topk, representatives)
-        self._set_terms(first, representatives)
+        if self._term_row is None:  # else scored with each lookup
+            self._set_terms(first, representatives)
         self.store.add(*(buf[:, sl].unflatten(1, (count, cfg.block_size)).transpose(0, 1)
                          for buf in (self.tail_k, self.tail_v)))  # (count, kv_heads, bs, d)
 

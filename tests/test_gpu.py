@@ -46,6 +46,28 @@ def test_fp8_blocks_kernel_path_matches_reference_path(tokenizer, offload, monke
         torch.testing.assert_close(f, r, rtol=1e-3, atol=1e-3)
 
 
+def test_a_reading_reuses_its_compiled_launches(tokenizer):
+    """`Launcher` keys a launch by what Triton specialises on: a reading of a few thousand tokens launches each
+    kernel with a handful of keys, not one per lookup group (an argument that changes with every group, such as the
+    block count or a row stride of the scores, must not be specialised on, or every launch goes through the JIT)."""
+    from qllm_kernels import _common, attention, block_score, gather, representatives, store
+
+    if not _common._FAST_LAUNCH:
+        pytest.skip("Launcher is off with this Triton")
+    kernels = [attention._attn_fwd_kernel, attention._received_kernel, block_score._block_score_rows_kernel,
+               block_score._top_chunk_kernel, gather._gather_kernel, representatives._representatives_kernel,
+               store._store_kernel]
+    for kernel in kernels:
+        kernel._compiled.clear()
+    model = tiny_model("llama", len(tokenizer), hidden_size=256).to("cuda", torch.bfloat16)
+    engine = QLLMEngine(model, tokenizer, QLLMConfig(kv_dtype="float8_e4m3", **{**WINDOWS, "prefill_chunk": 128}))
+    session = engine._new_session(3000)
+    session.set_question(engine._question("Which number comes after the word apple?"))
+    session.feed(random_ids(2900, len(tokenizer)))
+    counts = {kernel.kernel.fn.__name__: len(kernel._compiled) for kernel in kernels}
+    assert all(1 <= count <= 4 for count in counts.values()), counts  # ~90 lookup groups a layer
+
+
 def test_gpu_answer_equals_cpu_answer(default_model):
     model, tokenizer = default_model
     context = "The vault code is 7. " + "Filler sentence about nothing. " * 300

@@ -447,6 +447,26 @@ def test_top_blocks_matches_reference(n_groups, n_blocks, topk, dtype, terms, st
     torch.testing.assert_close(ref.gather(1, picked).sort(dim=-1, descending=True).values, best, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("n_groups", "n_blocks", "topk"), [(1, 780, 8), (8, 2100, 33)], ids=["one", "kv-heads-merged"])
+@pytest.mark.parametrize("standardized", [False, True], ids=["raw", "standardized"])
+def test_top_blocks_term_row_is_the_block_terms(n_groups, n_blocks, topk, standardized):
+    """A term query as the last row of the queries: its scores (made in the same launch) are the block terms, so the
+    picks are those with block_terms = <term query, r_B> summed over heads."""
+    gen = torch.Generator().manual_seed(n_groups)
+    group_queries = torch.randn(n_groups, 4, 32, generator=gen).to(DEVICE)
+    term_query = 20 * torch.randn(1, 4, 32, generator=gen).to(DEVICE)
+    repr_keys = torch.randn(n_blocks, 4, 32, generator=gen).to(DEVICE, torch.bfloat16)
+    picked = qk.top_blocks(torch.cat([group_queries, term_query]), repr_keys, None, 2.0, topk,
+                           standardized=standardized, term_row=True)
+    terms = block_scores_reference(term_query, repr_keys, None, 0.0)[0]
+    ref = block_scores_reference(group_queries, repr_keys, terms, 2.0, standardized)
+    assert picked.shape == (n_groups, topk)
+    best = ref.gather(1, select_blocks(ref, topk)).sort(dim=-1, descending=True).values
+    torch.testing.assert_close(ref.gather(1, picked).sort(dim=-1, descending=True).values, best, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="term_row"):
+        qk.top_blocks(term_query, repr_keys, None, 2.0, topk, term_row=True)
+
+
 def test_top_blocks_merges_many_chunks_with_torch(monkeypatch):
     """Beyond TOP_MERGE chunk picks (lakhs of blocks) the merge is torch.topk over the same keys: the same blocks."""
     module = importlib.import_module("qllm_kernels.block_score")  # the package's `block_score` is the function
@@ -492,8 +512,13 @@ def test_policy_pick_through_the_kernels_is_its_selection_in_document_order(monk
     reference._kernel = reference._top = None
     terms = fused.block_terms(question.to(DEVICE), repr_keys.to(DEVICE))
     got = fused.pick(queries.to(DEVICE), repr_keys.to(DEVICE), terms, 7)
-    assert torch.equal(got.cpu(), reference.select(queries, repr_keys, None if terms is None else terms.cpu(),
-                                                   7).sort(dim=-1).values)
+    want = reference.select(queries, repr_keys, None if terms is None else terms.cpu(), 7).sort(dim=-1).values
+    assert torch.equal(got.cpu(), want)
+    term = fused.term_query(question)  # the question as a query row: scored with the group, the same picks
+    if term is not None:
+        rows = torch.cat([queries, term[None]])
+        assert torch.equal(fused.pick(rows.to(DEVICE), repr_keys.to(DEVICE), None, 7, term_row=True).cpu(), want)
+        assert torch.equal(reference.pick(rows, repr_keys, None, 7, term_row=True), want)
     following = POLICIES[mode](QLLMConfig(mode=mode, follow_blocks=2), DEVICE)
     following._top = lambda *args, **kwargs: pytest.fail("follow_blocks has no fused lookup")
     following.pick(queries.to(DEVICE), repr_keys.to(DEVICE), None, 7)

@@ -3,8 +3,9 @@ picks the far blocks its queries attend; policies register under the `QLLMConfig
 
 Shapes: group_queries (n_groups, heads, head_dim), the mean far-rotated query of each lookup group;
 repr_keys (n_blocks, heads, head_dim), one representative key per block and query head; block_terms
-(n_blocks,) float32, a per-block constant of the policy (e.g. the question term), computed once when a
-block is made (or when the question changes), never per lookup.
+(n_blocks,) float32, a per-block constant of the policy (e.g. the question term): scored per lookup as one more
+query row where the policy has a `term_query`, else computed once when a block is made (or when the question
+changes).
 """
 
 from __future__ import annotations
@@ -69,6 +70,12 @@ class LookupPolicy:
         """Per-block constant added to every lookup score: (n_blocks,) float32, or None for no term."""
         return None
 
+    def term_query(self, question_vector: Tensor | None) -> Tensor | None:
+        """The block term as a query (heads, head_dim), where `block_terms(u, R)` is <term_query(u), r_B> summed over
+        heads: a lookup then scores it as one more row beside its group queries (on CUDA in the same launch) and no
+        term is kept per block. None: the terms, if any, are `block_terms`, kept per block when it is made."""
+        return None
+
     def evidence_scores(
         self, question_queries: Tensor | None, header_queries: Tensor | None, init_keys: Tensor, store: BlockStore
     ) -> Tensor | None:
@@ -96,21 +103,28 @@ class LookupPolicy:
                                        standardized=True)
         return self._kernel(group_queries, repr_keys, block_terms, beta, None)[0]  # the top-k is `select`'s
 
-    def select(self, group_queries: Tensor, repr_keys: Tensor, block_terms: Tensor | None, k: int) -> Tensor:
-        """Indices (n_groups, k) of the blocks each group attends, best first, k < n_blocks, on the device."""
+    def select(self, group_queries: Tensor, repr_keys: Tensor, block_terms: Tensor | None, k: int, *,
+               term_row: bool = False) -> Tensor:
+        """Indices (n_groups, k) of the blocks each group attends, best first, k < n_blocks, on the device.
+        term_row: the last row of group_queries is the `term_query`, whose scores are the block terms (block_terms is
+        then None)."""
+        if term_row:
+            block_terms = self.scores(group_queries[-1:], repr_keys, None)[0]
+            group_queries = group_queries[:-1]
         scores = self.scores(group_queries, repr_keys, block_terms)
         for _ in range(self.config.follow_blocks):  # block b scores max(s[b], s[b-1], ..., s[b-follow])
             scores = torch.cat([scores[:, :1], torch.maximum(scores[:, 1:], scores[:, :-1])], dim=1)
         return select_blocks(scores, k)
 
-    def pick(self, group_queries: Tensor, repr_keys: Tensor, block_terms: Tensor | None, k: int) -> Tensor:
+    def pick(self, group_queries: Tensor, repr_keys: Tensor, block_terms: Tensor | None, k: int, *,
+             term_row: bool = False) -> Tensor:
         """The blocks of `select`, ascending (document order): (n_groups, k). On CUDA one fused lookup, which breaks
-        ties towards the lower index."""
+        ties towards the lower index (and scores the term row in the same launch as the group queries)."""
         weighting = self.weighting()
         if self._top is None or weighting is None or self.config.follow_blocks or k > self._top_max_k:
-            return self.select(group_queries, repr_keys, block_terms, k).sort(dim=-1).values
+            return self.select(group_queries, repr_keys, block_terms, k, term_row=term_row).sort(dim=-1).values
         beta, standardized = weighting
-        return self._top(group_queries, repr_keys, block_terms, beta, k, standardized=standardized)
+        return self._top(group_queries, repr_keys, block_terms, beta, k, standardized=standardized, term_row=term_row)
 
 
 def make_policy(config: QLLMConfig, device: torch.device) -> LookupPolicy:

@@ -43,6 +43,10 @@ class QLLMPolicy(LookupPolicy):
             return None
         return question_scores_reference(question_vector, repr_keys)  # (n_blocks,) float32
 
+    def term_query(self, question_vector: Tensor | None) -> Tensor | None:
+        """The question vector: the question term is <u, r_B> summed over heads."""
+        return None if question_vector is None or self.config.question_weight == 0 else question_vector
+
     def weighting(self) -> tuple[float, bool]:
         """beta = `question_weight`; standardised: z(query term) + beta * z(question term), the ranking of
         `lookup.add_question_scores`."""
