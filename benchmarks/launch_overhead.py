@@ -47,16 +47,20 @@ def wrappers(device: torch.device) -> dict[str, Callable[[], object]]:
     out_k, out_v = randn(KV_HEADS, 2048, HEAD_DIM), randn(KV_HEADS, 2048, HEAD_DIM)
     out_pos = torch.zeros(2048, dtype=torch.int64, device=device)
     n_set = 8 * 128 + 100
+
+    def far_set() -> tuple[torch.Tensor, ...]:
+        new = slice(128, 128 + n_set)
+        qk.gather_far_set(pool, host, picked, BLOCKS, out_k[:, new], out_v[:, new], out_pos[new], local_k[:, :100],
+                          local_v[:, :100], 128, 5000, check=False)
+        return out_k, out_v, out_pos
+
     return {
         "attention (forward + received)": lambda: qk.attention(
             query, q_start, local_k, local_v, q_start - N_LOCAL + 1, far_k, far_v, far_pos, cos, sin, N_LOCAL, 0.088,
             far_origin=q_start - N_LOCAL + 1 - N_FAR, check=False),
         "top_blocks (scorer + ranking)": lambda: qk.top_blocks(group_query, repr_keys, terms, 4.0, 8,
                                                                standardized=True, check=False),
-        "gather_far_set (8 fp8 blocks + 100)": lambda: qk.gather_far_set(
-            pool, host, picked, BLOCKS, out_k[:, 128 : 128 + n_set], out_v[:, 128 : 128 + n_set],
-            out_pos[128 : 128 + n_set], local_k[:, :100], local_v[:, :100], 128, 5000, check=False)
-        or (out_k, out_v, out_pos),
+        "gather_far_set (8 fp8 blocks + 100)": far_set,
     }
 
 

@@ -77,9 +77,9 @@ class Launcher:
     memory launches its kernels a few times per lookup group, so the JIT's bookkeeping alone came to about a second of
     a 100K-token reading. Here the first launch of each specialization goes through the JIT (which compiles or finds
     the kernel) and is remembered under a key that holds everything Triton specialises on and more: each tensor's
-    dtype and 16-byte alignment, each specialised int's value, each unspecialised int's width, every other argument
-    and option as given. Later launches with the same key call the compiled kernel directly, so the kernel that runs is
-    the one the JIT would run.
+    dtype and 16-byte alignment, each specialised int's value, each unspecialised int's width, a float's type only
+    (never specialised on), every other argument and option as given. Later launches with the same key call the
+    compiled kernel directly, so the kernel that runs is the one the JIT would run.
 
     Plain `kernel[grid]` is used under the interpreter, while launch hooks are set (profilers), for a Triton outside
     the versions whose launch path this was checked against (3.6 to 3.9), and with QUICKLLAMA_FAST_LAUNCH=0.

@@ -66,7 +66,7 @@ def _gather_kernel(
             v = _e4m3_to_float(v) * tl.load(v_scale_ptr)
         k, v = k.to(OutK.dtype.element_ty), v.to(OutV.dtype.element_ty)
         first = first_position + block * block_size  # the position of the block's first token
-        tokens = block_size + 0 * n_rem
+        tokens = block_size + 0 * n_rem  # an int32 value as in the other branch, even where block_size is constant
     else:
         row = (slot - n_blocks).to(tl.int64) * block_size  # the slot's first remainder token
         head_dim = n_values // block_size

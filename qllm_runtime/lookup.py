@@ -1,8 +1,8 @@
 """Block lookup: score memory blocks against the current queries (plus the question term) and pick top-k.
 
 score(group, B) = sum_h < mean far-rotated query of the group (head h), r_B,h >  +  beta * qs_B
-where r_B is the block's representative key and qs_B = sum_h < u_h, r_B,h > is the question term,
-cached per block when the block is made (u = this layer's question vector).
+where r_B is the block's representative key and qs_B = sum_h < u_h, r_B,h > is the question term
+(u = this layer's question vector), scored as one more query row beside the groups'.
 """
 
 from __future__ import annotations
@@ -41,11 +41,6 @@ def add_question_scores(scores: Tensor, question_scores: Tensor, beta: float, st
         return torch.addcdiv(scores / scores.std(dim=-1, keepdim=True).clamp_min(1e-6), question_scores.float()[None],
                              question_scores.float().std().clamp_min(1e-6), value=beta)
     return scores + beta * question_scores.float()[None, :]
-
-
-def question_scores_reference(question_vector: Tensor, repr_keys: Tensor) -> Tensor:
-    """qs_B = sum_h < u_h, r_B,h >.  question_vector: (heads, head_dim); repr_keys: (n_blocks, heads, head_dim)."""
-    return repr_keys.flatten(1).float() @ question_vector.flatten().float()
 
 
 def select_blocks(scores: Tensor, topk: int) -> Tensor:

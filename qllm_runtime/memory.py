@@ -108,11 +108,9 @@ class LayerMemory:
         self._represent = representatives_op(device)
         n_repr = max(placement.expected_blocks, 16)
         self.repr_keys = torch.empty((n_repr, heads, head_dim), dtype=dtype, device=device)
-        self.block_terms = torch.zeros(n_repr, dtype=torch.float32, device=device)  # the policy's per-block term
-        self.has_terms = False
         self.question_vector: Tensor | None = None  # (heads, head_dim), far-rotated
         self._term_row: Tensor | None = None  # (1, heads, head_dim) float32: the policy's term query, if it has one
-        self._term_pair: Tensor | None = None  # (1, 2, heads, head_dim): see set_question
+        self._term_pair: Tensor | None = None  # (1, 2, heads, head_dim): a group's query row, then the term row
         self.hits: Tensor | None = None  # (n_repr,) selections per block while counting
         self.pinned: Tensor | None = None  # blocks the last multi-token lookup group picked
         self.evidence: Tensor | None = None  # (1, m) blocks every lookup attends while answering, ascending
@@ -137,20 +135,12 @@ class LayerMemory:
     def set_question(self, question_vector: Tensor | None) -> None:
         """Bias later lookups towards `question_vector` (heads, head_dim); None removes the bias."""
         self.question_vector = question_vector
-        self.has_terms = False
-        term = self.policy.term_query(question_vector)  # scored with every lookup: no terms kept per block
-        self._term_row = None if term is None else term.float().reshape(1, self.heads, self.head_dim).contiguous()
-        # one group's query and the term query (a decode step's lookup writes its row in place: no launch to join them)
-        self._term_pair = None if term is None else torch.cat([torch.zeros_like(self._term_row), self._term_row])[None]
-        if self._term_row is None:
-            self._set_terms(0, self.repr_keys[: self.n_blocks])
-
-    def _set_terms(self, first: int, repr_keys: Tensor) -> None:
-        """The policy's per-block terms of blocks first .. first + len(repr_keys) - 1."""
-        terms = self.policy.block_terms(self.question_vector, repr_keys)
-        if terms is not None:
-            self.block_terms[first : first + repr_keys.shape[0]] = terms
-            self.has_terms = True
+        term = self.policy.term_query(question_vector)  # its block terms are scored with every lookup
+        self._term_pair = self._term_row = None
+        if term is not None:  # a group's query, then the term query (one group's lookup writes its row in place)
+            term = term.float().reshape(self.heads, self.head_dim)
+            self._term_pair = torch.stack([torch.zeros_like(term), term])[None]
+            self._term_row = self._term_pair[0, 1:]
 
     def count_hits(self, on: bool) -> None:
         self.hits = torch.zeros(self.repr_keys.shape[0], dtype=torch.int64, device=self.device) if on else None
@@ -352,15 +342,14 @@ class LayerMemory:
                     group_queries = torch.cat([group_queries, self._term_row])
             else:
                 group_queries = far_q
-            terms = self.block_terms[:n] if self.has_terms and not term_row else None
             if pinned is not None:  # the question's blocks + this token's best others: fixed size, no host sync
                 want = min(n, k + pinned.shape[1])
-                picked = self.policy.select(group_queries, self.repr_keys[:n], terms, want, term_row=term_row)
+                picked = self.policy.select(group_queries, self.repr_keys[:n], None, want, term_row=term_row)
                 fresh = ~(picked[:, :, None] == pinned[:, None, :]).any(dim=-1)
                 order = torch.argsort((~fresh).to(torch.int8), dim=-1, stable=True)
                 own = picked.gather(1, order[:, : min(k, want - pinned.shape[1])])
                 return torch.cat([pinned, own], dim=1).sort(dim=-1).values
-            picked = self.policy.pick(group_queries, self.repr_keys[:n], terms, k, term_row=term_row)  # ascending
+            picked = self.policy.pick(group_queries, self.repr_keys[:n], None, k, term_row=term_row)  # ascending
         if not answering:  # a prompt (e.g. the question turn): its answer's tokens may keep these picks
             self.pinned = picked
         return picked
@@ -455,8 +444,6 @@ class LayerMemory:
             self._grow_repr(max(2 * self.repr_keys.shape[0], first + count))
         representatives = self.repr_keys[first : first + count]  # (count, heads, d)
         self._represent(self.tail_k[:, sl], self.tail_scores[:, sl], cfg.repr_topk, representatives)
-        if self._term_row is None:  # else scored with each lookup
-            self._set_terms(first, representatives)
         self.store.add(*(buf[:, sl].unflatten(1, (count, cfg.block_size)).transpose(0, 1)
                          for buf in (self.tail_k, self.tail_v)))  # (count, kv_heads, bs, d)
 
@@ -495,7 +482,7 @@ class LayerMemory:
             setattr(self, name, new)
 
     def _grow_repr(self, capacity: int) -> None:
-        for name in ("repr_keys", "block_terms", "hits"):
+        for name in ("repr_keys", "hits"):
             old = getattr(self, name)
             if old is not None:
                 new = old.new_zeros((capacity, *old.shape[1:]))
@@ -523,8 +510,8 @@ class LayerMemory:
         self.init_len, self.tail_start, self.seen = state["positions"].tolist()
         self._base = self.tail_start
         self.init_k[:, : self.init_len] = state["init_k"]
-        self._far_init = 0
         self.init_v[:, : self.init_len] = state["init_v"]
+        self._far_init = 0
         n = self.tail_len
         if n > self.tail_k.shape[1]:
             self._resize_tail(n)

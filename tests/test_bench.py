@@ -576,6 +576,5 @@ def test_launch_count_of_a_lookup_group(capsys):
     assert 9 < prefill <= 13 and 4 < decode <= 10
     assert "lookup (2 kernels on CUDA)" in out and "block store (one kernel on CUDA)" in out
     assert "far set: blocks, remainder, positions (one kernel on CUDA)" in out and "_far_set" not in out
-    assert "question_scores_reference" not in out  # the question term is scored with the lookup, not per block
     assert "attention (2 kernels on CUDA)" in out  # prefill: + received
     assert "attention (2 kernels on CUDA)" in out.split("decode from evidence")[1]  # split runs + merge, no received

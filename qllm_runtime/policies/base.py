@@ -3,9 +3,8 @@ picks the far blocks its queries attend; policies register under the `QLLMConfig
 
 Shapes: group_queries (n_groups, heads, head_dim), the mean far-rotated query of each lookup group;
 repr_keys (n_blocks, heads, head_dim), one representative key per block and query head; block_terms
-(n_blocks,) float32, a per-block constant of the policy (e.g. the question term): scored per lookup as one more
-query row where the policy has a `term_query`, else computed once when a block is made (or when the question
-changes).
+(n_blocks,) float32, a per-block constant of the policy (e.g. the question term): the scores of its `term_query`,
+scored with every lookup as one more query row.
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ def register_policy(name: str):
 class LookupPolicy:
     """Scores blocks by <group query, representative key> summed over heads, plus `block_terms`; takes top-k.
 
-    Subclasses change `block_terms`, how they weigh (`weighting`) or `scores`; selection lives here: a block also
+    Subclasses change `term_query`, how they weigh (`weighting`) or `scores`; selection lives here: a block also
     scores as high as the `follow_blocks` blocks before it (so a hit brings the text after it along: a fact cut by a
     block boundary stays whole), then the top-k are taken. The Triton kernels are used where they run (CUDA: the
     whole lookup in two launches, `qllm_kernels.top_blocks`); the PyTorch reference elsewhere, with the same results.
@@ -62,19 +61,20 @@ class LookupPolicy:
 
     @classmethod
     def uses_question(cls, config: QLLMConfig) -> bool:
-        """Whether this policy reads the question (`block_terms`, `evidence_scores`); the engine computes it only
+        """Whether this policy reads the question (`term_query`, `evidence_scores`); the engine computes it only
         then."""
         return False
 
-    def block_terms(self, question_vector: Tensor | None, repr_keys: Tensor) -> Tensor | None:
-        """Per-block constant added to every lookup score: (n_blocks,) float32, or None for no term."""
+    def term_query(self, question_vector: Tensor | None) -> Tensor | None:
+        """The per-block term as a query (heads, head_dim): a block's term is <term_query, r_B> summed over heads,
+        scored with every lookup as one more row beside its group queries (on CUDA in the same launch). None: no
+        term."""
         return None
 
-    def term_query(self, question_vector: Tensor | None) -> Tensor | None:
-        """The block term as a query (heads, head_dim), where `block_terms(u, R)` is <term_query(u), r_B> summed over
-        heads: a lookup then scores it as one more row beside its group queries (on CUDA in the same launch) and no
-        term is kept per block. None: the terms, if any, are `block_terms`, kept per block when it is made."""
-        return None
+    def block_terms(self, question_vector: Tensor | None, repr_keys: Tensor) -> Tensor | None:
+        """The per-block term of `term_query`: (n_blocks,) float32, or None for no term."""
+        term = self.term_query(question_vector)
+        return None if term is None else block_scores_reference(term[None], repr_keys, None, 0.0)[0]
 
     def evidence_scores(
         self, question_queries: Tensor | None, header_queries: Tensor | None, init_keys: Tensor, store: BlockStore

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from ..lookup import question_attention, question_scores_reference
+from ..lookup import question_attention
 from .base import LookupPolicy, register_policy
 
 if TYPE_CHECKING:
@@ -37,11 +37,6 @@ class QLLMPolicy(LookupPolicy):
         heads, m = question_queries.shape[0], question_queries.shape[1] + header_queries.shape[1]
         chunks = store.key_chunks(max(1, 2**25 // (heads * m * store.shape[1])))  # logits under ~32M floats a chunk
         return question_attention(question_queries, header_queries, init_keys, chunks)
-
-    def block_terms(self, question_vector: Tensor | None, repr_keys: Tensor) -> Tensor | None:
-        if question_vector is None or self.config.question_weight == 0:
-            return None
-        return question_scores_reference(question_vector, repr_keys)  # (n_blocks,) float32
 
     def term_query(self, question_vector: Tensor | None) -> Tensor | None:
         """The question vector: the question term is <u, r_B> summed over heads."""
