@@ -113,14 +113,16 @@ def attention_case(heads, kv_heads, head_dim, n_q, n_local, n_far, dtype, device
         far_k=randn(kv_heads, n_far, head_dim), far_v=randn(kv_heads, n_far, head_dim),
         far_pos=far_pos.to(device), cos=cos, sin=sin, n_local=n_local, scaling=head_dim**-0.5,
         far_origin=rem_end - n_far if ordered else None,
+        received=torch.zeros(heads, n_loc, dtype=torch.float32, device=device),  # as the engine reads: summed into
     )  # fmt: skip
 
 
 def _close(qk, attend_reference, case) -> tuple[float, bool]:
     """(max abs error, within bf16 tolerance) of the kernel against the fp32 reference on `case`."""
     exact = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in case.items()}
-    out, received = qk.attention(**case)
-    ref_out, ref_received = attend_reference(**exact)
+    received, ref_received = (torch.zeros_like(case["received"]) for _ in range(2))
+    out = qk.attention(**{**case, "received": received})
+    ref_out = attend_reference(**{**exact, "received": ref_received})
     err = max((out.float() - ref_out).abs().max().item(), (received - ref_received).abs().max().item())
     ok = torch.allclose(out.float(), ref_out, rtol=2e-2, atol=2e-2) and torch.allclose(
         received, ref_received, rtol=2e-2, atol=2e-2

@@ -8,9 +8,9 @@ kernels from Python. This reads chunks into one `LayerMemory` with tiny heads on
 write memory (a new tensor, or an in-place op): each is one launch on CUDA. The ops that are one Triton kernel on
 CUDA (block gather, far set, block scorer, representative keys, block store) count as one launch here too, the
 fused lookup (`qllm_kernels.top_blocks`) as its two or three; the attention is a stand-in counted as the kernels
-`qllm_kernels.attention` launches for its shapes (forward; the merge of split key runs for decode; the received
-scores unless answering from evidence). Also reported: the same for one decode step
-answering from evidence.
+`qllm_kernels.attention` launches for its shapes (forward; the keys rotated ahead for a prefill group; the merge of
+split key runs for decode; the received scores unless answering from evidence). Also reported: the same for one
+decode step answering from evidence.
 """
 
 from __future__ import annotations
@@ -75,18 +75,18 @@ class LaunchCounter(TorchDispatchMode):
 
 
 def attention_stand_in(query, q_start, local_k, local_v, local_start, far_k, far_v, far_pos, cos, sin, n_local,
-                       scaling, far_origin=None, with_received=True):
-    """The attention's shape contract: out (n_q, heads, head_dim) and received (heads, n_loc) or None, zeros."""
-    received = query.new_zeros(query.shape[0], local_k.shape[1]).float() if with_received else None
-    return query.new_zeros(query.shape[1], *query.shape[::2]), received
+                       scaling, far_origin=None, received=None, out=None):
+    """The attention's shape contract: out (n_q, heads, head_dim), zeros (into `out` when given)."""
+    return query.new_zeros(query.shape[1], *query.shape[::2]) if out is None else out.zero_()
 
 
-def attention_kernels(query, q_start, local_k, local_v, local_start, far_k, *args, with_received=True, **kwargs
-                      ) -> int:
+def attention_kernels(query, q_start, local_k, local_v, local_start, far_k, *args, received=None, **kwargs) -> int:
     """Kernels `qllm_kernels.attention` launches on these inputs at the LLaMA-3-8B shape's heads (32 / 8, bf16)."""
     rows = 4 * query.shape[1]  # 4 query heads a KV head
-    split = kernel_module("attention").key_runs(rows, local_k.shape[1], far_k.shape[1], 2) > 1
-    return 1 + split + with_received
+    attention = kernel_module("attention")
+    split = attention.key_runs(rows, local_k.shape[1], far_k.shape[1], 2) > 1
+    rotate_ahead = attention.ROTATE_AHEAD and rows > attention.LAUNCH["forward"]["block_m"]
+    return 1 + split + rotate_ahead + (received is not None)
 
 
 def top_blocks_stand_in(group_queries, repr_keys, block_terms, beta, topk, standardized=False, term_row=False

@@ -36,6 +36,7 @@ def wrappers(device: torch.device) -> dict[str, Callable[[], object]]:
     local_k, local_v = randn(KV_HEADS, N_LOCAL + N_Q - 1, HEAD_DIM), randn(KV_HEADS, N_LOCAL + N_Q - 1, HEAD_DIM)
     far_k, far_v = randn(KV_HEADS, N_FAR, HEAD_DIM), randn(KV_HEADS, N_FAR, HEAD_DIM)
     far_pos = torch.arange(N_FAR, device=device) + 1000
+    received = torch.zeros(HEADS, local_k.shape[1], device=device)
     angles = torch.arange(8192, device=device)[:, None] / 10000 ** (torch.arange(64, device=device) / 64)
     cos, sin = (torch.cat([f(angles), f(angles)], dim=1) for f in (torch.cos, torch.sin))
     repr_keys, group_query, terms = randn(BLOCKS, HEADS, HEAD_DIM), randn(1, HEADS, HEAD_DIM, dtype=torch.float32), \
@@ -57,7 +58,7 @@ def wrappers(device: torch.device) -> dict[str, Callable[[], object]]:
     return {
         "attention (forward + received)": lambda: qk.attention(
             query, q_start, local_k, local_v, q_start - N_LOCAL + 1, far_k, far_v, far_pos, cos, sin, N_LOCAL, 0.088,
-            far_origin=q_start - N_LOCAL + 1 - N_FAR, check=False),
+            far_origin=q_start - N_LOCAL + 1 - N_FAR, received=received, check=False),
         "top_blocks (scorer + ranking)": lambda: qk.top_blocks(group_query, repr_keys, terms, 4.0, 8,
                                                                standardized=True, check=False),
         "gather_far_set (8 fp8 blocks + 100)": far_set,

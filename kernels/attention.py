@@ -9,7 +9,10 @@ take one of two position schemes (`ORDERED`, a constexpr, so each compiles its o
   `q - far_origin + shift` and far keys per tile to `j + shift` (`shift` >= 0 keeps table rows valid).
 Masks use real absolute positions in both: local iff 0 <= q - k < n_local, far iff q - k >= n_local.
 
-Two launches (three for few rows):
+Up to three launches:
+0. More rows than one row tile (a prefill group): `_rotate_keys_kernel` rotates the local keys and (ordered) the
+   far keys once, into buffers the two kernels below read as they are, instead of each row tile rotating each
+   key tile again (table reads and fp32 work in the inner loop).
 1. `_attn_fwd_kernel`, grid (row tiles, kv_heads): the rows of a tile are (query head of the kv head's
    group, query) pairs, so GQA reads each K/V tile once per group and never materialises repeated K/V.
    One online softmax (base 2, fp32 running max / sum / accumulator) runs over the local tiles that
@@ -18,7 +21,8 @@ Two launches (three for few rows):
    kv_heads)), and `_combine_kernel` merges their softmax states (flash-decoding): a decode step's 8 KV heads
    would otherwise keep 8 programs busy.
 2. `_received_kernel`, grid (local key tiles, heads): recomputes the local logits of the queries that
-   can see each key tile and sums exp2(logit - lse) over them: the probability each local key received.
+   can see each key tile and adds exp2(logit - lse) summed over them to the key's received probability (with
+   step 0, from the local queries the forward kernel wrote rotated).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from torch import Tensor
 
 from ._common import FLOAT_DTYPES, Launcher, cdiv, check_device, dot_dtype, next_power_of_2, on_device
 
-__all__ = ["LAUNCH", "SPLIT", "attention", "decode_attention", "key_runs", "supports_head_dim"]
+__all__ = ["LAUNCH", "ROTATE_AHEAD", "SPLIT", "attention", "decode_attention", "key_runs", "supports_head_dim"]
 
 _LOG2E = 1.4426950408889634
 _HEAD_DIMS = (32, 64, 128)
@@ -41,6 +45,11 @@ LAUNCH = {
     "forward": dict(block_m=128, block_n=64, num_warps=8, num_stages=3),
     "received": dict(block_m=64, block_n=128, num_warps=8, num_stages=3),
 }
+# More rows than one row tile (a prefill group): every row tile reads every key tile, so the keys are rotated once
+# ahead (`_rotate_keys_kernel`, tiles of ROTATE_TILE keys) rather than by each row tile; False rotates them in the
+# forward kernel always (to compare)
+ROTATE_AHEAD = True
+ROTATE_TILE = 64
 # Rows that fit one row tile (decode, short prompts): the key tiles are shared out among up to `max_splits`
 # programs per KV head, about `tiles` each.
 SPLIT = dict(tiles=4, max_splits=32)
@@ -68,6 +77,52 @@ def _load_rope(X, Cos, Sin, offs_x, pos, mask, stride_cosn, stride_sinn, HALF: t
 
 
 @triton.jit
+def _load_halves(X, offs_x, mask, HALF: tl.constexpr):
+    """The vectors at X + offs_x (rows,) as they are: halves (rows, HALF)."""
+    x_ptrs = X + offs_x[:, None] + tl.arange(0, HALF)[None, :]
+    return tl.load(x_ptrs, mask=mask[:, None], other=0.0), tl.load(x_ptrs + HALF, mask=mask[:, None], other=0.0)
+
+
+@triton.jit
+def _load_halves_t(X, offs_x, mask, HALF: tl.constexpr):
+    """The vectors at X + offs_x (keys,) as they are (raw, or rotated ahead), transposed halves (HALF, keys)."""
+    offs_h = tl.arange(0, HALF)
+    x_ptrs = X + offs_x[None, :] + offs_h[:, None]
+    return tl.load(x_ptrs, mask=mask[None, :], other=0.0), tl.load(x_ptrs + HALF, mask=mask[None, :], other=0.0)
+
+
+@Launcher
+@triton.jit(do_not_specialize=["n_loc", "n_far", "k_far_start"])
+def _rotate_keys_kernel(
+    K_loc, K_far, Cos, Sin, Out_loc, Out_far,
+    stride_klh, stride_kln, stride_kfh, stride_kfn, stride_olh, stride_ofh, stride_cosn, stride_sinn,
+    n_loc, n_far, k_far_start,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Local key j rotated to position j, far key j to k_far_start + j, into contiguous (kv_heads, n, HEAD_DIM)
+    buffers: grid (local tiles + far tiles, kv_heads)."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    n_loc_tiles = tl.cdiv(n_loc, BLOCK_N)
+    offs_h = tl.arange(0, HALF)
+    if tile < n_loc_tiles:
+        offs_k = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = offs_k < n_loc
+        x1, x2 = _load_rope(K_loc, Cos, Sin, kv_head * stride_klh + offs_k * stride_kln, offs_k, ok, stride_cosn,
+                            stride_sinn, HALF)
+        out_ptrs = Out_loc + kv_head * stride_olh + offs_k[:, None] * HEAD_DIM + offs_h[None, :]
+    else:
+        offs_k = (tile - n_loc_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = offs_k < n_far
+        x1, x2 = _load_rope(K_far, Cos, Sin, kv_head * stride_kfh + offs_k * stride_kfn, k_far_start + offs_k, ok,
+                            stride_cosn, stride_sinn, HALF)
+        out_ptrs = Out_far + kv_head * stride_ofh + offs_k[:, None] * HEAD_DIM + offs_h[None, :]
+    tl.store(out_ptrs, x1.to(Out_loc.dtype.element_ty), mask=ok[:, None])
+    tl.store(out_ptrs + HALF, x2.to(Out_loc.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit
 def _softmax_step(s, visible, v, m_i, l_i, acc):
     """Fold one tile of base-2 logits `s` (rows, keys) with values `v` (keys, head_dim) into the state."""
     s = tl.where(visible, s, float("-inf"))
@@ -84,14 +139,14 @@ def _softmax_step(s, visible, v, m_i, l_i, acc):
 @Launcher
 @triton.jit(do_not_specialize=["n_loc", "n_far", "q_rel_start", "q_start", "q_far_start", "k_far_start", "n_splits"])
 def _attn_fwd_kernel(
-    Q, K_loc, V_loc, K_far, V_far, Far_pos, Cos, Sin, Out, Lse, Part, Step,
+    Q, K_loc, V_loc, K_far, V_far, Far_pos, Cos, Sin, Out, Lse, Part, Step, Q_rot,
     stride_qh, stride_qm,
     stride_klh, stride_kln, stride_vlh, stride_vln,
     stride_kfh, stride_kfn, stride_vfh, stride_vfn,
     stride_cosn, stride_sinn, stride_om, stride_oh, stride_lseh,
     n_q, n_loc, n_far, q_rel_start, q_start, n_local, q_far_start, k_far_start, group, qk_scale, n_splits,
     HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ORDERED: tl.constexpr, PARTIAL: tl.constexpr, STEP_ON_DEVICE: tl.constexpr,
+    ORDERED: tl.constexpr, PARTIAL: tl.constexpr, STEP_ON_DEVICE: tl.constexpr, ROTATED: tl.constexpr,
 ):  # fmt: skip
     HALF: tl.constexpr = HEAD_DIM // 2
     pid_m = tl.program_id(0)  # the row tile; PARTIAL: the run of key tiles (one row tile holds every row)
@@ -118,6 +173,11 @@ def _attn_fwd_kernel(
     far_rel = q_far_start + offs_m if ORDERED else tl.zeros_like(offs_m) + n_local
     qf1, qf2 = _load_rope(Q, Cos, Sin, offs_q, far_rel, row_ok, stride_cosn, stride_sinn, HALF)
     ql1, ql2, qf1, qf2 = ql1.to(DOT_DTYPE), ql2.to(DOT_DTYPE), qf1.to(DOT_DTYPE), qf2.to(DOT_DTYPE)
+    if ROTATED:  # keys come rotated ahead; the rotated local queries go to Q_rot (heads, n_q, HEAD_DIM) for the
+        # received kernel
+        q_rot_ptrs = Q_rot + (head * n_q + offs_m)[:, None] * HEAD_DIM + tl.arange(0, HALF)[None, :]
+        tl.store(q_rot_ptrs, ql1.to(Q_rot.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(q_rot_ptrs + HALF, ql2.to(Q_rot.dtype.element_ty), mask=row_ok[:, None])
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -141,9 +201,13 @@ def _attn_fwd_kernel(
         k_rel = start_n + offs_n
         key_ok = k_rel < n_loc
         offs_k = kv_head * stride_klh + k_rel * stride_kln
-        k1, k2 = _load_rope(K_loc, Cos, Sin, offs_k, k_rel, key_ok, stride_cosn, stride_sinn, HALF)
-        s = tl.dot(ql1, tl.trans(k1.to(DOT_DTYPE)), input_precision="ieee")
-        s += tl.dot(ql2, tl.trans(k2.to(DOT_DTYPE)), input_precision="ieee")
+        if ROTATED:
+            k1_t, k2_t = _load_halves_t(K_loc, offs_k, key_ok, HALF)
+        else:
+            k1, k2 = _load_rope(K_loc, Cos, Sin, offs_k, k_rel, key_ok, stride_cosn, stride_sinn, HALF)
+            k1_t, k2_t = tl.trans(k1), tl.trans(k2)
+        s = tl.dot(ql1, k1_t.to(DOT_DTYPE), input_precision="ieee")
+        s += tl.dot(ql2, k2_t.to(DOT_DTYPE), input_precision="ieee")
         dist = q_rel[:, None] - k_rel[None, :]
         visible = (dist >= 0) & (dist < n_local) & key_ok[None, :]
         v_ptrs = V_loc + kv_head * stride_vlh + k_rel[:, None] * stride_vln + offs_d[None, :]
@@ -151,21 +215,18 @@ def _attn_fwd_kernel(
         m_i, l_i, acc = _softmax_step(s * qk_scale, visible, v, m_i, l_i, acc)
 
     # far keys (init, selected blocks, remainder), seen iff q_pos - pos >= n_local: shared, raw keys in any
-    # order; ordered, key j rotated to k_far_start + j
-    offs_h = tl.arange(0, HALF)
+    # order; ordered, key j rotated to k_far_start + j (here, or ahead)
     for start_n in range(far_lo, far_hi, BLOCK_N):
         offs_k = start_n + offs_n
         key_ok = offs_k < n_far
-        if ORDERED:
-            offs_kf = kv_head * stride_kfh + offs_k * stride_kfn
+        offs_kf = kv_head * stride_kfh + offs_k * stride_kfn
+        if ORDERED and not ROTATED:
             k1, k2 = _load_rope(K_far, Cos, Sin, offs_kf, k_far_start + offs_k, key_ok, stride_cosn, stride_sinn, HALF)
-            k1_t, k2_t = tl.trans(k1.to(DOT_DTYPE)), tl.trans(k2.to(DOT_DTYPE))
+            k1_t, k2_t = tl.trans(k1), tl.trans(k2)
         else:
-            k_ptrs = K_far + kv_head * stride_kfh + offs_k[None, :] * stride_kfn + offs_h[:, None]
-            k1_t = tl.load(k_ptrs, mask=key_ok[None, :], other=0.0).to(DOT_DTYPE)
-            k2_t = tl.load(k_ptrs + HALF, mask=key_ok[None, :], other=0.0).to(DOT_DTYPE)
-        s = tl.dot(qf1, k1_t, input_precision="ieee")
-        s += tl.dot(qf2, k2_t, input_precision="ieee")
+            k1_t, k2_t = _load_halves_t(K_far, offs_kf, key_ok, HALF)
+        s = tl.dot(qf1, k1_t.to(DOT_DTYPE), input_precision="ieee")
+        s += tl.dot(qf2, k2_t.to(DOT_DTYPE), input_precision="ieee")
         pos = tl.load(Far_pos + offs_k, mask=key_ok, other=0)
         visible = (q_pos[:, None] - pos[None, :] >= n_local) & key_ok[None, :]
         v_ptrs = V_far + kv_head * stride_vfh + offs_k[:, None] * stride_vfn + offs_d[None, :]
@@ -222,7 +283,10 @@ def _received_kernel(
     stride_cosn, stride_sinn, stride_lseh, stride_rh,
     n_q, n_loc, q_rel_start, n_local, group, qk_scale,
     HEAD_DIM: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROTATED: tl.constexpr,
 ):  # fmt: skip
+    """ROTATED: Q holds the local queries and K_loc the local keys, both rotated ahead (the forward kernel's Q_rot,
+    `_rotate_keys_kernel`); else both are raw and rotated here."""
     HALF: tl.constexpr = HEAD_DIM // 2
     pid_n = tl.program_id(0)
     head = tl.program_id(1)
@@ -231,9 +295,12 @@ def _received_kernel(
     k_rel = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     key_ok = k_rel < n_loc
     offs_k = kv_head * stride_klh + k_rel * stride_kln
-    k1, k2 = _load_rope(K_loc, Cos, Sin, offs_k, k_rel, key_ok, stride_cosn, stride_sinn, HALF)
-    k1_t = tl.trans(k1.to(DOT_DTYPE))
-    k2_t = tl.trans(k2.to(DOT_DTYPE))
+    if ROTATED:
+        k1_t, k2_t = _load_halves_t(K_loc, offs_k, key_ok, HALF)
+    else:
+        k1, k2 = _load_rope(K_loc, Cos, Sin, offs_k, k_rel, key_ok, stride_cosn, stride_sinn, HALF)
+        k1_t, k2_t = tl.trans(k1), tl.trans(k2)
+    k1_t, k2_t = k1_t.to(DOT_DTYPE), k2_t.to(DOT_DTYPE)
 
     received = tl.zeros([BLOCK_N], dtype=tl.float32)
     # only the queries whose window reaches this tile: k_rel <= q_rel < k_rel + n_local
@@ -244,7 +311,10 @@ def _received_kernel(
         row_ok = offs_m < n_q
         q_rel = q_rel_start + offs_m
         offs_q = head * stride_qh + offs_m * stride_qm
-        q1, q2 = _load_rope(Q, Cos, Sin, offs_q, q_rel, row_ok, stride_cosn, stride_sinn, HALF)
+        if ROTATED:
+            q1, q2 = _load_halves(Q, offs_q, row_ok, HALF)
+        else:
+            q1, q2 = _load_rope(Q, Cos, Sin, offs_q, q_rel, row_ok, stride_cosn, stride_sinn, HALF)
         s = tl.dot(q1.to(DOT_DTYPE), k1_t, input_precision="ieee")
         s += tl.dot(q2.to(DOT_DTYPE), k2_t, input_precision="ieee")
         lse = tl.load(Lse + head * stride_lseh + offs_m, mask=row_ok, other=0.0)
@@ -252,7 +322,8 @@ def _received_kernel(
         visible = (dist >= 0) & (dist < n_local) & row_ok[:, None] & key_ok[None, :]
         p = tl.where(visible, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
         received += tl.sum(p, 0)
-    tl.store(Received + head * stride_rh + k_rel, received, mask=key_ok)
+    received_ptrs = Received + head * stride_rh + k_rel  # this program alone adds to these keys of this head
+    tl.store(received_ptrs, tl.load(received_ptrs, mask=key_ok, other=0.0) + received, mask=key_ok)
 
 
 def attention(
@@ -270,10 +341,11 @@ def attention(
     scaling: float,
     *,
     far_origin: int | None = None,
+    received: Tensor | None = None,
+    out: Tensor | None = None,
     check: bool = True,
-    with_received: bool = True,
-) -> tuple[Tensor, Tensor | None]:
-    """One lookup group's attention; arguments and results as `qllm_runtime.attention.attend_reference`.
+) -> Tensor:
+    """One lookup group's attention; arguments and result as `qllm_runtime.attention.attend_reference`.
 
     query: (heads, n_q, head_dim), raw; absolute positions q_start .. q_start + n_q - 1.
     local_k, local_v: (kv_heads, n_loc, head_dim), raw; positions local_start .. q_start + n_q - 1.
@@ -291,36 +363,64 @@ def attention(
     check=False skips validating the inputs (the engine's calls, whose inputs hold these by construction: tens of
     microseconds a call on the host).
 
-    Returns out: (n_q, heads, head_dim) in the query dtype and received: (heads, n_loc) float32, the
-    softmax probability each local key received, summed over the queries (None without `with_received`: the
-    received kernel is not launched).
+    received: None, or (heads, n_loc) float32 with a contiguous last dim: the softmax probability each local key
+    received, summed over the queries, is added to it (by a second launch; None: not launched). out: None, or
+    (n_q, heads, head_dim) in the query dtype with a contiguous last dim, to write the output into.
+
+    Returns the output (n_q, heads, head_dim) in the query dtype (`out` when given).
     """
     if check:
         _check(query, q_start, local_k, local_v, local_start, far_k, far_v, far_pos, cos, sin, n_local, far_origin)
+        _check_outputs(query, local_k, received, out)
     q_far_start, k_far_start = _far_shifts(q_start, far_origin)
     heads, n_q, head_dim = query.shape
     n_loc = local_k.shape[1]
     qk_scale = float(scaling) * _LOG2E
     q_rel_start = q_start - local_start
+    ordered = far_origin is not None
+    q_rot = None
+    if ROTATE_AHEAD and heads // local_k.shape[0] * n_q > _launch(LAUNCH["forward"], query.element_size())["block_m"]:
+        local_k, far_k, q_rot = _rotate_ahead(query, local_k, far_k, cos, sin, k_far_start, ordered)
     out, lse = _forward(
-        query, local_k, local_v, far_k, far_v, far_pos, cos, sin, None, n_loc=n_loc,
+        query, local_k, local_v, far_k, far_v, far_pos, cos, sin, None, out, q_rot, n_loc=n_loc,
         n_far=far_k.shape[1], q_rel_start=q_rel_start, q_start=q_start, n_local=n_local, q_far_start=q_far_start,
-        k_far_start=k_far_start, qk_scale=qk_scale, ordered=far_origin is not None,
+        k_far_start=k_far_start, qk_scale=qk_scale, ordered=ordered,
     )  # fmt: skip
-    if not with_received:
-        return out, None
+    if received is None:
+        return out
     receive = _launch(LAUNCH["received"], query.element_size())
-    received = torch.empty(heads, n_loc, dtype=torch.float32, device=query.device)
     block_m = _rows_per_program(n_q, receive.pop("block_m"))
+    queries = query if q_rot is None else q_rot
     with on_device(query.device):
         _received_kernel[(cdiv(n_loc, receive["BLOCK_N"]), heads)](
-            query, local_k, cos, sin, lse, received,
-            query.stride(0), query.stride(1), local_k.stride(0), local_k.stride(1),
+            queries, local_k, cos, sin, lse, received,
+            queries.stride(0), queries.stride(1), local_k.stride(0), local_k.stride(1),
             cos.stride(0), sin.stride(0), lse.stride(0), received.stride(0),
             n_q, n_loc, q_rel_start, n_local, heads // local_k.shape[0], qk_scale,
-            HEAD_DIM=head_dim, DOT_DTYPE=dot_dtype(query.dtype), BLOCK_M=block_m, **receive,
+            HEAD_DIM=head_dim, DOT_DTYPE=dot_dtype(query.dtype), BLOCK_M=block_m, ROTATED=q_rot is not None,
+            **receive,
         )  # fmt: skip
-    return out, received
+    return out
+
+
+def _rotate_ahead(query: Tensor, local_k: Tensor, far_k: Tensor, cos: Tensor, sin: Tensor, k_far_start: int,
+                  ordered: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The local keys rotated to their positions in the local buffer and, ordered, the far keys to theirs, once for
+    all the row tiles that read them (shared far keys stay raw); and the buffer for the rotated local queries
+    (written by the forward kernel, read by the received kernel). In the dtype the dots read."""
+    dtype = torch.float32 if dot_dtype(query.dtype) == tl.float32 else query.dtype
+    kv_heads, n_loc, head_dim = local_k.shape
+    n_far = far_k.shape[1] if ordered else 0
+    local_rot = torch.empty((kv_heads, n_loc, head_dim), dtype=dtype, device=query.device)
+    far_rot = torch.empty((kv_heads, n_far, head_dim), dtype=dtype, device=query.device) if ordered else far_k
+    with on_device(query.device):
+        _rotate_keys_kernel[(cdiv(n_loc, ROTATE_TILE) + cdiv(n_far, ROTATE_TILE), kv_heads)](
+            local_k, far_k, cos, sin, local_rot, far_rot,
+            local_k.stride(0), local_k.stride(1), far_k.stride(0), far_k.stride(1), local_rot.stride(0),
+            far_rot.stride(0), cos.stride(0), sin.stride(0), n_loc, n_far, k_far_start,
+            HEAD_DIM=head_dim, BLOCK_N=ROTATE_TILE,
+        )  # fmt: skip
+    return local_rot, far_rot, torch.empty(query.shape, dtype=dtype, device=query.device)
 
 
 def decode_attention(
@@ -339,7 +439,7 @@ def decode_attention(
 
     Returns out (1, heads, head_dim): `attention(query, q_start, window_k[:, offset : offset + n_local], ...,
     q_start - n_local + 1, far_k[:, :n_far], far_v[:, :n_far], far_pos[:n_far], ..., far_origin=far_origin if
-    ordered else None, with_received=False)`. The key tiles are shared out for far_capacity keys (fixed programs);
+    ordered else None)`. The key tiles are shared out for far_capacity keys (fixed programs);
     check=True validates the inputs with the step's values (a host sync).
     """
     if check:
@@ -353,7 +453,7 @@ def decode_attention(
                far_v[:, :n_far], far_pos[:n_far], cos, sin, n_local, far_origin)
     # n_far, q_start and the far shifts are read from `step`; the window holds n_local keys, the query last
     out, _ = _forward(
-        query, window_k, window_v, far_k, far_v, far_pos, cos, sin, step, n_loc=n_local, n_far=0,
+        query, window_k, window_v, far_k, far_v, far_pos, cos, sin, step, None, None, n_loc=n_local, n_far=0,
         q_rel_start=n_local - 1, q_start=0, n_local=n_local, q_far_start=0, k_far_start=0,
         qk_scale=float(scaling) * _LOG2E, ordered=ordered,
     )  # fmt: skip
@@ -362,16 +462,18 @@ def decode_attention(
 
 def _forward(
     query: Tensor, local_k: Tensor, local_v: Tensor, far_k: Tensor, far_v: Tensor, far_pos: Tensor, cos: Tensor,
-    sin: Tensor, step: Tensor | None, *, n_loc: int, n_far: int, q_rel_start: int, q_start: int, n_local: int,
-    q_far_start: int, k_far_start: int, qk_scale: float, ordered: bool,
+    sin: Tensor, step: Tensor | None, out: Tensor | None, q_rot: Tensor | None, *, n_loc: int, n_far: int,
+    q_rel_start: int, q_start: int, n_local: int, q_far_start: int, k_far_start: int, qk_scale: float, ordered: bool,
 ) -> tuple[Tensor, Tensor]:
     """Launch the forward kernel (and the merge of split runs, `key_runs` for the buffers' n_loc and far keys):
-    out (n_q, heads, head_dim), lse (heads, n_q). With `step`, the kernel reads the positions from it."""
+    out (n_q, heads, head_dim; into `out` when given), lse (heads, n_q). With `step`, the kernel reads the positions
+    from it. With `q_rot`, the keys come rotated ahead (`_rotate_ahead`) and the rotated local queries go there."""
     heads, n_q, head_dim = query.shape
     kv_heads = local_k.shape[0]
     group = heads // kv_heads
     device = query.device
-    out = torch.empty(n_q, heads, head_dim, dtype=query.dtype, device=device)
+    if out is None:
+        out = torch.empty(n_q, heads, head_dim, dtype=query.dtype, device=device)
     lse = torch.empty(heads, n_q, dtype=torch.float32, device=device)
     forward = _launch(LAUNCH["forward"], query.element_size())
     n_splits = _runs(group * n_q, n_loc, far_k.shape[1], forward)
@@ -382,13 +484,13 @@ def _forward(
     with on_device(device):
         _attn_fwd_kernel[(n_splits if n_splits > 1 else cdiv(group * n_q, block_m), kv_heads)](
             query, local_k, local_v, far_k, far_v, far_pos, cos, sin, out, lse, part, lse if step is None else step,
-            query.stride(0), query.stride(1),
+            lse if q_rot is None else q_rot, query.stride(0), query.stride(1),
             local_k.stride(0), local_k.stride(1), local_v.stride(0), local_v.stride(1),
             far_k.stride(0), far_k.stride(1), far_v.stride(0), far_v.stride(1),
             cos.stride(0), sin.stride(0), out.stride(0), out.stride(1), lse.stride(0),
             n_q, n_loc, n_far, q_rel_start, q_start, n_local, q_far_start, k_far_start, group, qk_scale, n_splits,
             HEAD_DIM=head_dim, DOT_DTYPE=dot_dtype(query.dtype), BLOCK_M=block_m, ORDERED=ordered,
-            PARTIAL=n_splits > 1, STEP_ON_DEVICE=step is not None, **forward,
+            PARTIAL=n_splits > 1, STEP_ON_DEVICE=step is not None, ROTATED=q_rot is not None, **forward,
         )  # fmt: skip
         if n_splits > 1:
             _combine_kernel[(kv_heads,)](
@@ -479,6 +581,21 @@ def _check(
         if t.numel() and t.stride(-1) != 1:
             raise ValueError(f"{name} needs a contiguous last dim; call .contiguous() first")
     check_device([query, *named.values()])
+
+
+def _check_outputs(query: Tensor, local_k: Tensor, received: Tensor | None, out: Tensor | None) -> None:
+    """ValueError unless `received` and `out` are None or as `attention` documents them."""
+    heads, n_q, head_dim = query.shape
+    for name, t, shape, dtype in (("received", received, (heads, local_k.shape[1]), torch.float32),
+                                  ("out", out, (n_q, heads, head_dim), query.dtype)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or tuple(t.shape) != shape or t.dtype != dtype:
+            raise ValueError(f"{name} must be a {dtype} tensor of shape {shape}, got "
+                             f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"{name} needs a contiguous last dim")
+        check_device([query, t])
 
 
 def _check_step(step: Tensor, device: torch.device, capacity: int, far_capacity: int, n_local: int, ordered: bool

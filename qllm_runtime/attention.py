@@ -81,8 +81,9 @@ def attend_reference(
     scaling: float,
     *,
     far_origin: int | None = None,
-    with_received: bool = True,
-) -> tuple[Tensor, Tensor | None]:
+    received: Tensor | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
     """One lookup group's attention.
 
     query: (heads, n_q, head_dim), raw; absolute positions q_start .. q_start + n_q - 1.
@@ -96,9 +97,11 @@ def attend_reference(
     far_origin: None for shared far positions; else ordered: far keys in ascending far_pos, far key j at
         virtual position far_origin + j, with far_pos[j] <= far_origin + j.
 
-    Returns out: (n_q, heads, head_dim) in the query dtype, and received: (heads, n_loc) float32,
-    the softmax probability each local key received, summed over the group's queries (None without
-    `with_received`: while answering from evidence no lookup reads the scores they feed).
+    received: None, or (heads, n_loc) float32: the softmax probability each local key received, summed over the
+        group's queries, is added to it (while answering from evidence no lookup reads the scores they feed: None).
+    out: None, or (n_q, heads, head_dim) in the query dtype to write the output into.
+
+    Returns the output: (n_q, heads, head_dim) in the query dtype (`out` when given).
     """
     heads, n_q, head_dim = query.shape
     kv_heads, n_loc, _ = local_k.shape
@@ -122,6 +125,12 @@ def attend_reference(
     probs = torch.softmax(torch.cat([local_logits, far_logits], dim=-1) * scaling, dim=-1)
     p_local = probs[..., :n_loc].reshape(kv_heads, group * n_q, n_loc)
     p_far = probs[..., n_loc:].reshape(kv_heads, group * n_q, -1)
-    out = p_local @ local_v.float() + p_far @ far_v.float()  # (kv_heads, group * n_q, d)
-    received = p_local.view(kv_heads, group, n_q, n_loc).sum(dim=2).view(heads, n_loc) if with_received else None
-    return out.view(heads, n_q, head_dim).transpose(0, 1).to(query.dtype), received
+    result = p_local @ local_v.float() + p_far @ far_v.float()  # (kv_heads, group * n_q, d)
+    if received is not None:
+        received += p_local.view(kv_heads, group, n_q, n_loc).sum(dim=2).view(heads, n_loc)
+    return written(result.view(heads, n_q, head_dim).transpose(0, 1), query.dtype, out)
+
+
+def written(result: Tensor, dtype: torch.dtype, out: Tensor | None) -> Tensor:
+    """`result` in `dtype`, copied into `out` when one is given (the attentions' `out=`)."""
+    return result.to(dtype) if out is None else out.copy_(result)

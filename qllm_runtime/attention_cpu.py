@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .attention import rotate
+from .attention import rotate, written
 
 TILE = 128  # queries per tile: the band of a 128-query tile spans n_local + 127 keys
 
@@ -32,9 +32,10 @@ def attend_tiled(
     scaling: float,
     *,
     far_origin: int | None = None,
-    with_received: bool = True,
+    received: Tensor | None = None,
+    out: Tensor | None = None,
     tile: int = TILE,
-) -> tuple[Tensor, Tensor | None]:
+) -> Tensor:
     """`attend_reference`, tiled over queries (see there for the arguments and shapes)."""
     heads, n_q, head_dim = query.shape
     kv_heads, n_loc, _ = local_k.shape
@@ -48,8 +49,8 @@ def attend_tiled(
     k_far_t, v_far = k_far.transpose(1, 2), far_v.float()
     far_hidden = (torch.arange(q_start, q_start + n_q, device=device)[:, None] - far_pos[None, :].to(device)) < n_local
 
-    out = torch.empty((kv_heads, group, n_q, head_dim), dtype=torch.float32, device=device)
-    received = torch.zeros((kv_heads, group, n_loc), dtype=torch.float32, device=device) if with_received else None
+    result = torch.empty((kv_heads, group, n_q, head_dim), dtype=torch.float32, device=device)
+    into = None if received is None else received.view(kv_heads, group, n_loc)
     for t0 in range(0, n_q, tile):
         t1 = min(n_q, t0 + tile)
         rows = group * (t1 - t0)  # a KV head's query heads' rows, one batched matmul per KV head
@@ -69,11 +70,10 @@ def attend_tiled(
         tile_out = torch.bmm(local, v_local[:, lo:hi])
         if n_far:
             tile_out.baddbmm_(far, v_far)
-        out[:, :, t0:t1] = tile_out.mul_(inv_total).view(kv_heads, group, t1 - t0, head_dim)
-        if received is None:
+        result[:, :, t0:t1] = tile_out.mul_(inv_total).view(kv_heads, group, t1 - t0, head_dim)
+        if into is None:
             continue
         per_head = (kv_heads * group, t1 - t0)
-        received[..., lo:hi] += torch.bmm(inv_total.view(*per_head, 1).transpose(1, 2),
-                                          local.view(*per_head, hi - lo)).view(kv_heads, group, hi - lo)
-    return (out.view(heads, n_q, head_dim).transpose(0, 1).to(query.dtype),
-            None if received is None else received.view(heads, n_loc))
+        into[..., lo:hi] += torch.bmm(inv_total.view(*per_head, 1).transpose(1, 2),
+                                      local.view(*per_head, hi - lo)).view(kv_heads, group, hi - lo)
+    return written(result.view(heads, n_q, head_dim).transpose(0, 1), query.dtype, out)

@@ -63,7 +63,8 @@ class EvidenceBuffer:
 class LayerMemory:
     """Block memory of one attention layer (batch size 1)."""
 
-    TAIL_SLACK = 4  # lookup groups of room in the tail beyond what it holds: tokens leave it without a copy
+    APPEND_SPAN = 4  # lookup groups whose keys join the tail in one copy, before the first of them attends
+    TAIL_SLACK = 2  # lookup groups of room in the tail beyond what it holds: tokens leave it without a copy
 
     def __init__(
         self,
@@ -86,10 +87,9 @@ class LayerMemory:
         self.init_k = torch.empty((kv_heads, config.n_init, head_dim), dtype=dtype, device=device)
         self.init_v = torch.empty_like(self.init_k)
         self.init_len = 0
-        # the window, a remainder short of a block and one lookup group (the groups of a chunk join one by one),
-        # and the slack
+        # the window, a remainder short of a block, the groups appended at once (`APPEND_SPAN`) and the slack
         group = min(config.lookup_chunk, config.prefill_chunk)
-        capacity = config.n_local + config.block_size + (1 + self.TAIL_SLACK) * group
+        capacity = config.n_local + config.block_size + (self.APPEND_SPAN + self.TAIL_SLACK) * group
         self.tail_k = torch.empty((kv_heads, capacity, head_dim), dtype=dtype, device=device)
         self.tail_v = torch.empty_like(self.tail_k)
         self.tail_scores = torch.zeros((heads, capacity), dtype=torch.float32, device=device)
@@ -166,15 +166,18 @@ class LayerMemory:
             self.init_k[:, start : start + take] = key[:, :take]
             self.init_v[:, start : start + take] = value[:, :take]
             self.init_len = start + take
-        outs = []
+        out = query.new_empty((n, self.heads, self.head_dim))
         far_queries = self._far_queries(query) if self.evidence is None and self.policy.uses_blocks else None
-        for i, g0 in enumerate(range(0, n, cfg.lookup_chunk)):  # a group's keys join the tail just before it attends
+        appended = 0  # a group attends keys up to its own last query: later keys in the tail are not read yet
+        for i, g0 in enumerate(range(0, n, cfg.lookup_chunk)):
             g1 = min(n, g0 + cfg.lookup_chunk)
-            self._tail_append(key[:, g0:g1], value[:, g0:g1])
+            if g1 > appended:  # the keys of the next few groups join the tail in one copy
+                appended = min(n, g0 + self.APPEND_SPAN * cfg.lookup_chunk)
+                self._tail_append(key[:, g0:appended], value[:, g0:appended])
             far_query = None if far_queries is None else far_queries[i]
-            outs.append(self._attend_group(query[:, g0:g1], start + g0, scaling, far_query))
+            self._attend_group(query[:, g0:g1], start + g0, scaling, far_query, out[g0:g1])
             self._retire(processed=start + g1)
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out
 
     def _far_queries(self, query: Tensor, group: int | None = None) -> Tensor:
         """The mean query of each group of `group` (default: lookup_chunk) tokens, far-rotated, then the policy's term
@@ -195,7 +198,10 @@ class LayerMemory:
         rows = (means @ self._far_rotation())[:, None]
         return torch.cat([rows, self._term_row.expand(rows.shape[0], 1, -1, -1)], dim=1)
 
-    def _attend_group(self, query: Tensor, q_start: int, scaling: float, far_query: Tensor | None) -> Tensor:
+    def _attend_group(self, query: Tensor, q_start: int, scaling: float, far_query: Tensor | None, out: Tensor
+                      ) -> None:
+        """Attend the group of `query` (heads, n_q, head_dim) at q_start.. into `out` (n_q, heads, head_dim); the
+        probability its local keys received joins their scores (which choose representative keys)."""
         cfg = self.config
         n_q = query.shape[1]
         q_last = q_start + n_q - 1
@@ -210,14 +216,12 @@ class LayerMemory:
         # ordered: far keys packed in document order so that the last one sits just before far_end
         far_origin = far_end - fp.shape[0] if cfg.far_positions == "ordered" else None
         cos, sin = self.rope.get(cfg.n_local + max(n_q, fp.shape[0]) + 1, self.device)
-        # the received scores choose representative keys for lookups; answering from evidence looks nothing up
-        out, received = self.attend(
-            query, q_start, self.tail_k[:, lo:hi], self.tail_v[:, lo:hi], local_start,
-            fk, fv, fp, cos, sin, cfg.n_local, scaling, far_origin=far_origin, with_received=self.evidence is None,
+        # answering from evidence looks nothing up: no scores to keep
+        self.attend(
+            query, q_start, self.tail_k[:, lo:hi], self.tail_v[:, lo:hi], local_start, fk, fv, fp, cos, sin,
+            cfg.n_local, scaling, far_origin=far_origin, out=out,
+            received=self.tail_scores[:, lo:hi] if self.evidence is None else None,
         )
-        if received is not None:
-            self.tail_scores[:, lo:hi].add_(received)
-        return out
 
     def _far_set(self, query: Tensor, n_init_far: int, far_end: int, far_query: Tensor | None
                  ) -> tuple[Tensor, Tensor, Tensor]:

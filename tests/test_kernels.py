@@ -89,10 +89,18 @@ def _attention_case(heads, kv_heads, head_dim, n_q, n_loc, n_far, n_local, dtype
     )  # fmt: skip
 
 
+def attend_received(attend, *args, **kwargs):
+    """(out, received) of an attention, its received probabilities summed into zeros."""
+    query = kwargs["query"] if "query" in kwargs else args[0]
+    local_k = kwargs["local_k"] if "local_k" in kwargs else args[2]
+    received = torch.zeros(query.shape[0], local_k.shape[1], dtype=torch.float32, device=query.device)
+    return attend(*args, **kwargs, received=received), received
+
+
 def _check_attention(case, dtype):
-    out, received = qk.attention(**case)
+    out, received = attend_received(qk.attention, **case)
     exact = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in case.items()}
-    ref_out, ref_received = attend_reference(**exact)
+    ref_out, ref_received = attend_received(attend_reference, **exact)
     assert out.dtype == dtype and out.shape == ref_out.shape and out.device.type == DEVICE.type
     assert received.dtype == torch.float32 and received.shape == ref_received.shape
     rtol = LOW_PRECISION.get(dtype, 1e-4)
@@ -129,14 +137,17 @@ def test_attention_matches_reference_fp32(poison, heads, kv_heads, head_dim, n_q
                          ids=["decode", "tail"])
 def test_without_received_the_output_is_unchanged(poison, heads, kv_heads, head_dim, n_q, n_loc, n_far, n_local,
                                                   ordered):
-    """Answering from evidence skips the received scores: every implementation returns None for them and the
-    same output."""
+    """Answering from evidence skips the received scores: every implementation gives the same output without them,
+    and adds them to what `received` holds; `out=` takes the output."""
     case = _attention_case(heads, kv_heads, head_dim, n_q, n_loc, n_far, n_local, torch.float32, ordered=ordered)
     for attend in (qk.attention, attend_reference, attend_tiled):
-        out, received = attend(**case)
-        lean, nothing = attend(**case, with_received=False)
-        assert nothing is None and received is not None
+        out, received = attend_received(attend, **case)
+        lean = attend(**case)
         torch.testing.assert_close(lean, out, rtol=0, atol=0)
+        into = torch.full_like(out, math.nan)
+        assert attend(**case, out=into, received=received) is into
+        torch.testing.assert_close(into, out, rtol=0, atol=0)
+        torch.testing.assert_close(received, 2 * attend_received(attend, **case)[1], rtol=1e-6, atol=1e-6)
 
 
 @FAR_POSITIONS
@@ -152,6 +163,22 @@ def test_split_key_tiles_match_reference(
     for dtype in (torch.float32, torch.bfloat16):
         case = _attention_case(heads, kv_heads, head_dim, n_q, n_loc, n_far, n_local, dtype, seed=4, ordered=ordered)
         _check_attention(case, dtype)
+
+
+@FAR_POSITIONS
+@pytest.mark.parametrize("rotate_ahead", [True, False], ids=["rotated-ahead", "rotated-in-kernel"])
+def test_keys_rotated_ahead_or_in_the_kernel_match_reference(poison, monkeypatch, rotate_ahead, ordered):
+    """A prefill group (rows over several row tiles) has its keys rotated once ahead of the two kernels, which read
+    them, and its rotated queries, as they are; rotated in the kernels instead, the same result."""
+    module = sys.modules["qllm_kernels.attention"]
+    monkeypatch.setattr(module, "ROTATE_AHEAD", rotate_ahead)
+    calls = []
+    rotate = module._rotate_ahead
+    monkeypatch.setattr(module, "_rotate_ahead", lambda *args: calls.append(1) or rotate(*args))
+    for dtype in (torch.float32, torch.bfloat16):
+        case = _attention_case(8, 2, 64, 100, 160, 90, 64, dtype, seed=7, ordered=ordered)
+        _check_attention(case, dtype)
+    assert len(calls) == (2 if rotate_ahead else 0)  # the kernel once in each dtype
 
 
 def _in_buffer(t: torch.Tensor, before: int, after: int) -> torch.Tensor:
@@ -176,7 +203,7 @@ def test_decode_attention_reads_positions_from_the_device(
     for dtype in (torch.float32, torch.bfloat16):
         case = _attention_case(heads, kv_heads, head_dim, 1, n_local, n_far, n_local, dtype, seed=5, ordered=ordered)
         case["cos"], case["sin"] = _rope_tables(2 * n_local + n_far + spare + 3, head_dim)
-        expected, _ = qk.attention(**case, with_received=False)
+        expected = qk.attention(**case)
         far_origin = case["far_origin"] if ordered else 0
         step = torch.tensor([offset, n_far, case["q_start"], far_origin], device=DEVICE)
         window_k, window_v = (_in_buffer(case[name], offset, 7) for name in ("local_k", "local_v"))
@@ -260,8 +287,8 @@ def test_ordered_far_keys_all_selected_is_causal_attention(poison, attend):
     gen = torch.Generator().manual_seed(4)
     query, keys, values = _randn(gen, heads, n_q, head_dim), *(_randn(gen, kv_heads, n_keys, head_dim) for _ in "kv")
     cos, sin = _rope_tables(n_keys, head_dim)
-    out, received = attend(
-        query, q_start, keys[:, local_start:], values[:, local_start:], local_start,
+    out, received = attend_received(
+        attend, query, q_start, keys[:, local_start:], values[:, local_start:], local_start,
         keys[:, :far_end], values[:, :far_end], torch.arange(far_end, device=DEVICE),
         cos, sin, n_local, head_dim**-0.5, far_origin=0,
     )  # fmt: skip
@@ -289,7 +316,7 @@ def test_ordered_far_keys_packed_is_compacted_attention(poison, attend, n_q, loc
     query = _randn(gen, heads, n_q, head_dim)
     keys, values = (_randn(gen, kv_heads, n_far + n_loc, head_dim) for _ in "kv")  # [far | local]
     cos, sin = _rope_tables(n_far + n_loc, head_dim)
-    out, _ = attend(
+    out = attend(
         query, q_start, keys[:, n_far:], values[:, n_far:], local_start, keys[:, :n_far], values[:, :n_far],
         far_pos, cos, sin, n_local, head_dim**-0.5, far_origin=local_start - n_far,
     )  # fmt: skip
@@ -311,7 +338,7 @@ def test_ordered_far_origin_after_early_queries(poison, attend):
     query = _randn(gen, heads, n_q, head_dim)
     keys, values = (_randn(gen, kv_heads, n_far + n_loc, head_dim) for _ in "kv")  # [far | local]
     cos, sin = _rope_tables(far_origin + n_far, head_dim)
-    out, _ = attend(
+    out = attend(
         query, q_start, keys[:, n_far:], values[:, n_far:], local_start, keys[:, :n_far], values[:, :n_far],
         far_pos, cos, sin, n_local, head_dim**-0.5, far_origin=far_origin,
     )  # fmt: skip
@@ -344,6 +371,12 @@ def test_attention_rejects_bad_inputs():
         "far_pos must have shape": _bad(case, far_pos=case["far_pos"][:-1]),
         "far_pos must be int64": _bad(case, far_pos=case["far_pos"].float()),
         "repeat their first half": _bad(case, sin=case["sin"] * torch.linspace(1, 2, 64, device=DEVICE)),
+        "received must be a torch.float32 tensor": _bad(case, received=torch.zeros(q.shape[0], lk.shape[1] + 1,
+                                                                                    device=DEVICE)),
+        "out must be a torch.float32 tensor": _bad(case, out=torch.zeros(q.shape[1], q.shape[0], 64, device=DEVICE,
+                                                                         dtype=torch.float16)),
+        "received needs a contiguous last dim": _bad(case, received=torch.zeros(lk.shape[1], q.shape[0],
+                                                                                device=DEVICE).t()),
     }
     for message, bad in bad_cases.items():
         with pytest.raises(ValueError, match=message):

@@ -39,14 +39,14 @@ class AttendedPositions:
         return attend
 
     def attend(self, query, q_start, local_k, local_v, local_start, far_k, far_v, far_pos, cos, sin, n_local,
-               scaling, far_origin=None, with_received=True):
+               scaling, far_origin=None, received=None, out=None):
         record = self.seen.setdefault(self.layer, {})
         for q in range(q_start, q_start + query.shape[1]):
             counts = record.setdefault(q, Counter())
             counts.update(k for k in range(local_start, local_start + local_k.shape[1]) if 0 <= q - k < n_local)
             counts.update(k for k in far_pos.tolist() if q - k >= n_local)
         return attend_reference(query, q_start, local_k, local_v, local_start, far_k, far_v, far_pos, cos, sin,
-                                n_local, scaling, far_origin=far_origin, with_received=with_received)
+                                n_local, scaling, far_origin=far_origin, received=received, out=out)
 
 
 def run_recorded(model, tokenizer, config: QLLMConfig, ids: list[int], decode: int, monkeypatch):
@@ -160,10 +160,10 @@ def test_offloaded_blocks_give_the_same_answer(llama):
         assert (got.text, got.blocks) == (expected.text, expected.blocks)
 
 
-def test_the_tail_holds_one_lookup_group_beyond_the_window(llama, monkeypatch):
-    """A prefill chunk of many lookup groups appends each group just before it attends, so a layer's tail never
-    needs more than the window, a block and one group (plus a fixed slack, so tokens leave it without a copy):
-    a larger prefill_chunk costs no memory per layer."""
+def test_the_tail_holds_a_few_lookup_groups_beyond_the_window(llama, monkeypatch):
+    """A prefill chunk of many lookup groups appends a few groups' keys at a time (`APPEND_SPAN`), before the first
+    of them attends, so a layer's tail never needs more than the window, a block and those groups (plus a fixed
+    slack, so tokens leave it without a copy): a larger prefill_chunk costs no memory per layer."""
     model, tokenizer = llama
     grown = []
     monkeypatch.setattr(LayerMemory, "_resize_tail", lambda self, needed: grown.append(needed))
@@ -172,7 +172,7 @@ def test_the_tail_holds_one_lookup_group_beyond_the_window(llama, monkeypatch):
     for token in random_ids(20, len(tokenizer)):
         session.feed([token])
     assert not grown
-    room = 32 + 8 + 16 * (1 + LayerMemory.TAIL_SLACK)  # window, block, one group and the slack
+    room = 32 + 8 + 16 * (LayerMemory.APPEND_SPAN + LayerMemory.TAIL_SLACK)  # window, block, groups, slack
     assert {layer.tail_k.shape[1] for layer in session.memory.layers.values()} == {room}
 
 
