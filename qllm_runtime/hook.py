@@ -3,13 +3,17 @@
 The engine calls the model with all position ids 0 (so its RoPE is the identity) and a
 `quickllama_state` keyword, which transformers forwards to the attention function registered here.
 The model's previous attention implementation is restored after every forward, also on error, so
-another engine or a plain `model.generate` sharing the model is not affected.
+another engine or a plain `model.generate` sharing the model is not affected. Where the identity is exact
+(no attention scaling), the model's own rotation is skipped inside those forwards (`skip_identity_rope`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from functools import wraps
 from typing import Protocol
 from weakref import WeakKeyDictionary
 
@@ -87,11 +91,47 @@ def quickllama_attention(model: nn.Module) -> Iterator[None]:
             config._attn_implementation = implementation
 
 
+_IDENTITY_ROPE: ContextVar[bool] = ContextVar("quickllama_identity_rope", default=False)  # inside such a forward
+_SKIPS_ROPE: WeakKeyDictionary[nn.Module, bool] = WeakKeyDictionary()
+
+
+def skip_identity_rope(model: nn.Module, attention_scaling: float) -> bool:
+    """Inside `run_model` forwards of `model`, its attention layers' `apply_rotary_pos_emb` returns q and k as they
+    are, where at position 0 it is exactly the identity (`attention_scaling` 1): elementwise passes over every query
+    and key of every layer that change nothing. Wraps the function in the modeling modules that define the layers,
+    once; outside those forwards (plain SDPA calls, other threads) the wrapper calls the original. Returns whether
+    `model` skips it."""
+    wrapped = False
+    if attention_scaling == 1.0:
+        for name in {type(m).__module__ for m in model.modules() if hasattr(m, "layer_idx")}:
+            module = sys.modules.get(name)
+            original = getattr(module, "apply_rotary_pos_emb", None)
+            if callable(original):
+                if not getattr(original, "_quickllama", False):
+                    module.apply_rotary_pos_emb = _identity_inside_quickllama(original)
+                wrapped = True
+    _SKIPS_ROPE[model] = wrapped
+    return wrapped
+
+
+def _identity_inside_quickllama(apply: Callable) -> Callable:
+    @wraps(apply)
+    def apply_rotary_pos_emb(q: Tensor, k: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        return (q, k) if _IDENTITY_ROPE.get() else apply(q, k, *args, **kwargs)
+
+    apply_rotary_pos_emb._quickllama = True
+    return apply_rotary_pos_emb
+
+
 def run_model(model: nn.Module, input_ids: Tensor, state: AttentionState) -> Tensor:
     """One forward of `input_ids` (1, n) through QuickLLaMA attention; logits of the last token (vocab,)."""
     positions = torch.zeros_like(input_ids)
-    with torch.inference_mode(), quickllama_attention(model):
-        out = model(
-            input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=1, **{STATE_KWARG: state}
-        )
+    identity = _IDENTITY_ROPE.set(_SKIPS_ROPE.get(model, False))
+    try:
+        with torch.inference_mode(), quickllama_attention(model):
+            out = model(
+                input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=1, **{STATE_KWARG: state}
+            )
+    finally:
+        _IDENTITY_ROPE.reset(identity)
     return out.logits[0, -1]

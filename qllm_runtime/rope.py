@@ -33,6 +33,11 @@ class RotaryTables:
         self.device = device
         self.tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
+    @property
+    def attention_scaling(self) -> float:
+        """What the rotary module multiplies cos and sin by (1 for most models; YaRN and others scale)."""
+        return float(getattr(self.rotary, "attention_scaling", 1.0))
+
     def get(self, n: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
         """cos, sin (n, head_dim) on `device` (default: the engine's)."""
         device = self.device if device is None else device
@@ -44,7 +49,7 @@ class RotaryTables:
             probe = torch.zeros(1, dtype=torch.float32, device=home)
             with torch.no_grad():
                 cos, sin = self.rotary(probe, positions)
-            scale = float(getattr(self.rotary, "attention_scaling", 1.0))
+            scale = self.attention_scaling
             cos, sin = (cos[0].float() / scale).to(device), (sin[0].float() / scale).to(device)
             self.tables[device] = cos, sin
         return cos[:n], sin[:n]

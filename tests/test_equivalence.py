@@ -3,6 +3,8 @@ policy, and `ordered` far positions with every block looked up are exactly full 
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -104,6 +106,24 @@ def test_model_left_usable_for_plain_generate(tiny):
         assert all(layer.self_attn.config._attn_implementation == "eager" for layer in model.model.layers)
     finally:
         model.set_attn_implementation(before)
+
+
+def test_identity_rope_is_skipped_inside_engine_forwards_only(tiny, monkeypatch):
+    """At position 0 the model's RoPE is the identity: inside the engine's forwards its apply_rotary_pos_emb hands
+    q and k back untouched (no passes over them), outside them (a plain forward) it rotates as before. Not where
+    position 0 scales them (YaRN's attention scaling): that still runs."""
+    _, model, tokenizer = tiny
+    engine = QLLMEngine(model, tokenizer, QLLMConfig(**COVERING))
+    module = sys.modules[type(model.model.layers[0].self_attn).__module__]
+    rotated = []
+    rotate_half = module.rotate_half
+    monkeypatch.setattr(module, "rotate_half", lambda x: rotated.append(x.shape) or rotate_half(x))
+    session_logits(engine, random_ids(40, len(tokenizer)), 2)
+    assert (not rotated) == (engine._rope.attention_scaling == 1.0)
+    rotated.clear()
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))
+    assert len(rotated) == 2 * model.config.num_hidden_layers  # q and k of every layer
 
 
 # ---- full_within_window: a reading that fits the model's trained window is held with full attention ----------
