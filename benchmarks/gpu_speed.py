@@ -15,9 +15,9 @@ run; `--far-positions ordered shared` times the device pool with each far-positi
 `qllm_shared`); the offload variant (a `--offload-gb` device pool, blocks beyond it in pinned host memory) reads
 each `--offload-lengths` length twice: `qllm_offload`, a first reading, which page-locks its host memory, and
 `qllm_offload_again`, a later one, which reuses it (PyTorch keeps freed pinned memory for reuse), as a server
-reading one document after another does; `--profile-length` adds a breakdown of GPU time by stage (linear layers, attention kernel, lookup,
-copies, other) and the host time the GPU sat idle, of that reading or, with `--profile-decode N`, of N decode steps
-after it.
+reading one document after another does; `--profile-length` adds a breakdown of GPU time by stage (linear layers,
+attention kernel, lookup, copies, other) and the host time the GPU sat idle, of that reading or, with
+`--profile-decode N`, of N decode steps after it.
 """
 
 from __future__ import annotations
