@@ -47,10 +47,16 @@ def dot_dtype(dtype: torch.dtype) -> tl.dtype:
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
 
 
+@cache
+def _one_gpu() -> bool:
+    """Whether this process sees one CUDA device at most (then it is always the current one)."""
+    return torch.cuda.device_count() <= 1
+
+
 def on_device(device: torch.device) -> AbstractContextManager:
     """Where a launch must run: Triton launches on the current CUDA device, which need not be the inputs' (a
-    model split across GPUs). Switches only when it differs (a switch costs microseconds a launch)."""
-    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+    model split across GPUs). Switches only when it differs (a switch, even the check, costs microseconds a launch)."""
+    if device.type != "cuda" or device.index is None or _one_gpu() or device.index == torch.cuda.current_device():
         return nullcontext()
     return torch.cuda.device(device)
 
@@ -99,7 +105,7 @@ class Launcher:
     def _launch(self, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Any:
         if not _FAST_LAUNCH or _launch_hooked():
             return self.kernel[grid](*args, **kwargs)
-        device = torch.cuda.current_device()
+        device = 0 if _one_gpu() else torch.cuda.current_device()
         # what of each argument can change the JIT's specialization (a superset): a tensor's dtype and 16-byte
         # alignment; nothing of a float (never specialised on); an unspecialised int's width (i32, i64 or u64); else
         # its type and value
