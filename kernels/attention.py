@@ -42,8 +42,8 @@ _HEAD_DIMS = (32, 64, 128)
 # memory): rows (query head, query) per program, keys per tile, warps, pipeline stages. Chosen on an H200 with
 # `python -m benchmarks.kernel_bench --sweep` (BENCHMARKS.md §1), which tries others by changing this dict.
 LAUNCH = {
-    "forward": dict(block_m=128, block_n=64, num_warps=8, num_stages=3),
-    "received": dict(block_m=64, block_n=128, num_warps=8, num_stages=3),
+    "forward": dict(block_m=128, block_n=32, num_warps=8, num_stages=3),
+    "received": dict(block_m=128, block_n=64, num_warps=4, num_stages=3),
 }
 # More rows than one row tile (a prefill group): every row tile reads every key tile, so the keys are rotated once
 # ahead (`_rotate_keys_kernel`, tiles of ROTATE_TILE keys) rather than by each row tile; False rotates them in the

@@ -5,8 +5,9 @@ The spec is `qllm_runtime.blocks.store_reference` (float8: `qllm_runtime.blocks.
 block's block_size * head_dim values of one KV head, clamped to >= 1e-30, times float32(1 / 448);
 bits = e4m3fn(clamp(x / scale, -448, 448)), rounded to nearest even. The targets may be pinned host memory: a CUDA
 kernel writes it in place over the bus (unified addressing). The engine does not: it encodes offloaded blocks on
-the device and copies them over with one DMA copy per plane (`BlockStore.add`). Grid (count, kv_heads): each
-program writes one block of one KV head, K then V; float8 reads it twice (its largest magnitude first).
+the device and copies them over with one DMA copy per plane (`BlockStore.add`). Grid (count, kv_heads, 2): each
+program writes one plane (K or V) of one block of one KV head; float8 reads it twice (its largest magnitude first).
+A lookup group makes a few blocks at a time, so the programs are few: two per block and head, not one.
 
 Rounding is done with integer bit operations, the same compiled and interpreted (Triton's interpreter truncates
 float32 -> bfloat16 and its float8 casts do not round to nearest even), and divisions are IEEE-rounded
@@ -90,10 +91,12 @@ def _store_kernel(
 ):  # fmt: skip
     block = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
-    _store_plane(K, OutK, KScale, stride_kb, stride_kh, stride_kt, stride_okb, stride_ksb, block, head,
-                 block_size, head_dim, FP8, ROUND_BF16, BLOCK_T, BLOCK_D)
-    _store_plane(V, OutV, VScale, stride_vb, stride_vh, stride_vt, stride_ovb, stride_vsb, block, head,
-                 block_size, head_dim, FP8, ROUND_BF16, BLOCK_T, BLOCK_D)
+    if tl.program_id(2) == 0:
+        _store_plane(K, OutK, KScale, stride_kb, stride_kh, stride_kt, stride_okb, stride_ksb, block, head,
+                     block_size, head_dim, FP8, ROUND_BF16, BLOCK_T, BLOCK_D)
+    else:
+        _store_plane(V, OutV, VScale, stride_vb, stride_vh, stride_vt, stride_ovb, stride_vsb, block, head,
+                     block_size, head_dim, FP8, ROUND_BF16, BLOCK_T, BLOCK_D)
 
 
 def store_blocks(k: Tensor, v: Tensor, target: tuple[Tensor, ...], *, check: bool = True) -> None:
@@ -118,7 +121,7 @@ def store_blocks(k: Tensor, v: Tensor, target: tuple[Tensor, ...], *, check: boo
     block_d = next_power_of_2(head_dim)
     block_t = min(next_power_of_2(block_size), max(1, _TILE // block_d))
     with on_device(k.device):
-        _store_kernel[(count, kv_heads)](
+        _store_kernel[(count, kv_heads, 2)](
             k, v, out_k, out_v, scales[0], scales[1],
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             out_k.stride(0), out_v.stride(0), scales[0].stride(0) if fp8 else 0, scales[1].stride(0) if fp8 else 0,
