@@ -328,10 +328,11 @@ def test_ordered_far_keys_packed_is_compacted_attention(poison, attend, n_q, loc
 
 
 @ATTEND_FNS
-def test_ordered_far_origin_after_early_queries(poison, attend):
+@pytest.mark.parametrize("heads", [2, 8], ids=["one-row-tile", "rows-over-tiles"])  # the kernel: keys rotated ahead
+def test_ordered_far_origin_after_early_queries(poison, attend, heads):
     """far_origin > q_start while the early queries see far keys (a chunk longer than the window): the far
     logit is still <rope(q, q), rope(k_j, far_origin + j)>, computed here with absolute positions."""
-    heads, kv_heads, head_dim, n_q, n_local, local_start, far_origin = 2, 2, 32, 24, 8, 33, 48
+    kv_heads, head_dim, n_q, n_local, local_start, far_origin = 2, 32, 24, 8, 33, 48
     far_pos = torch.cat([torch.arange(0, 4), torch.arange(30, 36), torch.arange(50, 56)]).to(DEVICE)
     q_start, n_far, n_loc = 40, len(far_pos), 40 + n_q - local_start
     gen = torch.Generator().manual_seed(6)
