@@ -85,8 +85,7 @@ def attention_kernels(query, q_start, local_k, local_v, local_start, far_k, *arg
     rows = 4 * query.shape[1]  # 4 query heads a KV head
     attention = kernel_module("attention")
     split = attention.key_runs(rows, local_k.shape[1], far_k.shape[1], 2) > 1
-    rotate_ahead = attention.ROTATE_AHEAD and rows > attention.LAUNCH["forward"]["block_m"]
-    return 1 + split + rotate_ahead + (received is not None)
+    return 1 + split + attention.rotates_ahead(rows, 2) + (received is not None)
 
 
 def top_blocks_stand_in(group_queries, repr_keys, block_terms, beta, topk, standardized=False, term_row=False

@@ -34,7 +34,10 @@ from torch import Tensor
 
 from ._common import FLOAT_DTYPES, Launcher, cdiv, check_device, dot_dtype, next_power_of_2, on_device
 
-__all__ = ["LAUNCH", "ROTATE_AHEAD", "SPLIT", "attention", "decode_attention", "key_runs", "supports_head_dim"]
+__all__ = [
+    "LAUNCH", "ROTATE_AHEAD", "SPLIT", "attention", "decode_attention", "key_runs", "rotates_ahead",
+    "supports_head_dim",
+]
 
 _LOG2E = 1.4426950408889634
 _HEAD_DIMS = (32, 64, 128)
@@ -379,7 +382,7 @@ def attention(
     q_rel_start = q_start - local_start
     ordered = far_origin is not None
     q_rot = None
-    if ROTATE_AHEAD and heads // local_k.shape[0] * n_q > _launch(LAUNCH["forward"], query.element_size())["block_m"]:
+    if rotates_ahead(heads // local_k.shape[0] * n_q, query.element_size()):
         local_k, far_k, q_rot = _rotate_ahead(query, local_k, far_k, cos, sin, k_far_start, ordered)
     out, lse = _forward(
         query, local_k, local_v, far_k, far_v, far_pos, cos, sin, None, out, q_rot, n_loc=n_loc,
@@ -401,6 +404,12 @@ def attention(
             **receive,
         )  # fmt: skip
     return out
+
+
+def rotates_ahead(rows: int, element_size: int) -> bool:
+    """Whether `attention` rotates the keys of `rows` (query head, query) rows ahead of its kernels (`ROTATE_AHEAD`):
+    where they span more than one row tile."""
+    return ROTATE_AHEAD and rows > _launch(LAUNCH["forward"], element_size)["block_m"]
 
 
 def _rotate_ahead(query: Tensor, local_k: Tensor, far_k: Tensor, cos: Tensor, sin: Tensor, k_far_start: int,

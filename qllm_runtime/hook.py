@@ -95,12 +95,11 @@ _IDENTITY_ROPE: ContextVar[bool] = ContextVar("quickllama_identity_rope", defaul
 _SKIPS_ROPE: WeakKeyDictionary[nn.Module, bool] = WeakKeyDictionary()
 
 
-def skip_identity_rope(model: nn.Module, attention_scaling: float) -> bool:
+def skip_identity_rope(model: nn.Module, attention_scaling: float) -> None:
     """Inside `run_model` forwards of `model`, its attention layers' `apply_rotary_pos_emb` returns q and k as they
     are, where at position 0 it is exactly the identity (`attention_scaling` 1): elementwise passes over every query
     and key of every layer that change nothing. Wraps the function in the modeling modules that define the layers,
-    once; outside those forwards (plain SDPA calls, other threads) the wrapper calls the original. Returns whether
-    `model` skips it."""
+    once; outside those forwards (plain SDPA calls, other threads) the wrapper calls the original."""
     wrapped = False
     if attention_scaling == 1.0:
         for name in {type(m).__module__ for m in model.modules() if hasattr(m, "layer_idx")}:
@@ -111,7 +110,6 @@ def skip_identity_rope(model: nn.Module, attention_scaling: float) -> bool:
                     module.apply_rotary_pos_emb = _identity_inside_quickllama(original)
                 wrapped = True
     _SKIPS_ROPE[model] = wrapped
-    return wrapped
 
 
 def _identity_inside_quickllama(apply: Callable) -> Callable:
