@@ -225,6 +225,9 @@ def run(args) -> int:
         shape = f"groups={n_groups} blocks={n_blocks}"
         rows.append(("block_score", shape, t_kernel, t_gpu, t_ref, math.nan, err, ok))
         failed |= not ok
+    for row in _model_step_rows(qk, device, dtype, gen, median_ms, small=args.cpu_smoke):
+        rows.append(row)
+        failed |= not row[-1]
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
     versions = f"torch {torch.__version__}, triton {sys.modules['triton'].__version__}"
@@ -237,6 +240,41 @@ def run(args) -> int:
         print(f"{op:<12}{shape:<36}{t_kernel:>9.3f}{t_gpu:>11.3f}{t_ref:>11.3f}{t_sdpa:>9.3f}{t_ref / t_kernel:>8.2f}"
               f"{t_sdpa / t_kernel:>8.2f}{err:>10.2e}  {'yes' if ok else 'NO'}")  # fmt: skip
     return int(failed)
+
+
+def _model_step_rows(qk, device, dtype, gen, median_ms, small: bool) -> list[tuple]:
+    """The block store (a prefill group's 4 blocks into float8) and the model's RMSNorm (a prefill chunk's rows),
+    checked against their references and timed as the attention rows."""
+    from qllm_runtime.blocks import Planes, store_reference
+    from qllm_runtime.norms import rms_norm_reference
+
+    kv_heads, block_size, head_dim, count, rows, hidden = (2, 16, 64, 2, 8, 64) if small else (8, 128, 128, 4, 8192,
+                                                                                              4096)
+    tail = torch.randn(2, kv_heads, count * block_size, head_dim, generator=gen).to(device, dtype)
+    k, v = (t.unflatten(1, (count, block_size)).transpose(0, 1) for t in tail)  # views, as the engine passes them
+
+    def planes():
+        bits = [torch.empty((count, kv_heads, block_size, head_dim), dtype=torch.uint8, device=device) for _ in "kv"]
+        return Planes(*bits, *[torch.empty((count, kv_heads), device=device) for _ in "kv"])
+
+    got, want = planes(), planes()
+    qk.store_blocks(k, v, got.held())
+    store_reference(k, v, want)
+    ok = all(torch.equal(a, b) for a, b in zip(got.tensors(), want.tensors(), strict=True))
+    def store():
+        qk.store_blocks(k, v, got.held())
+
+    store_rows = [("store", f"fp8 blocks={count} bs={block_size}", median_ms(store), _device_ms(device, store),
+                   median_ms(lambda: store_reference(k, v, want)), math.nan, 0.0 if ok else math.inf, ok)]
+    x = (3 * torch.randn(rows, hidden, generator=gen)).to(device, dtype)
+    weight = (1 + torch.randn(hidden, generator=gen)).to(device, dtype)
+    want_x = rms_norm_reference(x, weight, 1e-5)
+    got_x = qk.rms_norm(x, weight, 1e-5)
+    err = (got_x.float() - want_x.float()).abs().max().item()
+    ok = torch.allclose(got_x.float(), want_x.float(), rtol=2 * 2**-7, atol=1e-6)  # kernel tests' bound, bf16
+    return [*store_rows, ("rms_norm", f"rows={rows} hidden={hidden}", median_ms(lambda: qk.rms_norm(x, weight, 1e-5)),
+                          _device_ms(device, lambda: qk.rms_norm(x, weight, 1e-5)),
+                          median_ms(lambda: rms_norm_reference(x, weight, 1e-5)), math.nan, err, ok)]
 
 
 def main(argv=None) -> int:

@@ -39,6 +39,15 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+@triton.jit
+def round_to_bf16(x):
+    """float32 -> the nearest bfloat16 value (ties to even), as float32 (a cast to bfloat16 is then exact; Triton's
+    interpreter would truncate)."""
+    u = x.to(tl.uint32, bitcast=True)
+    u = u + 0x7FFF + ((u >> 16) & 1)
+    return ((u >> 16) << 16).to(tl.float32, bitcast=True)
+
+
 def dot_dtype(dtype: torch.dtype) -> tl.dtype:
     """Operand dtype for `tl.dot` on inputs of `dtype`: the input dtype, except bfloat16 under the
     interpreter, whose `tl.dot` multiplies bfloat16 bit patterns (triton-lang/triton#11584): fp32 there."""

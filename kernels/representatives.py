@@ -14,8 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import FLOAT_DTYPES, Launcher, check_device, next_power_of_2, on_device
-from .store import _round_to_bf16
+from ._common import FLOAT_DTYPES, Launcher, check_device, next_power_of_2, on_device, round_to_bf16
 
 __all__ = ["representative_keys"]
 
@@ -45,7 +44,7 @@ def _representatives_kernel(
         free = free & (offs_s != pick)
     mean = tl.math.div_rn(acc, tl.zeros_like(acc) + repr_topk)
     if ROUND_BF16:
-        mean = _round_to_bf16(mean)
+        mean = round_to_bf16(mean)
     tl.store(Out + block * stride_ob + head * stride_oh + offs_d, mean.to(Out.dtype.element_ty), mask=d_ok)
 
 

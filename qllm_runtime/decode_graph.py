@@ -13,6 +13,7 @@ and a step whose tensors moved records the graph again.
 from __future__ import annotations
 
 import logging
+import warnings
 from contextlib import nullcontext
 from itertools import chain
 
@@ -131,11 +132,22 @@ class DecodeGraph:
                 self._logits = self._run()
         except RuntimeError as e:  # e.g. a model whose forward syncs the host (dynamic RoPE): answer the ordinary way
             self.failed, self._logits = f"{type(e).__name__}: {e}", None
+            _release_generators(self.device)
             log.warning("recording the decode step as a CUDA graph failed (%s); this reading's answer steps take "
                         "the ordinary path (QLLMConfig(decode_graphs=False) skips the attempt)", self.failed)
             return logits
         self._graph, self._recorded = graph, recorded
         return logits
+
+
+def _release_generators(device: torch.device) -> None:
+    """A capture that failed leaves the device's default random generator registered to it: every later random draw
+    on the device (the user's own `torch.randn(..., device="cuda")`) then raises "Offset increment outside graph
+    capture" (torch 2.11). An empty capture registers and releases it again."""
+    with warnings.catch_warnings():  # "The CUDA Graph is empty": it is meant to be
+        warnings.simplefilter("ignore", UserWarning)
+        with torch.cuda.graph(torch.cuda.CUDAGraph(), stream=torch.cuda.Stream(device)):
+            pass
 
 
 def _describe(tensors: list[Tensor]) -> tuple:

@@ -20,7 +20,8 @@ from .layout import BlockLayout
 from .loading import DEFAULT_NAME, default_gguf_path, load
 from .locking import DEFAULT_LOCK_TIMEOUT, ModelLock
 from .memory import ModelMemory
-from .ops import attention_op, kernels
+from .norms import fuse_rms_norms
+from .ops import attention_op, kernels, rms_norm_op
 from .placement import Placement, plan_placement
 from .policies import POLICIES, make_policy
 from .prompt import ContextTokens, PromptBuilder, PromptParts, check_text
@@ -74,6 +75,7 @@ class QLLMEngine:
         self._head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
         hook.register()
         hook.skip_identity_rope(model, self._rope.attention_scaling)
+        fuse_rms_norms(model, rms_norm_op(self.device))
         self.prompts = PromptBuilder(tokenizer)
         self.stop_token_ids = self.prompts.stop_token_ids(getattr(model, "generation_config", None))
         self._lock, self.lock_timeout = ModelLock.of(model), lock_timeout

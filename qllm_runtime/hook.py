@@ -4,7 +4,8 @@ The engine calls the model with all position ids 0 (so its RoPE is the identity)
 `quickllama_state` keyword, which transformers forwards to the attention function registered here.
 The model's previous attention implementation is restored after every forward, also on error, so
 another engine or a plain `model.generate` sharing the model is not affected. Where the identity is exact
-(no attention scaling), the model's own rotation is skipped inside those forwards (`skip_identity_rope`).
+(no attention scaling), the model's own rotation is skipped inside those forwards (`skip_identity_rope`); on CUDA
+its RMSNorms run as one kernel each there (`norms.fuse_rms_norms`).
 """
 
 from __future__ import annotations
@@ -91,8 +92,13 @@ def quickllama_attention(model: nn.Module) -> Iterator[None]:
             config._attn_implementation = implementation
 
 
-_IDENTITY_ROPE: ContextVar[bool] = ContextVar("quickllama_identity_rope", default=False)  # inside such a forward
+_RUNNING: ContextVar[nn.Module | None] = ContextVar("quickllama_running", default=None)  # the model in run_model
 _SKIPS_ROPE: WeakKeyDictionary[nn.Module, bool] = WeakKeyDictionary()
+
+
+def engine_forward_running() -> bool:
+    """Whether this thread is inside a `run_model` forward (where the engine's changes to the model apply)."""
+    return _RUNNING.get() is not None
 
 
 def skip_identity_rope(model: nn.Module, attention_scaling: float) -> None:
@@ -115,7 +121,8 @@ def skip_identity_rope(model: nn.Module, attention_scaling: float) -> None:
 def _identity_inside_quickllama(apply: Callable) -> Callable:
     @wraps(apply)
     def apply_rotary_pos_emb(q: Tensor, k: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        return (q, k) if _IDENTITY_ROPE.get() else apply(q, k, *args, **kwargs)
+        model = _RUNNING.get()
+        return (q, k) if model is not None and _SKIPS_ROPE.get(model, False) else apply(q, k, *args, **kwargs)
 
     apply_rotary_pos_emb._quickllama = True
     return apply_rotary_pos_emb
@@ -124,12 +131,12 @@ def _identity_inside_quickllama(apply: Callable) -> Callable:
 def run_model(model: nn.Module, input_ids: Tensor, state: AttentionState) -> Tensor:
     """One forward of `input_ids` (1, n) through QuickLLaMA attention; logits of the last token (vocab,)."""
     positions = torch.zeros_like(input_ids)
-    identity = _IDENTITY_ROPE.set(_SKIPS_ROPE.get(model, False))
+    running = _RUNNING.set(model)
     try:
         with torch.inference_mode(), quickllama_attention(model):
             out = model(
                 input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=1, **{STATE_KWARG: state}
             )
     finally:
-        _IDENTITY_ROPE.reset(identity)
+        _RUNNING.reset(running)
     return out.logits[0, -1]

@@ -1,6 +1,6 @@
 """Which implementation runs: the Triton kernels (`qllm_kernels`) on CUDA, the tiled PyTorch attention
 (`attention_cpu`) on the CPU, the PyTorch references elsewhere (attention, block gather, block store,
-representative keys).
+representative keys; on CUDA also the model's RMSNorms, `norms`).
 
 The references are the spec and the test oracle. `QUICKLLAMA_KERNELS=0` forces them on CUDA and CPU alike (to
 compare or debug).
@@ -30,6 +30,7 @@ from .blocks import (
     representatives_reference,
     store_reference,
 )
+from .norms import RMSNormFn
 
 log = logging.getLogger("quickllama")
 
@@ -114,6 +115,12 @@ def store_op(device: torch.device) -> StoreFn:
         module.store_blocks(k, v, target.held(), check=False)
 
     return store
+
+
+def rms_norm_op(device: torch.device) -> RMSNormFn | None:
+    """The model's RMSNorm as one kernel (`norms.fuse_rms_norms`) on CUDA; None elsewhere (the model's own forward)."""
+    module = kernels(device)
+    return None if module is None else partial(module.rms_norm, check=False)
 
 
 def representatives_op(device: torch.device) -> RepresentFn:

@@ -32,6 +32,7 @@ from qllm_runtime.attention import apply_rope, attend_reference
 from qllm_runtime.attention_cpu import attend_tiled
 from qllm_runtime.blocks import Planes, gather_reference, quantize, representatives_reference, store_reference
 from qllm_runtime.lookup import block_scores_reference, select_blocks
+from qllm_runtime.norms import rms_norm_reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -941,3 +942,95 @@ def test_representative_keys_bad_inputs():
         for args in cases:
             with pytest.raises(ValueError, match=message):
                 qk.representative_keys(*args)
+
+
+# ---- RMSNorm ------------------------------------------------------------------------------------------------------
+def _assert_within_one_ulp(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal but for the order of the sum of squares: the normalised x one unit in its last place off at most (which
+    the weight carries into the output), the output one more."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    ulp = {torch.bfloat16: 2**-7, torch.float16: 2**-10}.get(want.dtype, 1e-6)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 * ulp, atol=1e-6)
+
+
+@pytest.mark.parametrize("hidden", [1, 48, 100], ids=lambda h: f"hidden{h}")
+@pytest.mark.parametrize(("dtype", "weight_dtype"), [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+    (torch.bfloat16, torch.float32)], ids=["fp32", "bf16", "fp16", "bf16-x-fp32-weight"])
+def test_rms_norm_matches_reference(poison, hidden, dtype, weight_dtype):
+    gen = torch.Generator().manual_seed(hidden)
+    x = (3 * torch.randn((2, 3, hidden), generator=gen)).to(DEVICE, dtype)
+    weight = (1 + torch.randn(hidden, generator=gen)).to(DEVICE, weight_dtype)
+    want = rms_norm_reference(x, weight, 1e-6)
+    _assert_within_one_ulp(qk.rms_norm(x, weight, 1e-6), want)
+    out = torch.empty_like(want)
+    assert qk.rms_norm(x, weight, 1e-6, out=out) is out
+    _assert_within_one_ulp(out, want)
+    rows = torch.randn((5, 2 * hidden), generator=gen).to(DEVICE, dtype)[:, :hidden]  # rows of a bigger tensor
+    _assert_within_one_ulp(qk.rms_norm(rows, weight, 1e-6), rms_norm_reference(rows, weight, 1e-6))
+    assert qk.rms_norm(x[:0], weight, 1e-6).shape == (0, 3, hidden)
+
+
+def test_rms_norm_bad_inputs():
+    x, weight = torch.randn(3, 8, device=DEVICE), torch.ones(8, device=DEVICE)
+    bad_cases = {
+        "weight must be \\(8,\\)": [(x, weight[:4]), (x, weight[None])],
+        "float16/bfloat16/float32": [(x.double(), weight), (x, weight.long())],
+        "contiguous last dim": [(x.t().contiguous().t(), weight)],
+        "flatten to one stride": [(torch.randn(4, 3, 8, device=DEVICE)[:, :2], weight)],
+    }
+    for message, cases in bad_cases.items():
+        for args in cases:
+            with pytest.raises(ValueError, match=message):
+                qk.rms_norm(*args, 1e-6)
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        qk.rms_norm(x, weight, 1e-6, out=torch.empty(3, 8, dtype=torch.bfloat16, device=DEVICE))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "yarn"])
+def test_rms_norms_fused_inside_engine_forwards_only(tokenizer, arch, monkeypatch):
+    """Each RMSNorm of the model runs the kernel inside the engine's forwards, with the logits of the model's own
+    norms; a plain forward outside them runs the model's own, bit for bit; a norm of another form is left alone."""
+    monkeypatch.setenv("QUICKLLAMA_KERNELS", "0")  # on CUDA the engine would fuse them itself: here the test does
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from qllm_runtime import QLLMConfig, QLLMEngine
+    from qllm_runtime.norms import fuse_rms_norms
+
+    from .conftest import COVERING, random_ids, session_logits, tiny_model
+    from .test_equivalence import assert_same_logits
+
+    class DoubledRMSNorm(LlamaRMSNorm):  # the same attributes, another result
+        def forward(self, hidden_states):
+            return 2 * super().forward(hidden_states)
+
+    model = tiny_model(arch, len(tokenizer), seed=4).to(DEVICE)  # its own: fusing changes the model it is given
+    gen = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm"):  # weights other than ones, so the kernel must read them
+            module.weight.data = (1 + 0.5 * torch.randn(module.weight.shape, generator=gen)).to(DEVICE)
+    model.model.norm.__class__ = DoubledRMSNorm
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    engine = QLLMEngine(model, tokenizer, QLLMConfig(**COVERING))
+    ids = random_ids(40, len(tokenizer))
+    want = session_logits(engine, ids, 2)
+    with torch.no_grad():
+        plain = model(torch.tensor([ids[:5]], device=DEVICE)).logits
+
+    calls = []
+
+    def counted(x, weight, eps):
+        calls.append(x.shape)
+        return qk.rms_norm(x, weight, eps)
+
+    assert fuse_rms_norms(model, counted) == len(norms) - 1  # all but the doubled final norm
+    assert fuse_rms_norms(model, counted) == len(norms) - 1  # idempotent
+    assert not getattr(model.model.norm.forward, "_quickllama", False)
+    calls.clear()
+    assert_same_logits(session_logits(engine, ids, 2), want)
+    per_forward = 2 * model.config.num_hidden_layers * (2 if arch == "qwen3" else 1)  # qwen3 norms q and k too
+    assert len(calls) >= per_forward
+    calls.clear()
+    with torch.no_grad():
+        assert torch.equal(model(torch.tensor([ids[:5]], device=DEVICE)).logits, plain)
+    assert not calls
