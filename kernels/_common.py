@@ -66,8 +66,11 @@ def on_device(device: torch.device) -> AbstractContextManager:
     """Where a launch must run: Triton launches on the current CUDA device, which need not be the inputs' (a
     model split across GPUs). Switches only when it differs (a switch, even the check, costs microseconds a launch)."""
     if device.type != "cuda" or device.index is None or _one_gpu() or device.index == torch.cuda.current_device():
-        return nullcontext()
+        return _STAY
     return torch.cuda.device(device)
+
+
+_STAY = nullcontext()  # reusable: one object for every launch that stays on the current device
 
 
 def check_device(tensors: list[Tensor]) -> torch.device:
@@ -115,22 +118,35 @@ class Launcher:
         if not _FAST_LAUNCH or _launch_hooked():
             return self.kernel[grid](*args, **kwargs)
         device = 0 if _one_gpu() else torch.cuda.current_device()
-        # what of each argument can change the JIT's specialization (a superset): a tensor's dtype and 16-byte
-        # alignment; nothing of a float (never specialised on); an unspecialised int's width (i32, i64 or u64); else
-        # its type and value
-        key = (device, *kwargs.items(), *[
-            (a.dtype, not a.data_ptr() & 15) if isinstance(a, Tensor) else float if type(a) is float
-            else (-0x80000000 <= a <= 0x7FFFFFFF, a >= 1 << 63) if type(a) is int and not by_value else (type(a), a)
-            for a, by_value in zip(args, self._by_value, strict=False)])  # args may stop before the constexprs
-        compiled = self._compiled.get(key)
-        if compiled is None:  # the JIT's launch: compiles or finds the kernel of this specialization
-            compiled = self._compiled[key] = self.kernel[grid](*args, **kwargs)
+        # what of each argument can change the JIT's specialization (a superset), one flat entry or two an argument: a
+        # tensor's dtype, then its 16-byte alignment (only a tensor gives a dtype entry, so the key reads back one way);
+        # float for a float (never specialised on); an unspecialised int's width class (i32, i64 or u64); a
+        # specialised int itself; anything else as (type, value)
+        key = (device, *kwargs.items(), *self._entries(args))
+        entry = self._compiled.get(key)
+        if entry is None:  # the JIT's launch: compiles or finds the kernel of this specialization
+            compiled = self.kernel[grid](*args, **kwargs)
+            # the arguments after the positional ones, as the compiled kernel takes them (fixed for this key)
+            self._compiled[key] = compiled, [kwargs.get(name, self._defaults[name]) for name in self._names[len(args):]]
             return compiled
-        values = [*args, *(kwargs.get(name, self._defaults[name]) for name in self._names[len(args):])]
+        compiled, rest = entry
         grid = (*grid, 1, 1)
         compiled.run(grid[0], grid[1], grid[2], _stream_getter()(device), compiled.function, compiled.packed_metadata,
-                     None, None, None, *values)
+                     None, None, None, *args, *rest)
         return compiled
+
+    def _entries(self, args: tuple[Any, ...]) -> list[Any]:
+        entries = []
+        for a, by_value in zip(args, self._by_value, strict=False):  # args may stop before the constexprs
+            if isinstance(a, Tensor):
+                entries += (a.dtype, not a.data_ptr() & 15)
+            elif type(a) is int:
+                entries.append(a if by_value else (-0x80000000 <= a <= 0x7FFFFFFF) + 2 * (a >= 1 << 63))
+            elif type(a) is float:
+                entries.append(float)
+            else:
+                entries.append((type(a), a))
+        return entries
 
 
 def _launch_hooked() -> bool:
