@@ -75,7 +75,7 @@ class QLLMEngine:
         self._head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
         hook.register()
         hook.skip_identity_rope(model, self._rope.attention_scaling)
-        fuse_rms_norms(model, rms_norm_op(self.device))
+        fuse_rms_norms(model, rms_norm_op(self.device), self.device.type)
         self.prompts = PromptBuilder(tokenizer)
         self.stop_token_ids = self.prompts.stop_token_ids(getattr(model, "generation_config", None))
         self._lock, self.lock_timeout = ModelLock.of(model), lock_timeout

@@ -31,15 +31,17 @@ def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * normed.to(x.dtype)
 
 
-def fuse_rms_norms(model: nn.Module, rms_norm: RMSNormFn | None) -> int:
+def fuse_rms_norms(model: nn.Module, rms_norm: RMSNormFn | None, device_type: str = "cuda") -> int:
     """Inside the engine's forwards, run each RMSNorm of `model` that computes `rms_norm_reference` as `rms_norm`
-    (None: leave them all). Idempotent; returns how many modules run fused."""
+    (None: leave them all), where its weight and the hidden states are on a device of `device_type` (where
+    `rms_norm` runs; a module offloaded elsewhere keeps its own forward). Idempotent; returns how many modules run
+    fused."""
     if rms_norm is None:
         return 0
     same: dict[type, bool] = {}  # per class: does its forward compute the reference?
     fused = 0
     for module in model.modules():
-        if not _candidate(module):
+        if not _candidate(module) or module.weight.device.type != device_type:
             continue
         if not getattr(module.forward, "_quickllama", False):
             kind = type(module)
@@ -49,7 +51,7 @@ def fuse_rms_norms(model: nn.Module, rms_norm: RMSNormFn | None) -> int:
                     log.info("%s does not compute a Llama RMSNorm: it keeps its own forward", kind.__name__)
             if not same[kind]:
                 continue
-            module.forward = _fused_inside_engine(module, rms_norm)
+            module.forward = _fused_inside_engine(module, rms_norm, device_type)
         fused += 1
     return fused
 
@@ -70,21 +72,21 @@ def _computes_reference(module: nn.Module, rms_norm: RMSNormFn) -> bool:
     with torch.no_grad():
         try:
             theirs = module.forward(x)
-        except Exception:  # a forward that does not take plain hidden states is not ours to fuse
+            ours = rms_norm(x, weight, module.variance_epsilon)
+        except Exception:  # a forward that does not take plain hidden states (or a weight the kernel cannot read)
             return False
-        ours = rms_norm(x, weight, module.variance_epsilon)
     if not isinstance(theirs, Tensor) or theirs.dtype != ours.dtype or theirs.shape != ours.shape:
         return False
     ulp = {torch.bfloat16: 2**-7, torch.float16: 2**-10}.get(ours.dtype, 1e-6)
     return torch.allclose(ours.float(), theirs.float(), rtol=2 * ulp, atol=1e-6)
 
 
-def _fused_inside_engine(module: nn.Module, rms_norm: RMSNormFn) -> Callable[..., Tensor]:
+def _fused_inside_engine(module: nn.Module, rms_norm: RMSNormFn, device_type: str) -> Callable[..., Tensor]:
     own = module.forward
 
     def forward(hidden_states: Tensor, *args, **kwargs) -> Tensor:
-        if args or kwargs or not engine_forward_running():
-            return own(hidden_states, *args, **kwargs)
+        if args or kwargs or not engine_forward_running() or hidden_states.device.type != device_type:
+            return own(hidden_states, *args, **kwargs)  # e.g. the model moved to the CPU since
         return rms_norm(hidden_states, module.weight, module.variance_epsilon)
 
     forward._quickllama = True

@@ -1023,8 +1023,9 @@ def test_rms_norms_fused_inside_engine_forwards_only(tokenizer, arch, monkeypatc
         calls.append(x.shape)
         return qk.rms_norm(x, weight, eps)
 
-    assert fuse_rms_norms(model, counted) == len(norms) - 1  # all but the doubled final norm
-    assert fuse_rms_norms(model, counted) == len(norms) - 1  # idempotent
+    assert fuse_rms_norms(model, counted, "meta") == 0  # where the kernel does not run: none
+    assert fuse_rms_norms(model, counted, DEVICE.type) == len(norms) - 1  # all but the doubled final norm
+    assert fuse_rms_norms(model, counted, DEVICE.type) == len(norms) - 1  # idempotent
     assert not getattr(model.model.norm.forward, "_quickllama", False)
     calls.clear()
     assert_same_logits(session_logits(engine, ids, 2), want)
@@ -1034,3 +1035,7 @@ def test_rms_norms_fused_inside_engine_forwards_only(tokenizer, arch, monkeypatc
     with torch.no_grad():
         assert torch.equal(model(torch.tensor([ids[:5]], device=DEVICE)).logits, plain)
     assert not calls
+    if DEVICE.type == "cuda":  # moved off the kernel's device: the model's own norms again, inside the engine too
+        model.cpu()
+        assert_same_logits(session_logits(QLLMEngine(model, tokenizer, QLLMConfig(**COVERING)), ids, 2), want)
+        assert not calls
