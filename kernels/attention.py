@@ -353,14 +353,14 @@ def attention(
 
     query: (heads, n_q, head_dim), raw; absolute positions q_start .. q_start + n_q - 1.
     local_k, local_v: (kv_heads, n_loc, head_dim), raw; positions local_start .. q_start + n_q - 1.
-    far_k, far_v: (kv_heads, n_far, head_dim), raw; any order if shared, ascending far_pos if ordered;
+    far_k, far_v: (kv_heads, n_far, head_dim), raw; if ordered, in the order they are laid out;
         n_far may be 0.
     far_pos: (n_far,) int64 (or int32) absolute positions of the far keys.
     cos, sin: (n_pos, head_dim) RoPE tables whose rows repeat their first half (as the rotary modules of HF
         models make them: the kernels read only that half), n_pos > max(n_local, n_loc - 1); ordered: also
         > q_start + n_q - 1 - far_origin + s and n_far - 1 + s, s = max(far_origin - q_start, 0).
     far_origin: None for shared far positions; an int for ordered ones: far key j at virtual position
-        far_origin + j (the caller guarantees far_pos[j] <= far_origin + j).
+        far_origin + j.
     query, local and far K/V share one dtype (fp16/bf16/fp32); head_dim in (32, 64, 128); the last dim
     of every tensor contiguous.
 

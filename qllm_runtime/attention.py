@@ -5,9 +5,9 @@ Keys arrive un-rotated. Local keys are attended with relative RoPE. Non-local ("
 position schemes:
 - shared (`far_origin=None`): every far key sits exactly `n_local` positions before the query: the query
   is rotated once to position `n_local` and far keys stay raw;
-- ordered (`far_origin` an int): far key j, passed in document order, sits at virtual position
-  `far_origin + j` and the query at its real position; by RoPE's relativity both are rotated relative to
-  `far_origin`, far keys per slot.
+- ordered (`far_origin` an int): far key j, passed in document order (or as the evidence is laid out), sits at
+  virtual position `far_origin + j` and the query at its real position; by RoPE's relativity both are rotated
+  relative to `far_origin`, far keys per slot.
 Masks always use real positions: a key at k is seen by a query at q locally iff 0 <= q - k < n_local and
 through the far part iff q - k >= n_local, so every key is attended exactly once.
 """
@@ -94,8 +94,8 @@ def attend_reference(
     cos, sin: (n_pos, head_dim) RoPE tables for positions 0 .. n_pos - 1 (n_pos > max(n_local,
         q_start + n_q - 1 - local_start); ordered: also > q_start + n_q - 1 - far_origin + s and n_far - 1 + s,
         s = max(far_origin - q_start, 0)), without any attention scaling folded in.
-    far_origin: None for shared far positions; else ordered: far keys in ascending far_pos, far key j at
-        virtual position far_origin + j, with far_pos[j] <= far_origin + j.
+    far_origin: None for shared far positions; else ordered: far key j, in the order passed (document order, or
+        the evidence as laid out), at virtual position far_origin + j.
 
     received: None, or (heads, n_loc) float32: the softmax probability each local key received, summed over the
         group's queries, is added to it (while answering from evidence no lookup reads the scores they feed: None).

@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .lookup import EvidenceOrder
 from .policies import POLICIES
 
 FarPositions = Literal["shared", "ordered"]
@@ -63,6 +64,11 @@ class QLLMConfig(BaseModel):
     evidence_neighbors: int = Field(
         1, ge=0, description="an evidence block brings the blocks this close to it, so a passage cut by a block "
         "boundary is read whole"
+    )
+    evidence_order: EvidenceOrder = Field(
+        "document", description="how the evidence is laid out for ordered far positions: `document` = in document "
+        "order; `relevance` = runs of adjacent evidence blocks (each in document order) from the least to the most "
+        "relevant, so the passage the question singles out sits nearest it"
     )
     pin_question_blocks: bool = Field(
         True, description="without evidence: keep attending the blocks the question turn looked up (besides each "

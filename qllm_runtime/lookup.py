@@ -8,9 +8,12 @@ where r_B is the block's representative key and qs_B = sum_h < u_h, r_B,h > is t
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Literal
 
 import torch
 from torch import Tensor
+
+EvidenceOrder = Literal["document", "relevance"]
 
 
 def block_scores_reference(
@@ -88,13 +91,21 @@ def attention_added(attention: Tensor, n_header: int) -> Tensor:
     return added.sum(dim=-2)
 
 
-def choose_evidence(scores: Tensor, count: int, neighbors: int) -> Tensor:
-    """The `count` blocks (of scores' n_blocks) an answer attends, ascending. A block ranks by the best score
-    within `neighbors` blocks of it, then by its own: each strong block comes with the blocks around it, so a
-    passage cut by a block boundary is read whole."""
+def choose_evidence(scores: Tensor, count: int, neighbors: int, order: EvidenceOrder = "document") -> Tensor:
+    """The `count` blocks (of scores' n_blocks) an answer attends, in the order they are laid out. A block ranks by
+    the best score within `neighbors` blocks of it, then by its own: each strong block comes with the blocks around
+    it, so a passage cut by a block boundary is read whole. order `document`: ascending; `relevance`: runs of
+    adjacent blocks, each in document order, from the run with the lowest best score to the highest, so the most
+    relevant passage sits nearest the question (ties keep document order)."""
     count = min(count, scores.shape[0])
-    order = scores.argsort(descending=True, stable=True)
+    ranked = scores.argsort(descending=True, stable=True)
     if neighbors:
         reach = torch.nn.functional.max_pool1d(scores[None, None], 2 * neighbors + 1, stride=1, padding=neighbors)[0, 0]
-        order = order[reach[order].argsort(descending=True, stable=True)]
-    return order[:count].sort().values
+        ranked = ranked[reach[ranked].argsort(descending=True, stable=True)]
+    blocks = ranked[:count].sort().values
+    if order == "document" or blocks.numel() < 2:
+        return blocks
+    run = torch.cat([blocks.new_zeros(1), (blocks.diff() != 1).long().cumsum(0)])  # run index of each block
+    best = torch.full((int(run[-1]) + 1,), -torch.inf, device=scores.device).scatter_reduce(
+        0, run, scores[blocks].float(), "amax")
+    return blocks[best[run].argsort(stable=True)]

@@ -113,7 +113,7 @@ class LayerMemory:
         self._term_pair: Tensor | None = None  # (1, 2, heads, head_dim): a group's query row, then the term row
         self.hits: Tensor | None = None  # (n_repr,) selections per block while counting
         self.pinned: Tensor | None = None  # blocks the last multi-token lookup group picked
-        self.evidence: Tensor | None = None  # (1, m) blocks every lookup attends while answering, ascending
+        self.evidence: Tensor | None = None  # (1, m) blocks every lookup attends while answering, as laid out
         self.evidence_end = 0  # blocks that existed when the evidence was chosen; later ones join it
         self._evidence_buffer: EvidenceBuffer | None = None
         self._positions = torch.arange(capacity, device=device)
@@ -146,7 +146,7 @@ class LayerMemory:
         self.hits = torch.zeros(self.repr_keys.shape[0], dtype=torch.int64, device=self.device) if on else None
 
     def set_evidence(self, blocks: Tensor | None) -> None:
-        """Attend exactly `blocks` (m,) ascending, and every block made from now on, in each later lookup."""
+        """Attend exactly `blocks` (m, laid out in this order) and every block made from now on in each lookup."""
         self.evidence = None if blocks is None else blocks.to(self.device)[None]
         self.evidence_end = self.n_blocks
         self._evidence_buffer = None
@@ -315,7 +315,7 @@ class LayerMemory:
         return rem_start, max(0, far_end - rem_start)
 
     def _evidence_blocks(self) -> Tensor:
-        """(1, m): the evidence, then every block made since it was chosen, ascending."""
+        """(1, m): the evidence as laid out, then every block made since it was chosen, ascending."""
         return torch.cat([self.evidence, self._arange(self.evidence_end, self.n_blocks)[None]], dim=1)
 
     def _block_positions(self, blocks: Tensor) -> Tensor:
@@ -325,8 +325,8 @@ class LayerMemory:
 
     def _lookup(self, query: Tensor, far_query: Tensor | None = None) -> Tensor:
         """Blocks the group of `query` (heads, n_q, head_dim) attends: (rows, m) indices, each row ascending
-        (document order, which `ordered` far positions rely on); one row, or one per KV head. far_query: the
-        group's mean query far-rotated (`_far_queries`) if already made."""
+        (document order, which `ordered` far positions lay out), or the evidence; one row, or one per KV head.
+        far_query: the group's mean query far-rotated (`_far_queries`) if already made."""
         cfg, n, k = self.config, self.n_blocks, self.config.topk
         if self.evidence is not None:
             return self._evidence_blocks()
@@ -620,7 +620,7 @@ class ModelMemory:
         if not per_layer:
             return
         scores = torch.stack(per_layer)  # (layers, n_blocks)
-        blocks = choose_evidence(scores.sum(dim=0), count, self.config.evidence_neighbors)
+        blocks = choose_evidence(scores.sum(dim=0), count, self.config.evidence_neighbors, self.config.evidence_order)
         votes = torch.zeros_like(scores, dtype=torch.int64)
         votes.scatter_(1, scores.topk(min(self.config.topk, scores.shape[1]), dim=1).indices, 1)
         hits = torch.zeros(scores.shape[1], dtype=torch.int64, device=scores.device)

@@ -48,7 +48,7 @@ SUFFIX = ".qmem"
 # is held with full attention: a block memory read under one value answers under any other. Every other field
 # changes what a block reading stores.
 ANSWER_OR_PLACEMENT_FIELDS = frozenset({"question_weight", "question_topk", "question_scale", "evidence_tokens",
-                                        "evidence_neighbors", "offload", "device_pool_gb",
+                                        "evidence_neighbors", "evidence_order", "offload", "device_pool_gb",
                                         "max_context_tokens", "full_within_window", "decode_graphs"})
 _SAMPLES_PER_WEIGHT = 64
 

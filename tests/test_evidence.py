@@ -8,6 +8,7 @@ import torch
 
 import qllm_runtime.engine as engine_module
 from qllm_runtime import QLLMConfig, QLLMEngine
+from qllm_runtime.attention import attend_reference
 from qllm_runtime.lookup import choose_evidence, question_attention
 from qllm_runtime.memory import ModelMemory
 
@@ -48,6 +49,18 @@ def test_choose_evidence_brings_neighbours_and_keeps_document_order():
     assert choose_evidence(scores, 3, 1).tolist() == [0, 1, 2]  # the best block with the blocks around it first
     assert choose_evidence(scores, 6, 1).tolist() == [0, 1, 2, 4, 5, 6]
     assert choose_evidence(scores, 50, 1).tolist() == list(range(10))
+
+
+def test_evidence_by_relevance_lays_the_best_run_last():
+    """order="relevance": the same blocks, runs of adjacent ones kept whole and in document order, from the run
+    with the lowest best score to the highest (nearest the question); equal runs keep document order."""
+    scores = torch.tensor([0.0, 5, 1, 0, 0, 3, 0, 0, 0, 0])
+    assert choose_evidence(scores, 3, 0, "relevance").tolist() == [5, 1, 2]
+    assert choose_evidence(scores, 6, 1, "relevance").tolist() == [4, 5, 6, 0, 1, 2]
+    assert choose_evidence(scores, 50, 1, "relevance").tolist() == list(range(10))  # one run
+    tied = torch.tensor([2.0, 0, 0, 2, 0, 0, 1])
+    assert choose_evidence(tied, 3, 0, "relevance").tolist() == [6, 0, 3]
+    assert choose_evidence(scores[:1], 1, 1, "relevance").tolist() == [0]
 
 
 def test_every_layer_attends_the_evidence_while_answering(llama, monkeypatch):
@@ -103,6 +116,37 @@ def test_evidence_of_every_block_is_full_attention(tiny):
     for got, want in zip(every.logits, reference, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(small.logits[0], reference[0], atol=1e-3)
+
+
+def test_evidence_by_relevance_is_attended_in_its_layout(llama, monkeypatch):
+    """evidence_order="relevance": each step of the question turn attends the init tokens, then the evidence blocks
+    in the order `choose_evidence` lays them out (at consecutive virtual positions); they are the document
+    layout's blocks, and the turn's logits change with the layout (the check can fail)."""
+    model, tokenizer = llama
+    ids, turn = random_ids(400, len(tokenizer), seed=11), random_ids(6, len(tokenizer), seed=12)
+    n_init, block = TINY_WINDOWS["n_init"], TINY_WINDOWS["block_size"]
+    far_sets = []
+
+    def attend(*args, **kwargs):
+        far_sets.append((args[7].tolist(), kwargs["far_origin"]))  # far_pos
+        return attend_reference(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "attention_op", lambda device, head_dim: attend)
+    evidence, logits = {}, {}
+    for order in ("document", "relevance"):
+        engine = QLLMEngine(model, tokenizer, QLLMConfig(evidence_tokens=6 * block, evidence_neighbors=0,
+                                                        evidence_order=order, **TINY_WINDOWS))
+        session = engine._new_session(len(ids) + len(turn))
+        session.set_question(engine._question("Which number comes after the word apple?"))
+        session.feed(ids)
+        session.choose_evidence(engine._evidence_blocks())
+        evidence[order] = session.memory.layers[0].evidence[0].tolist()
+        logits[order] = session.feed(turn).float()
+        far_pos, far_origin = far_sets[-1]  # the last layer of the turn's last group
+        laid_out = [p for b in evidence[order] for p in range(n_init + b * block, n_init + (b + 1) * block)]
+        assert far_origin is not None and far_pos[: n_init + len(laid_out)] == [*range(n_init), *laid_out]
+    assert sorted(evidence["relevance"]) == evidence["document"] != evidence["relevance"]
+    assert not torch.allclose(logits["relevance"], logits["document"], atol=1e-4)
 
 
 def test_read_once_ask_many_equals_single_shot_with_evidence(llama):

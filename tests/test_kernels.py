@@ -306,11 +306,14 @@ def test_ordered_far_keys_all_selected_is_causal_attention(poison, attend):
 @pytest.mark.parametrize(
     ("n_q", "local_start", "n_local"), [(1, 64, 24), (16, 96, 40)], ids=["decode", "chunk-after-a-gap"]
 )
-def test_ordered_far_keys_packed_is_compacted_attention(poison, attend, n_q, local_start, n_local):
+@pytest.mark.parametrize("runs", [((0, 4), (40, 48), (60, 64)), ((0, 4), (60, 64), (40, 48))],
+                         ids=["document-order", "evidence-by-relevance"])
+def test_ordered_far_keys_packed_is_compacted_attention(poison, attend, n_q, local_start, n_local, runs):
     """Far keys at 0..3, 40..47, 60..63 packed just before the local buffer (far_origin = local_start - n_far),
-    every query seeing all of them: attention over [far keys | local keys] at consecutive positions."""
+    every query seeing all of them: attention over [far keys | local keys] at consecutive positions, the far
+    keys in the order passed (document order, or runs laid out out of it as `evidence_order="relevance"` does)."""
     heads, kv_heads, head_dim, n_loc = 2, 1, 64, n_local
-    far_pos = torch.cat([torch.arange(0, 4), torch.arange(40, 48), torch.arange(60, 64)]).to(DEVICE)
+    far_pos = torch.cat([torch.arange(*run) for run in runs]).to(DEVICE)
     n_far, q_start = len(far_pos), local_start + n_loc - n_q
     assert q_start - 63 >= n_local and local_start + n_loc - 1 - local_start < n_local  # sees every kept key
     gen = torch.Generator().manual_seed(5)
