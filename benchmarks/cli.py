@@ -165,7 +165,7 @@ def _say(start: float, text: str) -> None:
 
 
 def run(argv: Sequence[str] | None = None, engine: QLLMEngine | None = None) -> int:
-    """Run the benchmark; returns 1 if any sample failed, else 0.
+    """Run the benchmark; returns 1 if any sample failed (or, with --jobs, a worker ended before writing one), else 0.
 
     `engine`: an already loaded QLLMEngine whose model and tokenizer to use, and whose config --set
     amends (--model, --device and --dtype are then ignored; with --jobs above 1 each worker loads its own).
@@ -306,7 +306,7 @@ def _run_workers(argv: list[str], units: list[tuple[int, str, Method]], jobs: in
     start = time.perf_counter()
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
-    pending, running, results = [], {}, []
+    pending, running, results, died = [], {}, [], []
     base_argv = _without_sweeps(argv)
     for length, task, method in units:
         part = parts / re.sub(r"[^A-Za-z0-9._-]+", "_", f"{length}-{task}-{method.label}").strip("_")
@@ -332,7 +332,11 @@ def _run_workers(argv: list[str], units: list[tuple[int, str, Method]], jobs: in
             time.sleep(1)
             finished = [p for p in running if p.poll() is not None]
             for proc in finished:
-                _say(start, f"finished {running.pop(proc)} (exit {proc.returncode})")
+                name = running.pop(proc)
+                _say(start, f"finished {name} (exit {proc.returncode})")
+                if proc.returncode and not _merged([parts / name / "results.json"])[1]:  # died before any row
+                    died.append(name)
+                    _say(start, f"  {name} wrote no rows; the end of its log.txt:\n" + _tail(parts / name / "log.txt"))
             if finished or time.perf_counter() - merged_at > 30:  # keep a current merge on disk
                 meta, rows = _merged(results)
                 meta["wall_s"] = merged_at = time.perf_counter() - start
@@ -345,7 +349,14 @@ def _run_workers(argv: list[str], units: list[tuple[int, str, Method]], jobs: in
         _say(start, f"stopped; {len(running)} units cut short, {len(pending)} not started")
     meta, rows = _merged(results)
     meta["wall_s"] = time.perf_counter() - start
-    return _finish(out, meta, rows)
+    return max(_finish(out, meta, rows), int(bool(died)))
+
+
+def _tail(path: Path, lines: int = 6) -> str:
+    """The last `lines` non-empty lines of a text file (progress bars' carriage returns taken as line ends)."""
+    text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+    kept = [line for line in text.replace("\r", "\n").splitlines() if line.strip()]
+    return "\n".join(f"    {line}" for line in kept[-lines:])
 
 
 def report_command(argv: Sequence[str]) -> int:

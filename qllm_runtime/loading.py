@@ -9,6 +9,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -110,27 +112,66 @@ def _converted_gguf(gguf: Path) -> Path:
 
     The copy is written into a `.partial-NAME-PID-*` folder and renamed when complete; a failure removes
     it, and the next conversion of the same model removes those left by processes that were killed.
-    A damaged cached copy is converted again.
+    A damaged cached copy is converted again. Processes loading one GGUF at once (`quickllama-bench --jobs`)
+    convert it one at a time (`_exclusive`): the first writes the copy, the others wait and read it.
     """
     target = converted_path(gguf)
-    if target.exists():
-        problem = _cache_problem(target)
-        if problem is None:
+    if _cached(target, gguf):
+        return target
+    with _exclusive(gguf):
+        if _cached(target, gguf):  # converted by another process meanwhile
             return target
-        log.warning("the cached conversion %s is damaged (%s); converting %s again", target, problem, gguf.name)
-        shutil.rmtree(target, ignore_errors=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(target)
-    model, tokenizer = _convert(gguf)
-    log.info("saving the conversion of %s into %s (later loads are fast)", gguf.name, target)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{PARTIAL_PREFIX}{target.name}-{os.getpid()}-"))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _publish(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # nothing left after a successful rename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(target)
+        model, tokenizer = _convert(gguf)
+        log.info("saving the conversion of %s into %s (later loads are fast)", gguf.name, target)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{PARTIAL_PREFIX}{target.name}-{os.getpid()}-"))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            _publish(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing left after a successful rename
     return target
+
+
+def _cached(target: Path, gguf: Path) -> bool:
+    """Whether `target` holds a usable conversion of `gguf`; a damaged one is removed (and False)."""
+    if not target.exists():
+        return False
+    problem = _cache_problem(target)
+    if problem is None:
+        return True
+    log.warning("the cached conversion %s is damaged (%s); converting %s again", target, problem, gguf.name)
+    shutil.rmtree(target, ignore_errors=True)
+    return False
+
+
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold an advisory lock on `path` (opened to read) against other processes and threads that ask for it; no
+    lock where the platform or file system has none (the conversion still works, each process on its own)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        fcntl = None
+    with path.open("rb") as file:
+        locked = False
+        if fcntl is not None:
+            try:
+                try:
+                    fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    log.info("waiting for another process converting %s", path.name)
+                    fcntl.flock(file, fcntl.LOCK_EX)
+                locked = True
+            except OSError as error:
+                log.debug("converting %s without a lock (%s)", path.name, error)
+        try:
+            yield
+        finally:
+            if locked:
+                fcntl.flock(file, fcntl.LOCK_UN)
 
 
 def _convert(gguf: Path):

@@ -503,6 +503,16 @@ def test_cli_worker_processes(tmp_path: Path):
     assert json.loads((out / "results.json").read_text())["rows"] == rows
 
 
+def test_cli_worker_that_dies_shows_its_log(tmp_path: Path, capsys):
+    """A --jobs worker that ends before writing a row (here: its model file is missing) has the end of its log
+    printed by the parent, so the cause is seen without the parts folder."""
+    argv = ["--model", str(tmp_path / "missing.gguf"), "--tasks", "passkey", "--lengths", "600", "--methods", "full",
+            "--samples", "1", "--jobs", "2", "--out", str(tmp_path / "jobs")]
+    assert cli.run(argv) == 1
+    err = capsys.readouterr().err
+    assert "600-passkey-full wrote no rows" in err and "GGUF file not found" in err
+
+
 @pytest.mark.slow
 @needs_lce
 def test_evidence_recall_compares_every_scoring(capsys):

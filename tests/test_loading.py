@@ -6,6 +6,8 @@ import logging
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +114,33 @@ def test_conversion_is_cached(conversions, cache, gguf_file):
     loading.load(gguf_file, device="cpu")
     assert conversions == [gguf_file]
     assert [p.name for p in cache.iterdir()] == [loading.converted_path(gguf_file).name]
+
+
+def test_concurrent_loads_convert_once(cache, gguf_file, monkeypatch):
+    """Loads of one GGUF at once (quickllama-bench --jobs workers) convert it one at a time: the first writes the
+    copy, the others wait for it and read it (each converting would need the disk space of every copy)."""
+    converted, started = [], threading.Event()
+
+    def slow_convert(gguf: Path):
+        converted.append(gguf)
+        started.set()
+        time.sleep(0.5)  # the others arrive while this one converts
+        return tiny_model_and_tokenizer()
+
+    monkeypatch.setattr(loading, "_convert", slow_convert)
+    folders = []  # each thread's conversion step (a whole load in threads would race transformers' init patches)
+    first = threading.Thread(target=lambda: folders.append(loading._converted_gguf(gguf_file)))
+    first.start()
+    started.wait(10)
+    others = [threading.Thread(target=lambda: folders.append(loading._converted_gguf(gguf_file))) for _ in range(3)]
+    for thread in others:
+        thread.start()
+    for thread in [first, *others]:
+        thread.join(30)
+    target = loading.converted_path(gguf_file)
+    assert converted == [gguf_file] and folders == [target] * 4
+    assert [p.name for p in cache.iterdir()] == [target.name]
+    assert loading.load(gguf_file, device="cpu")[0].config.num_hidden_layers == 1 and converted == [gguf_file]
 
 
 def _truncate(path: Path) -> None:
