@@ -126,7 +126,7 @@ def test_another_config_is_refused(saved, tiny_llama, tokenizer, change, message
 def test_answer_time_fields_may_differ(saved, tiny_llama, tokenizer):
     _, memory, path = saved
     other = engine_of(tiny_llama, tokenizer, **TINY_WINDOWS, question_weight=0.5, device_pool_gb=0.5,
-                      evidence_tokens=None, evidence_neighbors=0, decode_graphs=False)
+                      evidence_tokens=None, evidence_neighbors=0, evidence_order="relevance", decode_graphs=False)
     assert other.load_memory(path).context == memory.context
 
 
