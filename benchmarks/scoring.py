@@ -7,7 +7,7 @@ import string
 from collections.abc import Collection, Sequence
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans("", "", string.punctuation)
+_PUNCT = str.maketrans(string.punctuation, " " * len(string.punctuation))
 
 
 def first_number(prediction: str, answers: Sequence[str]) -> float:
@@ -25,7 +25,8 @@ def contains_all(prediction: str, answers: Sequence[str]) -> float:
 
 
 def normalize_answer(text: str) -> str:
-    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
+    """SQuAD normalisation (lower case, no punctuation, no articles, single spaces), except that punctuation becomes
+    a space rather than nothing: a possessive "Eliot's" still names "Eliot" ("eliot s", not "eliots")."""
     return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCT)).split())
 
 

@@ -316,6 +316,8 @@ def test_contains_all_and_any():
     assert scoring.contains_any("Normandy", ["Norman"]) == 0.0  # whole words only
     assert scoring.contains_any("nothing here", ["", "!!"]) == 0.0  # empty after normalising
     assert scoring.contains_any("In 1066.", ["1066", "the year 1066"]) == 1.0
+    assert scoring.contains_any("Charles W. Eliot's long tenure", ["Charles W. Eliot"]) == 1.0  # a possessive
+    assert scoring.contains_any("U.S. troops", ["U.S."]) == 1.0 and scoring.contains_any("US", ["U.S."]) == 0.0
 
 
 @pytest.mark.parametrize(("prediction", "expected"), [
