@@ -69,7 +69,7 @@ class QLLMConfig(BaseModel):
         "document", description="how the evidence is laid out for ordered far positions: `document` = in document "
         "order; `relevance` = runs of adjacent evidence blocks (each in document order) from the least to the most "
         "relevant, so the passage the question singles out sits nearest it (better for a question one passage "
-        "answers, worse where the order of facts matters: BENCHMARKS.md §9 K)"
+        "answers, worse where the order of facts matters: BENCHMARKS.md §9 K, L)"
     )
     pin_question_blocks: bool = Field(
         True, description="without evidence: keep attending the blocks the question turn looked up (besides each "
