@@ -3,8 +3,9 @@
 A lookup group's local part is a band (each query sees the `n_local` keys before it), so the reference's
 (queries × window) rectangle is about half masked. Here the queries go in tiles of `tile` rows; a tile's local
 logits cover only the keys its band reaches, its far logits follow, and one softmax over both is taken in place
-(shared maximum, exp, one sum) without concatenating them. Same inputs, outputs and masks as the reference, which
-tests compare it against on random inputs.
+(shared maximum, exp, one sum) without concatenating them. Masks are written only where they hide something: the
+band's two edges and the far keys some query still sees in its window. Same inputs, outputs and masks as the
+reference, which tests compare it against on random inputs.
 """
 
 from __future__ import annotations
@@ -54,15 +55,23 @@ def attend_tiled(
     for t0 in range(0, n_q, tile):
         t1 = min(n_q, t0 + tile)
         rows = group * (t1 - t0)  # a KV head's query heads' rows, one batched matmul per KV head
-        lo, hi = max(0, int(q_rel[t0]) - n_local + 1), int(q_rel[t1 - 1]) + 1  # local keys the tile's band reaches
+        first = int(q_rel[t0])  # the tile's first query, relative to local_start (its queries are consecutive)
+        lo, hi = max(0, first - n_local + 1), first + t1 - t0  # local keys the tile's band reaches
         local = torch.bmm(q_local[:, :, t0:t1].reshape(kv_heads, rows, head_dim), k_local[:, lo:hi].transpose(1, 2))
-        dist = q_rel[t0:t1, None] - torch.arange(lo, hi, device=device)[None, :]
-        local.view(kv_heads, group, t1 - t0, hi - lo).masked_fill_((dist < 0) | (dist >= n_local), float("-inf"))
+        band = local.view(kv_heads, group, t1 - t0, hi - lo)
+        # only the band's edges hide keys from some of the tile's queries: the keys before the last query's window,
+        # and the keys after the first query; every query sees the keys between them
+        for j0, j1 in ((lo, hi - n_local), (first + 1, hi)):
+            if j1 > j0:
+                dist = q_rel[t0:t1, None] - torch.arange(j0, j1, device=device)[None, :]
+                band[..., j0 - lo : j1 - lo].masked_fill_((dist < 0) | (dist >= n_local), float("-inf"))
         parts = [local]
         if n_far:
             far = torch.bmm(q_far[:, :, t0:t1].reshape(kv_heads, rows, head_dim), k_far_t)  # (kv_heads, rows, n_far)
-            if (hidden := far_hidden[t0:t1]).any():  # far keys are mostly seen by every query of a tile
-                far.view(kv_heads, group, t1 - t0, n_far).masked_fill_(hidden, float("-inf"))
+            hidden = far_hidden[t0:t1]  # mostly none: mask only the columns some query of the tile sees as local
+            if len(cols := hidden.any(dim=0).nonzero()):
+                c0, c1 = int(cols[0]), int(cols[-1]) + 1
+                far.view(kv_heads, group, t1 - t0, n_far)[..., c0:c1].masked_fill_(hidden[:, c0:c1], float("-inf"))
             parts.append(far)
         peak = torch.stack([p.amax(dim=-1, keepdim=True) for p in parts]).amax(dim=0)  # finite: q sees itself
         inv_total = sum(p.sub_(peak).exp_().sum(dim=-1, keepdim=True) for p in parts).reciprocal_()  # (kv, rows, 1)
