@@ -20,7 +20,7 @@ from .persist import is_memory_file, read_manifest
 from .results import Answer, GenerationSettings
 
 _CONFIG_FLAGS = ("mode", "n_init", "n_local", "block_size", "topk", "question_weight", "prefill_chunk", "offload",
-                 "kv_dtype")
+                 "kv_dtype", "evidence_order")
 DEMO_CONFIG = dict(n_init=128, n_local=256, block_size=64, topk=8, lookup_chunk=128, prefill_chunk=2048)
 
 

@@ -66,10 +66,11 @@ class QLLMConfig(BaseModel):
         "boundary is read whole"
     )
     evidence_order: EvidenceOrder = Field(
-        "document", description="how the evidence is laid out for ordered far positions: `document` = in document "
-        "order; `relevance` = runs of adjacent evidence blocks (each in document order) from the least to the most "
-        "relevant, so the passage the question singles out sits nearest it (better for a question one passage "
-        "answers, worse where the order of facts matters: BENCHMARKS.md §9 K, L)"
+        "document", description="how the evidence is laid out for ordered far positions (with shared ones the order "
+        "has no effect, and `relevance` is refused): `document` = in document order; `relevance` = runs of adjacent "
+        "evidence blocks (each in document order) from the least to the most relevant, so the passage the question "
+        "singles out sits nearest it (better for a question one passage answers, worse where the order of facts "
+        "matters: BENCHMARKS.md §9 K, L)"
     )
     pin_question_blocks: bool = Field(
         True, description="without evidence: keep attending the blocks the question turn looked up (besides each "
@@ -115,6 +116,9 @@ class QLLMConfig(BaseModel):
         if self.lookup_chunk > self.prefill_chunk and "lookup_chunk" in self.model_fields_set:  # default: capped
             raise ValueError(f"lookup_chunk ({self.lookup_chunk}) must be <= prefill_chunk ({self.prefill_chunk}): "
                              "a lookup group never spans two forwards, so a larger one has no effect")
+        if self.evidence_order == "relevance" and self.far_positions == "shared":
+            raise ValueError("evidence_order='relevance' lays the evidence out for far_positions='ordered': with "
+                             "shared far positions every far key sits at one distance, so their order has no effect")
         return self
 
 

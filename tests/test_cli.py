@@ -103,6 +103,24 @@ def test_evidence_tokens_option(given, expected):
     assert cli._config(args).evidence_tokens == expected
 
 
+@pytest.mark.parametrize(("given", "expected"), [(None, "document"), ("relevance", "relevance")])
+def test_evidence_order_option(given, expected):
+    argv = ["ask", "report.txt", "Q?", "--model", "m.gguf"] + (["--evidence-order", given] if given else [])
+    assert cli._config(cli.build_parser().parse_args(argv)).evidence_order == expected
+
+
+def test_an_unknown_or_ineffective_evidence_order_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.build_parser().parse_args(["ask", "report.txt", "Q?", "--evidence-order", "newest"])
+    assert exit_.value.code == 2
+    assert "--evidence-order: invalid choice: 'newest'" in capsys.readouterr().err
+    embedded = cli.build_parser().parse_args(["ask", "report.txt", "Q?", "--evidence-order", "relevance"])
+    with pytest.raises(SystemExit) as exit_:  # the embedded model's config has shared far positions
+        cli._config(embedded)
+    assert exit_.value.code == 2
+    assert "far_positions='ordered'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("flag", "expected"), [([], True), (["--no-full-within-window"], False),
                                                 (["--full-within-window"], True)])
 def test_full_within_window_option(flag, expected):

@@ -80,6 +80,7 @@ def test_bad_generation_settings(engine, kwargs):
         (dict(question_weight=float("nan")), "question_weight"),
         (dict(device_pool_gb=float("inf")), "device_pool_gb"),
         (dict(lookup_chunk=128, prefill_chunk=64), "lookup_chunk"),
+        (dict(evidence_order="relevance", far_positions="shared"), "evidence_order"),
     ],
 )
 def test_invalid_config(values, field):
