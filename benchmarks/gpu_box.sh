@@ -1,4 +1,4 @@
-# Source on the GPU box (see ../shared/docs/GPU.md and BENCHMARKS.md): installs the carried wheels (.whl/ or /tmp/w),
+# Source on the GPU box (the recipe: BENCHMARKS.md §4): installs the carried wheels (.whl/ or /tmp/w),
 # makes qllm_kernels importable, and joins a model sent in parts to /tmp/q (p00, p01, ...) into /tmp/q/model.gguf.
 #   . benchmarks/gpu_box.sh && quickllama_bench --model /tmp/q/model.gguf --device cuda ...
 set -e
