@@ -6,7 +6,7 @@ for CUDA, or run by Triton's CPU interpreter when TRITON_INTERPRET=1 is set befo
 imported; `triton_available(device)` says which devices they can run on.
 """
 
-from ._common import triton_available
+from ._common import Scratch, triton_available
 from .attention import attention, decode_attention, supports_head_dim
 from .block_score import TOP_MAX_K, block_score, top_blocks
 from .gather import gather_blocks, gather_far_set
@@ -15,7 +15,7 @@ from .representatives import representative_keys
 from .store import store_blocks
 
 __all__ = [
-    "TOP_MAX_K", "attention", "block_score", "decode_attention", "gather_blocks", "gather_far_set",
+    "TOP_MAX_K", "Scratch", "attention", "block_score", "decode_attention", "gather_blocks", "gather_far_set",
     "representative_keys", "rms_norm", "store_blocks",
     "supports_head_dim", "top_blocks", "triton_available",
 ]

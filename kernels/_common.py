@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from functools import cache, partial
+from operator import itemgetter
 from typing import Any
 
 import torch
@@ -87,6 +88,30 @@ def check_device(tensors: list[Tensor]) -> torch.device:
     return device
 
 
+class Scratch:
+    """Temporaries that a caller's launches reuse: one tensor per name and device, kept while its shape and dtype stay
+    the same (a lookup group's temporaries keep their shapes from group to group, so they allocate nothing) and
+    replaced when they change. For one caller on one stream at a time: a launch may overwrite what the previous launch
+    of that name left there."""
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[str, torch.device], Tensor] = {}
+
+    def empty(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        held = self._held.get((name, device))
+        if held is None or held.shape != shape or held.dtype != dtype:
+            held = self._held[(name, device)] = torch.empty(shape, dtype=dtype, device=device)
+        return held
+
+
+def empty(scratch: Scratch | None, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+          ) -> Tensor:
+    """`scratch.empty(...)`, or a new tensor without a scratch."""
+    if scratch is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return scratch.empty(name, shape, dtype, device)
+
+
 class Launcher:
     """A Triton kernel launched as `kernel[grid](*args, **kwargs)`, with a third of the JIT's host work per launch.
 
@@ -110,6 +135,7 @@ class Launcher:
         self._names = [p.name for p in params]
         self._defaults = {p.name: p.default for p in params}
         self._by_value = [p.is_constexpr or not p.do_not_specialize for p in params]  # else ints keyed by width
+        self._plans: dict[tuple[type, ...], tuple[Callable, Callable, Callable]] = {}  # see _entries
 
     def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., Any]:
         return partial(self._launch, grid)
@@ -118,10 +144,7 @@ class Launcher:
         if not _FAST_LAUNCH or _launch_hooked():
             return self.kernel[grid](*args, **kwargs)
         device = 0 if _one_gpu() else torch.cuda.current_device()
-        # what of each argument can change the JIT's specialization (a superset), one flat entry or two an argument: a
-        # tensor's dtype, then its 16-byte alignment (only a tensor gives a dtype entry, so the key reads back one way);
-        # float for a float (never specialised on); an unspecialised int's width class (i32, i64 or u64); a
-        # specialised int itself; anything else as (type, value)
+        # what of each argument can change the JIT's specialization (a superset): `_entries`
         key = (device, *kwargs.items(), *self._entries(args))
         entry = self._compiled.get(key)
         if entry is None:  # the JIT's launch: compiles or finds the kernel of this specialization
@@ -135,18 +158,33 @@ class Launcher:
                      None, None, None, *args, *rest)
         return compiled
 
-    def _entries(self, args: tuple[Any, ...]) -> list[Any]:
-        entries = []
-        for a, by_value in zip(args, self._by_value, strict=False):  # args may stop before the constexprs
-            if isinstance(a, Tensor):
-                entries += (a.dtype, not a.data_ptr() & 15)
-            elif type(a) is int:
-                entries.append(a if by_value else (-0x80000000 <= a <= 0x7FFFFFFF) + 2 * (a >= 1 << 63))
-            elif type(a) is float:
-                entries.append(float)
-            else:
-                entries.append((type(a), a))
-        return entries
+    def _entries(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """The key's entries for `args`: their types, then each tensor's dtype and alignment, each unspecialised int's
+        width class, and every other argument but a float as itself. Which argument is which follows from the types,
+        so the split is made once per type signature (a launch's host time is mostly this key)."""
+        types = tuple(map(type, args))
+        plan = self._plans.get(types)
+        if plan is None:
+            plan = self._plans[types] = self._plan(types)
+        tensors, widths, values = plan
+        held = tensors(args)
+        return (types, *[t.dtype for t in held], *[not t.data_ptr() & 15 for t in held],
+                *[(-0x80000000 <= a <= 0x7FFFFFFF) + 2 * (a >= 1 << 63) for a in widths(args)], *values(args))
+
+    def _plan(self, types: tuple[type, ...]) -> tuple[Callable, Callable, Callable]:
+        """Getters of the tensors, the unspecialised ints and the arguments keyed by value, for args of `types`."""
+        by_value = self._by_value + [True] * (len(types) - len(self._by_value))
+        tensors = [i for i, t in enumerate(types) if issubclass(t, Tensor)]
+        widths = [i for i, t in enumerate(types) if t is int and not by_value[i]]
+        values = [i for i, t in enumerate(types) if i not in tensors and i not in widths and t is not float]
+        return _getter(tensors), _getter(widths), _getter(values)
+
+
+def _getter(indices: list[int]) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
+    """args -> the tuple of args[i] for i in `indices` (operator.itemgetter, which returns a bare item for one)."""
+    if len(indices) > 1:
+        return itemgetter(*indices)
+    return (lambda args: (args[indices[0]],)) if indices else (lambda args: ())
 
 
 def _launch_hooked() -> bool:

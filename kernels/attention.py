@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import FLOAT_DTYPES, Launcher, cdiv, check_device, dot_dtype, next_power_of_2, on_device
+from ._common import FLOAT_DTYPES, Launcher, Scratch, cdiv, check_device, dot_dtype, empty, next_power_of_2, on_device
 
 __all__ = [
     "LAUNCH", "ROTATE_AHEAD", "SPLIT", "attention", "decode_attention", "key_runs", "rotates_ahead",
@@ -348,6 +348,7 @@ def attention(
     received: Tensor | None = None,
     out: Tensor | None = None,
     check: bool = True,
+    scratch: Scratch | None = None,
 ) -> Tensor:
     """One lookup group's attention; arguments and result as `qllm_runtime.attention.attend_reference`.
 
@@ -369,7 +370,8 @@ def attention(
 
     received: None, or (heads, n_loc) float32 with a contiguous last dim: the softmax probability each local key
     received, summed over the queries, is added to it (by a second launch; None: not launched). out: None, or
-    (n_q, heads, head_dim) in the query dtype with a contiguous last dim, to write the output into.
+    (n_q, heads, head_dim) in the query dtype with a contiguous last dim, to write the output into. scratch: where the
+    kernels' temporaries are kept from call to call (None: allocated per call).
 
     Returns the output (n_q, heads, head_dim) in the query dtype (`out` when given).
     """
@@ -384,11 +386,11 @@ def attention(
     ordered = far_origin is not None
     q_rot = None
     if rotates_ahead(heads // local_k.shape[0] * n_q, query.element_size()):
-        local_k, far_k, q_rot = _rotate_ahead(query, local_k, far_k, cos, sin, k_far_start, ordered)
+        local_k, far_k, q_rot = _rotate_ahead(query, local_k, far_k, cos, sin, k_far_start, ordered, scratch)
     out, lse = _forward(
         query, local_k, local_v, far_k, far_v, far_pos, cos, sin, None, out, q_rot, n_loc=n_loc,
         n_far=far_k.shape[1], q_rel_start=q_rel_start, q_start=q_start, n_local=n_local, q_far_start=q_far_start,
-        k_far_start=k_far_start, qk_scale=qk_scale, ordered=ordered,
+        k_far_start=k_far_start, qk_scale=qk_scale, ordered=ordered, scratch=scratch,
     )  # fmt: skip
     if received is None:
         return out
@@ -414,15 +416,15 @@ def rotates_ahead(rows: int, element_size: int) -> bool:
 
 
 def _rotate_ahead(query: Tensor, local_k: Tensor, far_k: Tensor, cos: Tensor, sin: Tensor, k_far_start: int,
-                  ordered: bool) -> tuple[Tensor, Tensor, Tensor]:
+                  ordered: bool, scratch: Scratch | None) -> tuple[Tensor, Tensor, Tensor]:
     """The local keys rotated to their positions in the local buffer and, ordered, the far keys to theirs, once for
     all the row tiles that read them (shared far keys stay raw); and the buffer for the rotated local queries
     (written by the forward kernel, read by the received kernel). In the dtype the dots read."""
     dtype = torch.float32 if dot_dtype(query.dtype) == tl.float32 else query.dtype
     kv_heads, n_loc, head_dim = local_k.shape
     n_far = far_k.shape[1] if ordered else 0
-    local_rot = torch.empty((kv_heads, n_loc, head_dim), dtype=dtype, device=query.device)
-    far_rot = torch.empty((kv_heads, n_far, head_dim), dtype=dtype, device=query.device) if ordered else far_k
+    local_rot = empty(scratch, "local_rot", (kv_heads, n_loc, head_dim), dtype, query.device)
+    far_rot = empty(scratch, "far_rot", (kv_heads, n_far, head_dim), dtype, query.device) if ordered else far_k
     with on_device(query.device):
         _rotate_keys_kernel[(cdiv(n_loc, ROTATE_TILE) + cdiv(n_far, ROTATE_TILE), kv_heads)](
             local_k, far_k, cos, sin, local_rot, far_rot,
@@ -430,7 +432,7 @@ def _rotate_ahead(query: Tensor, local_k: Tensor, far_k: Tensor, cos: Tensor, si
             far_rot.stride(0), cos.stride(0), sin.stride(0), n_loc, n_far, k_far_start,
             HEAD_DIM=head_dim, BLOCK_N=ROTATE_TILE,
         )  # fmt: skip
-    return local_rot, far_rot, torch.empty(query.shape, dtype=dtype, device=query.device)
+    return local_rot, far_rot, empty(scratch, "q_rot", query.shape, dtype, query.device)
 
 
 def decode_attention(
@@ -474,6 +476,7 @@ def _forward(
     query: Tensor, local_k: Tensor, local_v: Tensor, far_k: Tensor, far_v: Tensor, far_pos: Tensor, cos: Tensor,
     sin: Tensor, step: Tensor | None, out: Tensor | None, q_rot: Tensor | None, *, n_loc: int, n_far: int,
     q_rel_start: int, q_start: int, n_local: int, q_far_start: int, k_far_start: int, qk_scale: float, ordered: bool,
+    scratch: Scratch | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Launch the forward kernel (and the merge of split runs, `key_runs` for the buffers' n_loc and far keys):
     out (n_q, heads, head_dim; into `out` when given), lse (heads, n_q). With `step`, the kernel reads the positions
@@ -484,7 +487,7 @@ def _forward(
     device = query.device
     if out is None:
         out = torch.empty(n_q, heads, head_dim, dtype=query.dtype, device=device)
-    lse = torch.empty(heads, n_q, dtype=torch.float32, device=device)
+    lse = empty(scratch, "lse", (heads, n_q), torch.float32, device)
     forward = _launch(LAUNCH["forward"], query.element_size())
     n_splits = _runs(group * n_q, n_loc, far_k.shape[1], forward)
     block_m = _rows_per_program(group * n_q, forward.pop("block_m"))

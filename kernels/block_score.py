@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import FLOAT_DTYPES, Launcher, cdiv, check_device, dot_dtype, next_power_of_2, on_device
+from ._common import FLOAT_DTYPES, Launcher, Scratch, cdiv, check_device, dot_dtype, empty, next_power_of_2, on_device
 
 __all__ = ["block_score", "top_blocks"]
 
@@ -60,6 +60,7 @@ def _block_score_kernel(
 # features in fp32 without tl.dot, so the programs cover the blocks many times over (tiles of the matrix product
 # left a few programs running 64 steps each: ~150 µs for 256 blocks on an H200, now a few µs).
 ROW_GROUPS, ROW_BLOCKS, ROW_FEATURES = 4, 4, 512
+SCORES_ROOM = 256  # blocks: a scratch's scores grow in steps of this many
 
 
 @Launcher
@@ -92,7 +93,7 @@ def _block_score_rows_kernel(
 
 def block_score(
     group_queries: Tensor, repr_keys: Tensor, question_scores: Tensor | None, beta: float, topk: int | None,
-    *, check: bool = True,
+    *, check: bool = True, scratch: Scratch | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Score every lookup group against every block and pick each group's top-k blocks.
 
@@ -101,15 +102,18 @@ def block_score(
     question_scores: (n_blocks,) float, the cached question term, or None (beta is then ignored).
     Returns scores: (n_groups, n_blocks) float32 and indices: (n_groups, min(topk, n_blocks)) int64,
     best first, both on the inputs' device (topk None: the scores alone, indices None). check=False skips validating
-    the inputs (the engine's lookups, valid by construction).
+    the inputs (the engine's lookups, valid by construction). With a `scratch` the scores live there (until its next
+    call).
     """
     if check:
         _check(group_queries, repr_keys, question_scores, topk)
     n_groups, heads, head_dim = group_queries.shape
     n_blocks = repr_keys.shape[0]
     device = group_queries.device
-    # rows 16-byte aligned whatever the block count (a row may serve as block terms: one specialization, not two)
-    scores = torch.empty(n_groups, cdiv(n_blocks, 4) * 4, dtype=torch.float32, device=device)[:, :n_blocks]
+    # rows 16-byte aligned whatever the block count (a row may serve as block terms: one specialization, not two); in a
+    # scratch, room for the next SCORES_ROOM blocks, as blocks come one lookup after another
+    room = cdiv(n_blocks, 4) * 4 if scratch is None else cdiv(n_blocks, SCORES_ROOM) * SCORES_ROOM
+    scores = empty(scratch, "scores", (n_groups, room), torch.float32, device)[:, :n_blocks]
     has_question = question_scores is not None and beta != 0.0
     args = (group_queries, repr_keys, question_scores if has_question else scores, scores,
             group_queries.stride(0), repr_keys.stride(0), scores.stride(0))
@@ -222,7 +226,7 @@ def _top_merge_kernel(Keys, Out, stride_kg, stride_og, n_keys, k, K_PAD: tl.cons
 
 def top_blocks(
     group_queries: Tensor, repr_keys: Tensor, block_terms: Tensor | None, beta: float, topk: int,
-    *, standardized: bool = False, term_row: bool = False, check: bool = True,
+    *, standardized: bool = False, term_row: bool = False, check: bool = True, scratch: Scratch | None = None,
 ) -> Tensor:
     """Each lookup group's top-k blocks in document order: (n_groups, min(topk, n_blocks)) int64, ascending.
 
@@ -231,7 +235,8 @@ def top_blocks(
     no ranking sees them). Among equal scores the lower index wins. Inputs as `block_score`'s, block_terms (n_blocks,)
     float32 or None; topk at most TOP_MAX_K. `term_row`: the last row of group_queries is no group but a term query,
     whose scores (made in the same launch as the groups') are the block terms; block_terms is then None. The spec:
-    `select_blocks(block_scores_reference(..., standardized), topk)`, sorted.
+    `select_blocks(block_scores_reference(..., standardized), topk)`, sorted. scratch: where the temporaries are kept
+    from call to call (None: allocated per call).
     """
     if check:
         _check(group_queries, repr_keys, block_terms, topk)
@@ -246,13 +251,13 @@ def top_blocks(
     out = torch.empty(n_groups, k, dtype=torch.int64, device=group_queries.device)
     if not (n_groups and k):
         return out
-    scores, _ = block_score(group_queries, repr_keys, None, 0.0, None, check=False)
+    scores, _ = block_score(group_queries, repr_keys, None, 0.0, None, check=False, scratch=scratch)
     if term_row:
         block_terms = scores[n_groups]
     n_chunks = cdiv(n_blocks, TOP_CHUNK)  # one shape for every count: no compiling mid-reading as blocks come
     k_pad = max(16, next_power_of_2(k))
     has_terms = block_terms is not None and beta != 0.0
-    keys = torch.empty(n_groups, n_chunks * k_pad, dtype=torch.int64, device=out.device) if n_chunks > 1 else out
+    keys = empty(scratch, "keys", (n_groups, n_chunks * k_pad), torch.int64, out.device) if n_chunks > 1 else out
     with on_device(out.device):
         _top_chunk_kernel[(n_groups, n_chunks)](
             scores, block_terms if has_terms else scores, keys, out,

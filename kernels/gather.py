@@ -150,7 +150,8 @@ def _launch(pool: tuple[Tensor, ...], host: tuple[Tensor, ...], indices: Tensor,
     slots = m + cdiv(n_rem, block_size)
     if slots == 0:
         return
-    indices = indices.to(out_k.device).contiguous()
+    if indices.device != out_k.device or not indices.is_contiguous():
+        indices = indices.to(out_k.device).contiguous()
     # a source with no blocks is never read: stand the other one in for it (a launch takes no empty tensor)
     pool = pool if pool[0].shape[0] else host
     host = host if host[0].shape[0] else pool

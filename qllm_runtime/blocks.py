@@ -42,7 +42,7 @@ class Planes:
 
     def held(self) -> tuple[Tensor, ...]:
         """The planes it holds: (k, v), or (k, v, k_scale, v_scale) for float8 (the gather kernel's argument)."""
-        return tuple(t for t in self.tensors() if t is not None)
+        return (self.k, self.v) if self.k_scale is None else (self.k, self.v, self.k_scale, self.v_scale)
 
     def copy_to(self, target: Planes, fn: Callable[[Tensor, Tensor], None]) -> None:
         """fn(target plane, own plane) for each plane both hold."""
@@ -103,7 +103,8 @@ def gather_reference(pool: Planes, host: Planes, indices: Tensor, device_limit: 
     head_dim) on the indices' device.
 
     pool, host: planes (n, kv_heads, block_size, head_dim) (and scales (n, kv_heads)); block b < device_limit is
-    pool[b], a later one host[b - device_limit]; either may hold no blocks. indices: (1, m), the same blocks for
+    pool[b], a later one host[b - device_limit]; either may have no rows, and rows past the blocks held are never
+    used (a store passes its whole planes). indices: (1, m), the same blocks for
     every KV head, or (kv_heads, m), row h for KV head h.
     """
     kv_heads, head_dim = pool.k.shape[1], pool.k.shape[3]
@@ -206,7 +207,9 @@ class BlockStore:
             if first + pooled > self._pool.k.shape[0]:
                 self._pool = self._grown(self._pool, first, min(self.device_limit, max(2 * self._pool.k.shape[0],
                                                                                        first + pooled)), self.device)
-            pool_k, pool_v = (t[:pooled].to(self.device, non_blocking=True) for t in (k, v))
+            pool_k, pool_v = k, v  # blocks made on the device, all pooled: as they are (no view per add)
+            if pooled < count or k.device != self.device:
+                pool_k, pool_v = (t[:pooled].to(self.device, non_blocking=True) for t in (k, v))
             self._store(pool_k, pool_v, self._pool.map(lambda t: t[first : first + pooled]))
         if count > pooled:  # device -> pinned host, ordered on the stream before any later gather
             start, end = self.offloaded, self.offloaded + count - pooled
@@ -282,16 +285,11 @@ class BlockStore:
 
         indices: (1, m), the same blocks for every KV head, or (kv_heads, m), row h for KV head h.
         """
-        return self._gather(*self._held(), indices, self.device_limit, self.dtype)
+        return self._gather(self._pool, self._host, indices, self.device_limit, self.dtype)
 
     def gather_far_set(self, indices: Tensor, out_k: Tensor, out_v: Tensor, out_pos: Tensor, rem_k: Tensor,
                        rem_v: Tensor, first_position: int, rem_position: int) -> None:
         """The given blocks de-quantised, then the remainder rem_k, rem_v, written into out_k, out_v, with their
         positions into out_pos, in one step: `gather_far_set_reference` says how."""
-        self._far_set(*self._held(), indices, self.device_limit, out_k, out_v, out_pos, rem_k, rem_v, first_position,
-                      rem_position)
-
-    def _held(self) -> tuple[Planes, Planes]:
-        """The planes of the blocks held: pooled, offloaded."""
-        return (self._pool.map(lambda t: t[: min(self.n_blocks, self.device_limit)]),
-                self._host.map(lambda t: t[: self.offloaded]))
+        self._far_set(self._pool, self._host, indices, self.device_limit, out_k, out_v, out_pos, rem_k, rem_v,
+                      first_position, rem_position)

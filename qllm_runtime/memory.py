@@ -105,6 +105,10 @@ class LayerMemory:
         # to group (the init written once), grown when a group needs more room
         self._far_k = self._far_v = self._far_pos = None
         self._far_init = 0  # init tokens held in the far buffers
+        # views of the tail and far buffers by their bounds, kept while the buffers are (the bounds recur group by
+        # group, so a group makes no new views: each costs microseconds of host time)
+        self._tail_slices: dict[tuple[int, int], tuple[Tensor, Tensor, Tensor]] = {}
+        self._far_slices: dict[tuple[int, int], tuple[Tensor, ...]] = {}
         self._represent = representatives_op(device)
         n_repr = max(placement.expected_blocks, 16)
         self.repr_keys = torch.empty((n_repr, heads, head_dim), dtype=dtype, device=device)
@@ -216,11 +220,11 @@ class LayerMemory:
         # ordered: far keys packed in document order so that the last one sits just before far_end
         far_origin = far_end - fp.shape[0] if cfg.far_positions == "ordered" else None
         cos, sin = self.rope.get(cfg.n_local + max(n_q, fp.shape[0]) + 1, self.device)
+        local_k, local_v, local_scores = self._tail_slice(lo, hi)
         # answering from evidence looks nothing up: no scores to keep
         self.attend(
-            query, q_start, self.tail_k[:, lo:hi], self.tail_v[:, lo:hi], local_start, fk, fv, fp, cos, sin,
-            cfg.n_local, scaling, far_origin=far_origin, out=out,
-            received=self.tail_scores[:, lo:hi] if self.evidence is None else None,
+            query, q_start, local_k, local_v, local_start, fk, fv, fp, cos, sin, cfg.n_local, scaling,
+            far_origin=far_origin, out=out, received=local_scores if self.evidence is None else None,
         )
 
     def _far_set(self, query: Tensor, n_init_far: int, far_end: int, far_query: Tensor | None
@@ -239,13 +243,19 @@ class LayerMemory:
         rem_start, n_rem = self._remainder(far_end)
         n_far = n_init_far + picked.shape[1] * cfg.block_size + n_rem
         far_k, far_v, far_pos = self._far_buffers(n_far, n_init_far)
+        views = self._far_slices.get((n_init_far, n_far))
+        if views is None:
+            if len(self._far_slices) >= 64:
+                self._far_slices.clear()
+            new = slice(n_init_far, n_far)
+            views = self._far_slices[(n_init_far, n_far)] = (
+                far_k[:, new], far_v[:, new], far_pos[new], far_k[:, :n_far], far_v[:, :n_far], far_pos[:n_far])
         if n_far > n_init_far:
-            new, rem = slice(n_init_far, n_far), slice(rem_start - self._base, rem_start - self._base + n_rem)
+            rem_k, rem_v, _ = self._tail_slice(rem_start - self._base, rem_start - self._base + n_rem)
             # per-KV-head picks differ by row; the first row's positions serve the mask (blocks are visible to all)
-            self.store.gather_far_set(picked, far_k[:, new], far_v[:, new], far_pos[new], self.tail_k[:, rem],
-                                      self.tail_v[:, rem], self.layout.start(0), rem_start)
+            self.store.gather_far_set(picked, *views[:3], rem_k, rem_v, self.layout.start(0), rem_start)
             self._far_init = min(self._far_init, n_init_far)  # init tokens after n_init_far were written over
-        return far_k[:, :n_far], far_v[:, :n_far], far_pos[:n_far]
+        return views[3:]
 
     def _far_buffers(self, n_far: int, n_init_far: int) -> tuple[Tensor, Tensor, Tensor]:
         """The far buffers with room for n_far keys, holding the first n_init_far init tokens."""
@@ -257,6 +267,7 @@ class LayerMemory:
             self._far_v = torch.empty_like(self._far_k)
             self._far_pos = self._positions.new_empty(room)
             self._far_init = 0
+            self._far_slices.clear()
         if self._far_init < n_init_far:  # the init tokens, written once
             n = self.init_len
             self._far_k[:, :n], self._far_v[:, :n] = self.init_k[:, :n], self.init_v[:, :n]
@@ -448,8 +459,25 @@ class LayerMemory:
             self._grow_repr(max(2 * self.repr_keys.shape[0], first + count))
         representatives = self.repr_keys[first : first + count]  # (count, heads, d)
         self._represent(self.tail_k[:, sl], self.tail_scores[:, sl], cfg.repr_topk, representatives)
-        self.store.add(*(buf[:, sl].unflatten(1, (count, cfg.block_size)).transpose(0, 1)
-                         for buf in (self.tail_k, self.tail_v)))  # (count, kv_heads, bs, d)
+        self.store.add(self._as_blocks(self.tail_k, offset, count), self._as_blocks(self.tail_v, offset, count))
+
+    def _as_blocks(self, buf: Tensor, offset: int, count: int) -> Tensor:
+        """Tail buffer `buf` (kv_heads, capacity, d), tokens offset .. offset + count * block_size, as blocks: a
+        (count, kv_heads, block_size, d) view, made in one op (the engine makes blocks for every lookup group)."""
+        heads, tokens, dims = buf.stride()
+        size = self.config.block_size
+        return buf.as_strided((count, buf.shape[0], size, buf.shape[2]), (size * tokens, heads, tokens, dims),
+                              buf.storage_offset() + offset * tokens)
+
+    def _tail_slice(self, lo: int, hi: int) -> tuple[Tensor, Tensor, Tensor]:
+        """tail_k, tail_v, tail_scores [:, lo:hi] (buffer indices), as views kept for the next group that asks."""
+        views = self._tail_slices.get((lo, hi))
+        if views is None:
+            if len(self._tail_slices) >= 64:
+                self._tail_slices.clear()
+            views = self._tail_slices[(lo, hi)] = (self.tail_k[:, lo:hi], self.tail_v[:, lo:hi],
+                                                   self.tail_scores[:, lo:hi])
+        return views
 
     def _tail_append(self, key: Tensor, value: Tensor) -> None:
         n = key.shape[1]
@@ -484,6 +512,7 @@ class LayerMemory:
             new = old.new_zeros((old.shape[0], capacity, *old.shape[2:]))
             new[:, : old.shape[1]] = old
             setattr(self, name, new)
+        self._tail_slices.clear()
 
     def _grow_repr(self, capacity: int) -> None:
         for name in ("repr_keys", "hits"):

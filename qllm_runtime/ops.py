@@ -61,7 +61,8 @@ def attention_op(device: torch.device, head_dim: int) -> AttendFn:
     """The attention for tensors on `device` (on CUDA, head_dim outside the kernel's 32/64/128 uses the reference)."""
     module = kernels(device)
     if module is not None and module.supports_head_dim(head_dim):
-        return partial(module.attention, check=False)  # the engine's inputs are valid by construction
+        # the engine's inputs are valid by construction; its layers run one after another, so they share temporaries
+        return partial(module.attention, check=False, scratch=module.Scratch())
     if device.type == "cpu" and os.environ.get("QUICKLLAMA_KERNELS", "1") != "0":
         return attend_tiled
     return attend_reference

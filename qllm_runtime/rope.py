@@ -32,6 +32,7 @@ class RotaryTables:
         self.rotary = find_rotary(model)
         self.device = device
         self.tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._cuts: dict[tuple[torch.device, int], tuple[Tensor, Tensor]] = {}  # get's recent results (views)
 
     @property
     def attention_scaling(self) -> float:
@@ -41,6 +42,9 @@ class RotaryTables:
     def get(self, n: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
         """cos, sin (n, head_dim) on `device` (default: the engine's)."""
         device = self.device if device is None else device
+        cut = self._cuts.get((device, n))
+        if cut is not None:  # every lookup group asks again: no new views
+            return cut
         cos, sin = self.tables.get(device, (None, None))
         if cos is None or cos.shape[0] < n:
             size = max(n, 2 * (0 if cos is None else cos.shape[0]))
@@ -52,7 +56,11 @@ class RotaryTables:
             scale = self.attention_scaling
             cos, sin = (cos[0].float() / scale).to(device), (sin[0].float() / scale).to(device)
             self.tables[device] = cos, sin
-        return cos[:n], sin[:n]
+            self._cuts.clear()
+        if len(self._cuts) >= 16:
+            self._cuts.clear()
+        cut = self._cuts[(device, n)] = cos[:n], sin[:n]
+        return cut
 
     def repeats_half(self, n: int = 64) -> bool:
         """Whether each table row repeats its first half (rotate-half RoPE, as the families above make it; the

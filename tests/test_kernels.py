@@ -517,6 +517,34 @@ def test_top_blocks_merges_many_chunks_with_torch(monkeypatch):
     assert torch.equal(qk.top_blocks(group_queries, repr_keys, block_terms, 1.0, 20, standardized=True), merged)
 
 
+def test_top_blocks_with_a_scratch_is_the_same_as_without(poison):
+    """Lookups reusing one scratch (their scores and chunk picks kept from call to call) while the blocks grow, past
+    the scratch's room and past a chunk, pick what fresh temporaries pick; a result outlives the next call."""
+    gen = torch.Generator().manual_seed(11)
+    scratch = qk.Scratch()
+    repr_keys = torch.randn(1100, 4, 32, generator=gen).to(DEVICE, torch.bfloat16)
+    kept = []
+    for n_blocks in (5, 250, 256, 257, 1100, 300):
+        group_queries = torch.randn(2, 4, 32, generator=gen).to(DEVICE)
+        args = (group_queries, repr_keys[:n_blocks], None, 2.0, 8)
+        picked = qk.top_blocks(*args, standardized=True, term_row=True, scratch=scratch)
+        assert torch.equal(picked, qk.top_blocks(*args, standardized=True, term_row=True))
+        kept.append((picked, picked.clone()))
+    assert all(torch.equal(a, b) for a, b in kept)
+
+
+def test_attention_with_a_scratch_is_the_same_as_without(poison):
+    """Attention calls reusing one scratch for their temporaries (rotated keys and queries, log-sum-exp) give what
+    calls with fresh ones give, call after call, as the shapes change and come back."""
+    scratch = qk.Scratch()
+    for seed, shape in enumerate([(8, 2, 64, 40, 70, 30, 32), (8, 2, 64, 40, 70, 30, 32), (8, 2, 64, 17, 45, 21, 16),
+                                  (8, 2, 64, 40, 70, 30, 32)]):
+        case = _attention_case(*shape, torch.float32, seed=seed, ordered=True)
+        out, received = attend_received(qk.attention, **case, scratch=scratch)
+        want, want_received = attend_received(qk.attention, **case)
+        assert torch.equal(out, want) and torch.equal(received, want_received)
+
+
 def test_top_blocks_ties_and_bad_inputs():
     """Equal scores go to the lower index; an empty memory picks nothing; bad input is refused."""
     group_queries = torch.ones(1, 2, 16, device=DEVICE)

@@ -56,7 +56,7 @@ class LookupPolicy:
         module = kernels(device)
         # the engine's inputs are valid by construction: no validation on the host per lookup
         self._kernel = partial(module.block_score, check=False) if module is not None else None
-        self._top = partial(module.top_blocks, check=False) if module is not None else None
+        self._top = partial(module.top_blocks, check=False, scratch=module.Scratch()) if module is not None else None
         self._top_max_k = module.TOP_MAX_K if module is not None else 0
 
     @classmethod
