@@ -593,3 +593,19 @@ def test_launch_count_of_a_lookup_group(capsys):
     prefill_sites, decode_sites = out.split("\nprefill, per lookup group:")[1].split("\ndecode from evidence, per")
     assert "attention (3 kernels on CUDA)" in prefill_sites  # + the keys rotated ahead, the received scores
     assert "attention (2 kernels on CUDA)" in decode_sites  # split runs + merge, no received
+
+
+def test_host_proxy_counts_the_ops_of_a_lookup_group(capsys):
+    """`python -m benchmarks.host_proxy --ops`: a prefill lookup group on the CUDA path (launches made no-ops)
+    dispatches about 21 torch ops, views included (56 before the fifteenth session kept its views and temporaries
+    from group to group); more means host time came back. Triton's launch path is restored afterwards."""
+    from triton.runtime.jit import JITFunction
+
+    from benchmarks import host_proxy
+
+    getitem = JITFunction.__getitem__
+    host_proxy.main(["--chunks", "1", "--ops"])
+    out = capsys.readouterr().out
+    ops = float(out.split("torch ops a lookup group: ")[1].split("\n")[0])
+    assert 15 < ops <= 25, out
+    assert "host time a lookup group:" in out and JITFunction.__getitem__ is getitem
