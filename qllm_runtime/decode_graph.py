@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from itertools import chain
 
 import torch
@@ -128,7 +129,7 @@ class DecodeGraph:
         logits.record_stream(torch.cuda.current_stream(self.device))  # made on the side stream, used on this one
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, stream=torch.cuda.Stream(self.device), capture_error_mode="thread_local"):
+            with _capturing(graph, self.device, "thread_local"):
                 self._logits = self._run()
         except RuntimeError as e:  # e.g. a model whose forward syncs the host (dynamic RoPE): answer the ordinary way
             self.failed, self._logits = f"{type(e).__name__}: {e}", None
@@ -146,8 +147,23 @@ def _release_generators(device: torch.device) -> None:
     capture" (torch 2.11). An empty capture registers and releases it again."""
     with warnings.catch_warnings():  # "The CUDA Graph is empty": it is meant to be
         warnings.simplefilter("ignore", UserWarning)
-        with torch.cuda.graph(torch.cuda.CUDAGraph(), stream=torch.cuda.Stream(device)):
+        with _capturing(torch.cuda.CUDAGraph(), device):
             pass
+
+
+@contextmanager
+def _capturing(graph: torch.cuda.CUDAGraph, device: torch.device, error_mode: str = "global") -> Iterator[None]:
+    """Record `graph` from what runs inside, on a side stream: `torch.cuda.graph(graph, stream=...)` without what that
+    does first, emptying the allocator's caches of device and pinned host memory. That hands every cached block back
+    to the driver (an answer's first token took 1.0-1.4 s more beside a 1M-token memory, BENCHMARKS.md §1), and the
+    next reading has to allocate, and page-lock, it again."""
+    torch.cuda.synchronize(device)
+    with torch.cuda.stream(torch.cuda.Stream(device)):
+        graph.capture_begin(capture_error_mode=error_mode)
+        try:
+            yield
+        finally:
+            graph.capture_end()
 
 
 def _describe(tensors: list[Tensor]) -> tuple:
