@@ -60,7 +60,7 @@ def _block_score_kernel(
 # features in fp32 without tl.dot, so the programs cover the blocks many times over (tiles of the matrix product
 # left a few programs running 64 steps each: ~150 µs for 256 blocks on an H200, now a few µs).
 ROW_GROUPS, ROW_BLOCKS, ROW_FEATURES = 4, 4, 512
-SCORES_ROOM = 256  # blocks: a scratch's scores grow in steps of this many
+SCORES_ROOM = 256  # blocks: the scores' rows grow in steps of this many (a multiple of 4)
 
 
 @Launcher
@@ -110,9 +110,9 @@ def block_score(
     n_groups, heads, head_dim = group_queries.shape
     n_blocks = repr_keys.shape[0]
     device = group_queries.device
-    # rows 16-byte aligned whatever the block count (a row may serve as block terms: one specialization, not two); in a
-    # scratch, room for the next SCORES_ROOM blocks, as blocks come one lookup after another
-    room = cdiv(n_blocks, 4) * 4 if scratch is None else cdiv(n_blocks, SCORES_ROOM) * SCORES_ROOM
+    # rows 16-byte aligned whatever the block count (a row may serve as block terms: one specialization, not two), with
+    # room for the next blocks: a scratch keeps them while blocks come one lookup after another
+    room = cdiv(n_blocks, SCORES_ROOM) * SCORES_ROOM
     scores = empty(scratch, "scores", (n_groups, room), torch.float32, device)[:, :n_blocks]
     has_question = question_scores is not None and beta != 0.0
     args = (group_queries, repr_keys, question_scores if has_question else scores, scores,

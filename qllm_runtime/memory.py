@@ -31,6 +31,7 @@ from .ops import AttendFn, DecodeAttendFn, far_set_op, gather_op, representative
 from .placement import Placement
 from .policies import LookupPolicy
 from .question import Question
+from .recent import Recent
 from .rope import RotaryTables
 
 
@@ -105,10 +106,9 @@ class LayerMemory:
         # to group (the init written once), grown when a group needs more room
         self._far_k = self._far_v = self._far_pos = None
         self._far_init = 0  # init tokens held in the far buffers
-        # views of the tail and far buffers by their bounds, kept while the buffers are (the bounds recur group by
-        # group, so a group makes no new views: each costs microseconds of host time)
-        self._tail_slices: dict[tuple[int, int], tuple[Tensor, Tensor, Tensor]] = {}
-        self._far_slices: dict[tuple[int, int], tuple[Tensor, ...]] = {}
+        # views of the tail and far buffers by their bounds, kept while the buffers are
+        self._tail_slices: Recent[tuple[Tensor, Tensor, Tensor]] = Recent(64)
+        self._far_slices: Recent[tuple[Tensor, ...]] = Recent(64)
         self._represent = representatives_op(device)
         n_repr = max(placement.expected_blocks, 16)
         self.repr_keys = torch.empty((n_repr, heads, head_dim), dtype=dtype, device=device)
@@ -243,13 +243,9 @@ class LayerMemory:
         rem_start, n_rem = self._remainder(far_end)
         n_far = n_init_far + picked.shape[1] * cfg.block_size + n_rem
         far_k, far_v, far_pos = self._far_buffers(n_far, n_init_far)
-        views = self._far_slices.get((n_init_far, n_far))
-        if views is None:
-            if len(self._far_slices) >= 64:
-                self._far_slices.clear()
-            new = slice(n_init_far, n_far)
-            views = self._far_slices[(n_init_far, n_far)] = (
-                far_k[:, new], far_v[:, new], far_pos[new], far_k[:, :n_far], far_v[:, :n_far], far_pos[:n_far])
+        new = slice(n_init_far, n_far)
+        views = self._far_slices.get((n_init_far, n_far), lambda: (
+            far_k[:, new], far_v[:, new], far_pos[new], far_k[:, :n_far], far_v[:, :n_far], far_pos[:n_far]))
         if n_far > n_init_far:
             rem_k, rem_v, _ = self._tail_slice(rem_start - self._base, rem_start - self._base + n_rem)
             # per-KV-head picks differ by row; the first row's positions serve the mask (blocks are visible to all)
@@ -471,13 +467,8 @@ class LayerMemory:
 
     def _tail_slice(self, lo: int, hi: int) -> tuple[Tensor, Tensor, Tensor]:
         """tail_k, tail_v, tail_scores [:, lo:hi] (buffer indices), as views kept for the next group that asks."""
-        views = self._tail_slices.get((lo, hi))
-        if views is None:
-            if len(self._tail_slices) >= 64:
-                self._tail_slices.clear()
-            views = self._tail_slices[(lo, hi)] = (self.tail_k[:, lo:hi], self.tail_v[:, lo:hi],
-                                                   self.tail_scores[:, lo:hi])
-        return views
+        return self._tail_slices.get((lo, hi), lambda: (self.tail_k[:, lo:hi], self.tail_v[:, lo:hi],
+                                                        self.tail_scores[:, lo:hi]))
 
     def _tail_append(self, key: Tensor, value: Tensor) -> None:
         n = key.shape[1]

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import UnsupportedModelError
+from .recent import Recent
 
 
 def find_rotary(model: nn.Module) -> nn.Module:
@@ -32,7 +33,7 @@ class RotaryTables:
         self.rotary = find_rotary(model)
         self.device = device
         self.tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
-        self._cuts: dict[tuple[torch.device, int], tuple[Tensor, Tensor]] = {}  # get's recent results (views)
+        self._cuts: Recent[tuple[Tensor, Tensor]] = Recent(16)  # get's results (views), asked for every lookup group
 
     @property
     def attention_scaling(self) -> float:
@@ -42,9 +43,10 @@ class RotaryTables:
     def get(self, n: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
         """cos, sin (n, head_dim) on `device` (default: the engine's)."""
         device = self.device if device is None else device
-        cut = self._cuts.get((device, n))
-        if cut is not None:  # every lookup group asks again: no new views
-            return cut
+        return self._cuts.get((device, n), lambda: self._cut(n, device))
+
+    def _cut(self, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """`get`'s views, the tables made (or grown) first where they are short."""
         cos, sin = self.tables.get(device, (None, None))
         if cos is None or cos.shape[0] < n:
             size = max(n, 2 * (0 if cos is None else cos.shape[0]))
@@ -55,12 +57,8 @@ class RotaryTables:
                 cos, sin = self.rotary(probe, positions)
             scale = self.attention_scaling
             cos, sin = (cos[0].float() / scale).to(device), (sin[0].float() / scale).to(device)
-            self.tables[device] = cos, sin
-            self._cuts.clear()
-        if len(self._cuts) >= 16:
-            self._cuts.clear()
-        cut = self._cuts[(device, n)] = cos[:n], sin[:n]
-        return cut
+            self.tables[device] = cos, sin  # the views cut from the old tables stay valid
+        return cos[:n], sin[:n]
 
     def repeats_half(self, n: int = 64) -> bool:
         """Whether each table row repeats its first half (rotate-half RoPE, as the families above make it; the

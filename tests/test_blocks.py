@@ -105,3 +105,24 @@ def test_fp8_blocks_change_the_logits_little(tokenizer, arch):
         assert (a - f).abs().max() < 0.03 * a.std()
         assert a.argmax() == f.argmax()
     assert all(not torch.equal(a, f) for a, f in zip(auto, fp8, strict=True))
+
+
+def test_recent_makes_each_result_once_and_forgets_at_its_limit():
+    """`Recent` (the views a lookup group takes again): a key's result is made once and returned as that object, until
+    `limit` keys are held, when all are forgotten, or until `clear`."""
+    from qllm_runtime.recent import Recent
+
+    made = []
+    recent = Recent(2)
+
+    def get(key):
+        return recent.get(key, lambda: made.append(key) or [key])
+
+    first = get("a")
+    assert get("a") is first and made == ["a"]
+    get("b")
+    get("c")  # the limit: "a" and "b" forgotten
+    assert get("a") is not first and made == ["a", "b", "c", "a"]
+    recent.clear()
+    get("a")
+    assert made == ["a", "b", "c", "a", "a"]
