@@ -6,11 +6,11 @@
 On CUDA the block memory's prefill is bound by the host: each lookup group of each layer launches its small
 kernels from Python. This reads chunks into one `LayerMemory` with tiny heads on the CPU and counts the ops that
 write memory (a new tensor, or an in-place op): each is one launch on CUDA. The ops that are one Triton kernel on
-CUDA (block gather, far set, block scorer, representative keys, block store) count as one launch here too, the
-fused lookup (`qllm_kernels.top_blocks`) as its two or three; the attention is a stand-in counted as the kernels
-`qllm_kernels.attention` launches for its shapes (forward; the keys rotated ahead for a prefill group; the merge of
-split key runs for decode; the received scores unless answering from evidence). Also reported: the same for one
-decode step answering from evidence.
+CUDA (block gather, far set, block scorer, block store with the representative keys) count as one launch here too,
+the fused lookup (`qllm_kernels.top_blocks`) as its one, two or three; the attention is a stand-in counted as the
+kernels `qllm_kernels.attention` launches for its shapes (forward; the keys rotated ahead for a prefill group; the
+merge of split key runs for decode; the received scores unless answering from evidence). Also reported: the same for
+one decode step answering from evidence.
 """
 
 from __future__ import annotations
@@ -107,8 +107,12 @@ def kernel_module(name: str) -> ModuleType:
 
 
 def top_blocks_kernels(group_queries, repr_keys, *args, **kwargs) -> int:
-    """Kernels `qllm_kernels.top_blocks` launches: the scorer, the ranking, and a merge beyond one chunk of blocks."""
-    return 2 + (repr_keys.shape[0] > kernel_module("block_score").TOP_CHUNK)
+    """Kernels `qllm_kernels.top_blocks` launches: one for a few rows and one chunk of blocks (scored and ranked);
+    else the scorer, the ranking, and a merge beyond one chunk."""
+    module = kernel_module("block_score")
+    if repr_keys.shape[0] <= module.TOP_CHUNK:
+        return 1 if group_queries.shape[0] <= module.ROW_GROUPS else 2
+    return 3
 
 
 def new_layer(config: QLLMConfig, counter: LaunchCounter) -> LayerMemory:
@@ -125,8 +129,7 @@ def new_layer(config: QLLMConfig, counter: LaunchCounter) -> LayerMemory:
                         counter.as_kernels(attention_stand_in, "attention", kernels=attention_kernels), policy)
     layer.store._gather = counter.as_kernels(layer.store._gather, "block gather")
     layer.store._far_set = counter.as_kernels(layer.store._far_set, "far set: blocks, remainder, positions")
-    layer.store._store = counter.as_kernels(layer.store._store, "block store")
-    layer._represent = counter.as_kernels(layer._represent, "representative keys")
+    layer.store._store = counter.as_kernels(layer.store._store, "block store and representative keys")
     policy._kernel = counter.as_kernels(lambda q, r, t, beta, _: (block_scores_reference(q, r, t, beta),),
                                         "block scorer")
     policy._top = counter.as_kernels(top_blocks_stand_in, "lookup", kernels=top_blocks_kernels)

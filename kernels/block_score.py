@@ -4,8 +4,10 @@ scores[g, b] = sum_h < group_queries[g, h], repr_keys[b, h] >  +  beta * questio
 
 `block_score`: one tiled matrix product over the flattened (heads * head_dim) axis with fp32 accumulation; the top-k
 stays on the device (`torch.topk`), so a decode step needs no host synchronisation. `top_blocks`: the lookup whole,
-scores, standardisation, top-k and document order in two or three launches (the engine's per-group lookup, which
-took nine from PyTorch). The spec is `qllm_runtime.lookup.block_scores_reference` followed by `select_blocks`.
+scores, standardisation, top-k and document order (the engine's per-group lookup, which took nine launches from
+PyTorch) in one launch for a few rows over up to TOP_CHUNK blocks (the engine's lookups: the last program to finish
+scoring ranks), else in two or three. The spec is `qllm_runtime.lookup.block_scores_reference` followed by
+`select_blocks`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._common import FLOAT_DTYPES, Launcher, Scratch, cdiv, check_device, dot_dtype, empty, next_power_of_2, on_device
 
@@ -63,16 +66,15 @@ ROW_GROUPS, ROW_BLOCKS, ROW_FEATURES = 4, 4, 512
 SCORES_ROOM = 256  # blocks: the scores' rows grow in steps of this many (a multiple of 4)
 
 
-@Launcher
-@triton.jit(do_not_specialize=["stride_sg", "n_blocks"])
-def _block_score_rows_kernel(
+@triton.jit
+def _score_rows(
     Query, Repr, Question, Scores,
     stride_qg, stride_rb, stride_sg,
-    n_blocks, n_features, beta,
+    n_blocks, n_features, beta, pid_b, group,
     HAS_QUESTION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    pid_b = tl.program_id(0)
-    group = tl.program_id(1)
+    """Scores[group, pid_b * BLOCK_B : + BLOCK_B]: one group's query (n_features,) against BLOCK_B blocks' keys, summed
+    in fp32 over the features, plus beta * Question[b] (HAS_QUESTION)."""
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_k = tl.arange(0, BLOCK_K)
     b_ok = offs_b < n_blocks
@@ -89,6 +91,28 @@ def _block_score_rows_kernel(
     if HAS_QUESTION:
         scores += beta * tl.load(Question + offs_b, mask=b_ok, other=0.0).to(tl.float32)
     tl.store(Scores + group * stride_sg + offs_b, scores, mask=b_ok)
+
+
+@Launcher
+@triton.jit(do_not_specialize=["stride_sg", "n_blocks"])
+def _block_score_rows_kernel(
+    Query, Repr, Question, Scores,
+    stride_qg, stride_rb, stride_sg,
+    n_blocks, n_features, beta,
+    HAS_QUESTION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    _score_rows(
+        Query, Repr, Question, Scores, stride_qg, stride_rb, stride_sg, n_blocks, n_features, beta,
+        tl.program_id(0), tl.program_id(1), HAS_QUESTION, BLOCK_B, BLOCK_K,
+    )  # fmt: skip
+
+
+def _scores(scratch: Scratch | None, n_rows: int, n_blocks: int, device: torch.device) -> Tensor:
+    """The scores (n_rows, n_blocks) float32, rows 16-byte aligned whatever the block count (a row may serve as block
+    terms: one specialization, not two), with room for the next blocks: a scratch keeps them while blocks come one
+    lookup after another."""
+    room = cdiv(n_blocks, SCORES_ROOM) * SCORES_ROOM
+    return empty(scratch, "scores", (n_rows, room), torch.float32, device)[:, :n_blocks]
 
 
 def block_score(
@@ -110,10 +134,7 @@ def block_score(
     n_groups, heads, head_dim = group_queries.shape
     n_blocks = repr_keys.shape[0]
     device = group_queries.device
-    # rows 16-byte aligned whatever the block count (a row may serve as block terms: one specialization, not two), with
-    # room for the next blocks: a scratch keeps them while blocks come one lookup after another
-    room = cdiv(n_blocks, SCORES_ROOM) * SCORES_ROOM
-    scores = empty(scratch, "scores", (n_groups, room), torch.float32, device)[:, :n_blocks]
+    scores = _scores(scratch, n_groups, n_blocks, device)
     has_question = question_scores is not None and beta != 0.0
     args = (group_queries, repr_keys, question_scores if has_question else scores, scores,
             group_queries.stride(0), repr_keys.stride(0), scores.stride(0))
@@ -141,9 +162,9 @@ def block_score(
 
 # top_blocks: a block's rank is one int64 key, its combined score's order-preserving bits above the complement of its
 # index, so a single max reduction finds the best block and, among equal scores, the lowest index (torch.topk's
-# choice among ties is unspecified); no block has the key -2**63. Each program ranks up to TOP_CHUNK blocks; more
-# chunks are merged by a second launch, in one program up to TOP_MERGE keys (by torch.topk beyond). top-k up to
-# TOP_MAX_K (a program holds k keys).
+# choice among ties is unspecified); no block has the key -2**63. Each program ranks up to TOP_CHUNK blocks (one chunk
+# of up to ROW_GROUPS rows: the row scorer's last program, in the same launch); more chunks are merged by a second
+# launch, in one program up to TOP_MERGE keys (by torch.topk beyond). top-k up to TOP_MAX_K (a program holds k keys).
 TOP_CHUNK, TOP_MERGE, TOP_MAX_K = 1024, 8192, 256
 _INDEX = 0x7FFFFFFF  # the key's low bits: the complement of the block's index
 
@@ -184,19 +205,13 @@ def _store_ascending(Out, best, k, K_PAD: tl.constexpr):
     tl.store(Out + slots, tl.sort(index, 0).to(tl.int64), mask=slots < k)
 
 
-@Launcher
-@triton.jit(do_not_specialize=["stride_sg", "stride_kg", "n_blocks"])
-def _top_chunk_kernel(
-    Scores, Terms, Keys, Out,
-    stride_sg, stride_kg, stride_og,
-    n_blocks, k, beta,
-    HAS_TERMS: tl.constexpr, STANDARDIZED: tl.constexpr, FINAL: tl.constexpr,
-    CHUNK: tl.constexpr, K_PAD: tl.constexpr,
+@triton.jit
+def _chunk_keys(
+    row, Terms, offs, n_blocks, k, beta,
+    HAS_TERMS: tl.constexpr, STANDARDIZED: tl.constexpr, CHUNK: tl.constexpr, K_PAD: tl.constexpr,
 ):  # fmt: skip
-    group = tl.program_id(0)
-    chunk = tl.program_id(1)
-    row = Scores + group * stride_sg
-    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    """`_best_keys` of the blocks `offs` (CHUNK,) of one group: its scores row[0 : n_blocks], plus beta * Terms[b]
+    (HAS_TERMS), each standardised over the n_blocks (STANDARDIZED)."""
     ok = offs < n_blocks
     value = tl.load(row + offs, mask=ok, other=0.0)
     if HAS_TERMS:
@@ -208,11 +223,57 @@ def _top_chunk_kernel(
     bits = value.to(tl.int32, bitcast=True)
     ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)  # signed order = the float order
     keys = tl.where(ok, (ordered << 32) | (0x7FFFFFFF - offs).to(tl.int64), -(2**63))
-    best = _best_keys(keys, k, K_PAD)
+    return _best_keys(keys, k, K_PAD)
+
+
+@Launcher
+@triton.jit(do_not_specialize=["stride_sg", "stride_kg", "n_blocks"])
+def _top_chunk_kernel(
+    Scores, Terms, Keys, Out,
+    stride_sg, stride_kg, stride_og,
+    n_blocks, k, beta,
+    HAS_TERMS: tl.constexpr, STANDARDIZED: tl.constexpr, FINAL: tl.constexpr,
+    CHUNK: tl.constexpr, K_PAD: tl.constexpr,
+):  # fmt: skip
+    group = tl.program_id(0)
+    chunk = tl.program_id(1)
+    best = _chunk_keys(Scores + group * stride_sg, Terms, chunk * CHUNK + tl.arange(0, CHUNK), n_blocks, k, beta,
+                       HAS_TERMS, STANDARDIZED, CHUNK, K_PAD)
     if FINAL:
         _store_ascending(Out + group * stride_og, best, k, K_PAD)
     else:
         tl.store(Keys + group * stride_kg + chunk * K_PAD + tl.arange(0, K_PAD), best)
+
+
+@Launcher
+@triton.jit(do_not_specialize=["stride_sg", "n_blocks"])
+def _score_and_rank_kernel(
+    Query, Repr, Scores, Terms, Out, Counter,
+    stride_qg, stride_rb, stride_sg, stride_og,
+    n_groups, n_blocks, n_features, k, beta,
+    HAS_TERMS: tl.constexpr, STANDARDIZED: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, K_PAD: tl.constexpr,
+):  # fmt: skip
+    """`_block_score_rows_kernel`, then `_top_chunk_kernel` FINAL over one chunk, in one launch. Grid (cdiv(n_blocks,
+    BLOCK_B), rows): each program writes the scores of BLOCK_B blocks of one row to Scores (rows, n_blocks), then
+    counts itself in Counter (1,) int32, zero before the launch; the last to arrive ranks each group's row (Terms: the
+    term row of Scores, the block terms, or unread) into Out (n_groups, k), and zeroes Counter for the next launch.
+
+    As CUDA's threadFenceReduction: the barrier orders the program's score stores before its atomic, the atomic's
+    release and acquire (gpu scope) order every program's stores before the last program's loads, which are plain
+    global loads issued after the atomic (under the interpreter programs run one after another)."""
+    _score_rows(
+        Query, Repr, Scores, Scores, stride_qg, stride_rb, stride_sg, n_blocks, n_features, 0.0,
+        tl.program_id(0), tl.program_id(1), False, BLOCK_B, BLOCK_K,
+    )  # fmt: skip
+    tl.debug_barrier()  # every thread's score stores before the (one thread's) atomic
+    arrived = tl.atomic_add(Counter, 1, sem="acq_rel")  # programs before this one
+    if arrived == tl.num_programs(0) * tl.num_programs(1) - 1:
+        for group in range(0, n_groups):
+            best = _chunk_keys(Scores + group * stride_sg, Terms, tl.arange(0, CHUNK), n_blocks, k, beta,
+                               HAS_TERMS, STANDARDIZED, CHUNK, K_PAD)
+            _store_ascending(Out + group * stride_og, best, k, K_PAD)
+        tl.store(Counter, 0)  # the next launch on this stream starts after this one ends: it sees the zero
 
 
 @Launcher
@@ -236,7 +297,8 @@ def top_blocks(
     float32 or None; topk at most TOP_MAX_K. `term_row`: the last row of group_queries is no group but a term query,
     whose scores (made in the same launch as the groups') are the block terms; block_terms is then None. The spec:
     `select_blocks(block_scores_reference(..., standardized), topk)`, sorted. scratch: where the temporaries are kept
-    from call to call (None: allocated per call).
+    from call to call (None: allocated per call). Up to ROW_GROUPS rows (the term row included) and TOP_CHUNK blocks:
+    one launch, which scores and ranks (the engine's lookups); otherwise two, three beyond TOP_CHUNK blocks.
     """
     if check:
         _check(group_queries, repr_keys, block_terms, topk)
@@ -245,22 +307,38 @@ def top_blocks(
         if term_row and (block_terms is not None or group_queries.shape[0] < 2):
             raise ValueError("with term_row the block terms are the last query row's scores: pass block_terms=None "
                              "and at least one group before that row")
-    n_groups = group_queries.shape[0] - term_row
+    n_rows, heads, head_dim = group_queries.shape
+    n_groups = n_rows - term_row
     n_blocks = repr_keys.shape[0]
     k = min(topk, n_blocks)
     out = torch.empty(n_groups, k, dtype=torch.int64, device=group_queries.device)
     if not (n_groups and k):
         return out
-    scores, _ = block_score(group_queries, repr_keys, None, 0.0, None, check=False, scratch=scratch)
-    if term_row:
-        block_terms = scores[n_groups]
     n_chunks = cdiv(n_blocks, TOP_CHUNK)  # one shape for every count: no compiling mid-reading as blocks come
     k_pad = max(16, next_power_of_2(k))
+    one_launch = n_chunks == 1 and n_rows <= ROW_GROUPS  # the row scorer's case: its last program ranks
+    if one_launch:
+        scores = _scores(scratch, n_rows, n_blocks, out.device)
+    else:
+        scores, _ = block_score(group_queries, repr_keys, None, 0.0, None, check=False, scratch=scratch)
+    if term_row:
+        block_terms = scores[n_groups]
     has_terms = block_terms is not None and beta != 0.0
+    terms = block_terms if has_terms else scores  # unread without terms
+    if one_launch:
+        with on_device(out.device):
+            _score_and_rank_kernel[(cdiv(n_blocks, ROW_BLOCKS), n_rows)](
+                group_queries, repr_keys, scores, terms, out, _counter(scratch, out.device),
+                group_queries.stride(0), repr_keys.stride(0), scores.stride(0), out.stride(0),
+                n_groups, n_blocks, heads * head_dim, k, float(beta),
+                HAS_TERMS=has_terms, STANDARDIZED=standardized,
+                BLOCK_B=ROW_BLOCKS, BLOCK_K=ROW_FEATURES, CHUNK=TOP_CHUNK, K_PAD=k_pad,
+            )  # fmt: skip
+        return out
     keys = empty(scratch, "keys", (n_groups, n_chunks * k_pad), torch.int64, out.device) if n_chunks > 1 else out
     with on_device(out.device):
         _top_chunk_kernel[(n_groups, n_chunks)](
-            scores, block_terms if has_terms else scores, keys, out,
+            scores, terms, keys, out,
             scores.stride(0), keys.stride(0), out.stride(0),
             n_blocks, k, float(beta),
             HAS_TERMS=has_terms, STANDARDIZED=standardized, FINAL=n_chunks == 1, CHUNK=TOP_CHUNK, K_PAD=k_pad,
@@ -273,6 +351,22 @@ def top_blocks(
     if keys.shape[1] > TOP_MERGE:  # very many chunks: their picks merged by torch (the keys rank as the scores)
         out = (_INDEX - (keys.topk(k, dim=-1).values & _INDEX)).sort(dim=-1).values
     return out
+
+
+_ZEROED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # the scratches' counters zeroed so far, by identity
+
+
+def _counter(scratch: Scratch | None, device: torch.device) -> Tensor:
+    """`_score_and_rank_kernel`'s counter of arrived programs: (1,) int32, zero (each launch leaves it so). A scratch
+    (one caller, one stream) keeps one under "counter", which `Scratch.empty` makes once, uninitialised: zeroed when
+    first seen. Without a scratch a new one (a fill launch on CUDA)."""
+    if scratch is None:
+        return torch.zeros(1, dtype=torch.int32, device=device)
+    counter = scratch.empty("counter", (1,), torch.int32, device)
+    if counter not in _ZEROED:
+        counter.zero_()
+        _ZEROED[counter] = True
+    return counter
 
 
 def _check(group_queries: Tensor, repr_keys: Tensor, question_scores: Tensor | None, topk: int | None) -> None:

@@ -4,7 +4,8 @@ head's queries attended most, in one launch.
 The spec is `qllm_runtime.blocks.representatives_reference`. Query head h reads KV head h // (heads // kv_heads).
 Grid (count, heads): each program loads its head's scores over the block (block_size of any size, masked), picks the
 repr_topk largest one at a time (the lowest index among equal scores), adds the chosen keys in float32 and writes
-their mean in out's dtype (rounded to nearest even; Triton's interpreter would truncate to bfloat16).
+their mean in out's dtype (rounded to nearest even; Triton's interpreter would truncate to bfloat16). `representative`
+is one program's work, which `store_blocks` also runs, in the launch that stores the blocks (the engine's way).
 """
 
 from __future__ import annotations
@@ -19,6 +20,28 @@ from ._common import FLOAT_DTYPES, Launcher, check_device, next_power_of_2, on_d
 __all__ = ["representative_keys"]
 
 
+@triton.jit
+def representative(Keys, stride_kt, Scores, Out, block_size, head_dim, repr_topk,
+                    ROUND_BF16: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """One block's representative key for one query head: Keys points at the block's first key of the head's KV head
+    (tokens stride_kt apart), Scores at the head's score of that token (tokens contiguous), Out at the head's row."""
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    free = offs_s < block_size  # tokens of the block not yet chosen
+    scores = tl.load(Scores + offs_s, mask=free, other=0.0)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for _ in range(repr_topk):
+        best = tl.max(tl.where(free, scores, -float("inf")))
+        pick = tl.min(tl.where(free & (scores == best), offs_s, BLOCK_S))
+        acc += tl.load(Keys + pick * stride_kt + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        free = free & (offs_s != pick)
+    mean = tl.math.div_rn(acc, tl.zeros_like(acc) + repr_topk)
+    if ROUND_BF16:
+        mean = round_to_bf16(mean)
+    tl.store(Out + offs_d, mean.to(Out.dtype.element_ty), mask=d_ok)
+
+
 @Launcher
 @triton.jit
 def _representatives_kernel(
@@ -30,22 +53,9 @@ def _representatives_kernel(
     block = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
     first = block * block_size  # the block's first token
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < head_dim
-    free = offs_s < block_size  # tokens of the block not yet chosen
-    scores = tl.load(Scores + head * stride_sh + first + offs_s, mask=free, other=0.0)
-    keys = Keys + (head // group) * stride_kh + first * stride_kt
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for _ in range(repr_topk):
-        best = tl.max(tl.where(free, scores, -float("inf")))
-        pick = tl.min(tl.where(free & (scores == best), offs_s, BLOCK_S))
-        acc += tl.load(keys + pick * stride_kt + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-        free = free & (offs_s != pick)
-    mean = tl.math.div_rn(acc, tl.zeros_like(acc) + repr_topk)
-    if ROUND_BF16:
-        mean = round_to_bf16(mean)
-    tl.store(Out + block * stride_ob + head * stride_oh + offs_d, mean.to(Out.dtype.element_ty), mask=d_ok)
+    representative(Keys + (head // group) * stride_kh + first * stride_kt, stride_kt, Scores + head * stride_sh + first,
+                    Out + block * stride_ob + head * stride_oh, block_size, head_dim, repr_topk, ROUND_BF16, BLOCK_S,
+                    BLOCK_D)
 
 
 def representative_keys(keys: Tensor, scores: Tensor, repr_topk: int, out: Tensor, *, check: bool = True) -> None:
@@ -57,7 +67,7 @@ def representative_keys(keys: Tensor, scores: Tensor, repr_topk: int, out: Tenso
     kv_heads; 1 <= repr_topk <= block_size. check=False skips validating the inputs (the engine's calls).
     """
     if check:
-        _check(keys, scores, repr_topk, out)
+        check_inputs(keys, scores, repr_topk, out)
     count, heads, head_dim = out.shape
     kv_heads, n_tokens = keys.shape[:2]
     if count == 0 or head_dim == 0:
@@ -73,7 +83,7 @@ def representative_keys(keys: Tensor, scores: Tensor, repr_topk: int, out: Tenso
         )  # fmt: skip
 
 
-def _check(keys: Tensor, scores: Tensor, repr_topk: int, out: Tensor) -> None:
+def check_inputs(keys: Tensor, scores: Tensor, repr_topk: int, out: Tensor) -> None:
     """ValueError unless the inputs are as `representative_keys` documents them."""
     if keys.dim() != 3 or scores.dim() != 2 or out.dim() != 3:
         raise ValueError(f"keys must be (kv_heads, tokens, head_dim), scores (heads, tokens) and out (count, heads, "

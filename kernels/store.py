@@ -7,7 +7,9 @@ bits = e4m3fn(clamp(x / scale, -448, 448)), rounded to nearest even. The targets
 kernel writes it in place over the bus (unified addressing). The engine does not: it encodes offloaded blocks on
 the device and copies them over with one DMA copy per plane (`BlockStore.add`). Grid (count, kv_heads, 2): each
 program writes one plane (K or V) of one block of one KV head; float8 reads it twice (its largest magnitude first).
-A lookup group makes a few blocks at a time, so the programs are few: two per block and head, not one.
+A lookup group makes a few blocks at a time, so the programs are few: two per block and head, not one. With
+`represent`, the same launch writes the blocks' representative keys (`representative_keys`): grid (count, kv_heads,
+2 + heads / kv_heads), one more program for each query head (a launch less for each lookup group).
 
 Rounding is done with integer bit operations, the same compiled and interpreted (Triton's interpreter truncates
 float32 -> bfloat16 and its float8 casts do not round to nearest even), and divisions are IEEE-rounded
@@ -23,6 +25,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import FLOAT_DTYPES, Launcher, check_device, next_power_of_2, on_device, round_to_bf16
+from .representatives import check_inputs as check_representatives
+from .representatives import representative
 
 __all__ = ["store_blocks"]
 
@@ -79,33 +83,47 @@ def _store_plane(
 @Launcher
 @triton.jit
 def _store_kernel(
-    K, V, OutK, OutV, KScale, VScale,
+    K, V, OutK, OutV, KScale, VScale, Scores, Repr,
     stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, stride_okb, stride_ovb, stride_ksb, stride_vsb,
-    block_size, head_dim,
-    FP8: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_sh, stride_rb, stride_rh,
+    block_size, head_dim, group, repr_topk,
+    FP8: tl.constexpr, ROUND_BF16: tl.constexpr, REPRESENT: tl.constexpr, ROUND_REPR: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     block = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
-    if tl.program_id(2) == 0:
+    task = tl.program_id(2)  # 0: the K plane, 1: the V plane, 2 + j: query head j of this KV head's representative
+    if task == 0:
         _store_plane(K, OutK, KScale, stride_kb, stride_kh, stride_kt, stride_okb, stride_ksb, block, head,
                      block_size, head_dim, FP8, ROUND_BF16, BLOCK_T, BLOCK_D)
-    else:
+    elif task == 1:
         _store_plane(V, OutV, VScale, stride_vb, stride_vh, stride_vt, stride_ovb, stride_vsb, block, head,
                      block_size, head_dim, FP8, ROUND_BF16, BLOCK_T, BLOCK_D)
+    elif REPRESENT:
+        q_head = head * group + task - 2
+        representative(K + block * stride_kb + head * stride_kh, stride_kt,
+                        Scores + q_head * stride_sh + block * block_size, Repr + block * stride_rb + q_head * stride_rh,
+                        block_size, head_dim, repr_topk, ROUND_REPR, BLOCK_S, BLOCK_D)
 
 
-def store_blocks(k: Tensor, v: Tensor, target: tuple[Tensor, ...], *, check: bool = True) -> None:
-    """Write blocks k, v into `target` as it stores them.
+def store_blocks(k: Tensor, v: Tensor, target: tuple[Tensor, ...], represent: tuple[Tensor, int, Tensor] | None = None,
+                 *, check: bool = True) -> None:
+    """Write blocks k, v into `target` as it stores them; with `represent`, their representative keys too.
 
     k, v: (count, kv_heads, block_size, head_dim), float16/bfloat16/float32, any strides but a contiguous last dim
     (e.g. views of a (kv_heads, tokens, head_dim) buffer), on the CUDA device (or the CPU under the interpreter).
     target: (K, V) of that shape in a float dtype (a cast copy), or (K_bits, V_bits, K_scale, V_scale): uint8 e4m3
     bits of that shape and (count, kv_heads) float32 scales. Each target plane is contiguous but for its first
     dimension (e.g. rows [first : first + count] of a bigger plane), on k's device or, on CUDA, in pinned CPU memory.
-    check=False skips validating the inputs (the engine's calls, valid by construction).
+    represent: None, or (scores, repr_topk, out): `representative_keys` of the keys k (per KV head, block after block)
+    with these arguments, in the same launch (scores on k's device). check=False skips validating the inputs (the
+    engine's calls, valid by construction).
     """
     if check:
         _check(k, v, target)
+        if represent is not None:
+            scores, repr_topk, out = represent
+            check_representatives(k.transpose(0, 1).flatten(1, 2), scores, repr_topk, out)
     fp8 = len(target) == 4
     count, kv_heads, block_size, head_dim = k.shape
     out_k, out_v = target[:2]
@@ -113,16 +131,20 @@ def store_blocks(k: Tensor, v: Tensor, target: tuple[Tensor, ...], *, check: boo
     if count == 0 or k.numel() == 0:
         return
     scales = target[2:] if fp8 else (out_k, out_k)  # not read without float8: stand-ins
+    scores, repr_topk, out = represent if represent is not None else (out_k, 1, out_k)  # stand-ins, not read
+    group = out.shape[1] // kv_heads if represent is not None else 0
     block_d = next_power_of_2(head_dim)
     block_t = min(next_power_of_2(block_size), max(1, _TILE // block_d))
     with on_device(k.device):
-        _store_kernel[(count, kv_heads, 2)](
-            k, v, out_k, out_v, scales[0], scales[1],
+        _store_kernel[(count, kv_heads, 2 + group)](
+            k, v, out_k, out_v, scales[0], scales[1], scores, out,
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             out_k.stride(0), out_v.stride(0), scales[0].stride(0) if fp8 else 0, scales[1].stride(0) if fp8 else 0,
-            block_size, head_dim,
-            FP8=fp8, ROUND_BF16=stored == torch.bfloat16 and k.dtype != torch.bfloat16,
-            BLOCK_T=block_t, BLOCK_D=block_d, num_warps=8 if block_t * block_d >= 8192 else 4,
+            scores.stride(0), out.stride(0), out.stride(1),
+            block_size, head_dim, group, repr_topk,
+            FP8=fp8, ROUND_BF16=stored == torch.bfloat16 and k.dtype != torch.bfloat16, REPRESENT=represent is not None,
+            ROUND_REPR=out.dtype == torch.bfloat16, BLOCK_T=block_t, BLOCK_S=next_power_of_2(block_size),
+            BLOCK_D=block_d, num_warps=8 if block_t * block_d >= 8192 else 4,
         )  # fmt: skip
 
 

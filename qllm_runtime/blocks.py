@@ -66,19 +66,28 @@ def dequantize(bits: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
 
 GatherFn = Callable[[Planes, Planes, Tensor, int, torch.dtype], tuple[Tensor, Tensor]]
 FarSetFn = Callable[[Planes, Planes, Tensor, int, Tensor, Tensor, Tensor, Tensor, Tensor, int, int], None]
-StoreFn = Callable[[Tensor, Tensor, Planes], None]
-RepresentFn = Callable[[Tensor, Tensor, int, Tensor], None]
+Represent = tuple[Tensor, int, Tensor]  # (scores, repr_topk, out) of new blocks: see `store_reference`
+StoreFn = Callable[[Tensor, Tensor, Planes, Represent | None], None]
 
 
-def store_reference(k: Tensor, v: Tensor, target: Planes) -> None:
+def store_reference(k: Tensor, v: Tensor, target: Planes, represent: Represent | None = None) -> None:
     """Write blocks into `target` as it stores them: k, v (count, kv_heads, block_size, head_dim), any strides;
     target: planes of the same shape (uint8 float8 bits, with (count, kv_heads) float32 scales, or a float dtype),
-    in device or pinned host memory."""
+    in device or pinned host memory. represent: None, or (scores, repr_topk, out): the blocks' representative keys
+    are also written (`representatives_reference` of the keys k, block after block per KV head)."""
+    if represent is not None:
+        _represent_reference(k, represent)
     planes = Planes(k, v)
     if target.k_scale is not None:
         (k_bits, k_scale), (v_bits, v_scale) = quantize(k), quantize(v)
         planes = Planes(k_bits, v_bits, k_scale, v_scale)
     planes.copy_to(target, lambda dst, src: dst.copy_(src, non_blocking=True))
+
+
+def _represent_reference(k: Tensor, represent: Represent) -> None:
+    """`representatives_reference` of blocks k (count, kv_heads, block_size, head_dim), (scores, repr_topk, out)."""
+    scores, repr_topk, out = represent
+    representatives_reference(k.transpose(0, 1).flatten(1, 2), scores, repr_topk, out)
 
 
 def representatives_reference(keys: Tensor, scores: Tensor, repr_topk: int, out: Tensor) -> None:
@@ -198,11 +207,15 @@ class BlockStore:
             planes += [new((n, self.shape[0]), torch.float32), new((n, self.shape[0]), torch.float32)]
         return Planes(*planes)
 
-    def add(self, k: Tensor, v: Tensor) -> None:
+    def add(self, k: Tensor, v: Tensor, represent: Represent | None = None) -> None:
         """Append blocks. k, v: (count, kv_heads, block_size, head_dim), any strides, on the store's device or the
-        CPU (a loaded memory's blocks)."""
+        CPU (a loaded memory's blocks). represent: their representative keys are written too, by the store's op (blocks
+        made on the device: `store_reference` says how)."""
         first, count = self.n_blocks, k.shape[0]
         pooled = max(0, min(count, self.device_limit - first))
+        if represent is not None and 0 < pooled < count:  # the blocks straddle the pool's end (once a reading)
+            _represent_reference(k, represent)
+            represent = None
         if pooled:
             if first + pooled > self._pool.k.shape[0]:
                 self._pool = self._grown(self._pool, first, min(self.device_limit, max(2 * self._pool.k.shape[0],
@@ -210,7 +223,7 @@ class BlockStore:
             pool_k, pool_v = k, v  # blocks made on the device, all pooled: as they are (no view per add)
             if pooled < count or k.device != self.device:
                 pool_k, pool_v = (t[:pooled].to(self.device, non_blocking=True) for t in (k, v))
-            self._store(pool_k, pool_v, self._pool.map(lambda t: t[first : first + pooled]))
+            self._store(pool_k, pool_v, self._pool.map(lambda t: t[first : first + pooled]), represent)
         if count > pooled:  # device -> pinned host, ordered on the stream before any later gather
             start, end = self.offloaded, self.offloaded + count - pooled
             if self._host_ahead is not None and not start:  # the first offloaded block: take the room made ahead
@@ -220,12 +233,12 @@ class BlockStore:
                                          torch.device("cpu"))
             host = self._host.map(lambda t: t[start:end])
             if self.device.type == "cpu":
-                self._store(k[pooled:], v[pooled:], host)
+                self._store(k[pooled:], v[pooled:], host, represent)
             elif k.device.type == "cpu":  # loaded blocks: encoded where they are, never through the device
-                store_reference(k[pooled:], v[pooled:], host)
+                store_reference(k[pooled:], v[pooled:], host, represent)
             else:  # encoded on the device, then one DMA copy per plane (not byte stores over the bus)
                 staged = self._staging(end - start)
-                self._store(k[pooled:], v[pooled:], staged)
+                self._store(k[pooled:], v[pooled:], staged, represent)
                 staged.copy_to(host, lambda dst, src: dst.copy_(src, non_blocking=True))
         self.n_blocks += count
 

@@ -27,7 +27,7 @@ from .blocks import BlockStore
 from .config import QLLMConfig
 from .layout import BlockLayout
 from .lookup import choose_evidence
-from .ops import AttendFn, DecodeAttendFn, far_set_op, gather_op, representatives_op, store_op
+from .ops import AttendFn, DecodeAttendFn, far_set_op, gather_op, store_op
 from .placement import Placement
 from .policies import LookupPolicy
 from .question import Question
@@ -109,7 +109,6 @@ class LayerMemory:
         # views of the tail and far buffers by their bounds, kept while the buffers are
         self._tail_slices: Recent[tuple[Tensor, Tensor, Tensor]] = Recent(64)
         self._far_slices: Recent[tuple[Tensor, ...]] = Recent(64)
-        self._represent = representatives_op(device)
         n_repr = max(placement.expected_blocks, 16)
         self.repr_keys = torch.empty((n_repr, heads, head_dim), dtype=dtype, device=device)
         self.question_vector: Tensor | None = None  # (heads, head_dim), far-rotated
@@ -453,9 +452,9 @@ class LayerMemory:
         first = self.n_blocks
         if first + count > self.repr_keys.shape[0]:
             self._grow_repr(max(2 * self.repr_keys.shape[0], first + count))
-        representatives = self.repr_keys[first : first + count]  # (count, heads, d)
-        self._represent(self.tail_k[:, sl], self.tail_scores[:, sl], cfg.repr_topk, representatives)
-        self.store.add(self._as_blocks(self.tail_k, offset, count), self._as_blocks(self.tail_v, offset, count))
+        representatives = self.repr_keys[first : first + count]  # (count, heads, d), written with the blocks
+        self.store.add(self._as_blocks(self.tail_k, offset, count), self._as_blocks(self.tail_v, offset, count),
+                       (self.tail_scores[:, sl], cfg.repr_topk, representatives))
 
     def _as_blocks(self, buf: Tensor, offset: int, count: int) -> Tensor:
         """Tail buffer `buf` (kv_heads, capacity, d), tokens offset .. offset + count * block_size, as blocks: a

@@ -23,11 +23,10 @@ from .blocks import (
     FarSetFn,
     GatherFn,
     Planes,
-    RepresentFn,
+    Represent,
     StoreFn,
     gather_far_set_reference,
     gather_reference,
-    representatives_reference,
     store_reference,
 )
 from .norms import RMSNormFn
@@ -106,14 +105,15 @@ def far_set_op(device: torch.device) -> FarSetFn:
 
 
 def store_op(device: torch.device) -> StoreFn:
-    """Writing new blocks where they are kept (quantised to float8 on the way where stored so): on CUDA the kernel
-    (one launch for K, V and their scales), elsewhere the reference."""
+    """Writing new blocks where they are kept (quantised to float8 on the way where stored so), and their
+    representative keys: on CUDA the kernel (one launch for K, V, their scales and the representatives), elsewhere
+    the reference."""
     module = kernels(device)
     if module is None:
         return store_reference
 
-    def store(k: Tensor, v: Tensor, target: Planes) -> None:
-        module.store_blocks(k, v, target.held(), check=False)
+    def store(k: Tensor, v: Tensor, target: Planes, represent: Represent | None = None) -> None:
+        module.store_blocks(k, v, target.held(), represent, check=False)
 
     return store
 
@@ -122,9 +122,3 @@ def rms_norm_op(device: torch.device) -> RMSNormFn | None:
     """The model's RMSNorm as one kernel (`norms.fuse_rms_norms`) on CUDA; None elsewhere (the model's own forward)."""
     module = kernels(device)
     return None if module is None else partial(module.rms_norm, check=False)
-
-
-def representatives_op(device: torch.device) -> RepresentFn:
-    """New blocks' representative keys: on CUDA the kernel, elsewhere the reference."""
-    module = kernels(device)
-    return representatives_reference if module is None else partial(module.representative_keys, check=False)

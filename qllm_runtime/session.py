@@ -8,7 +8,7 @@ attention).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -21,9 +21,12 @@ from .question import Question
 Progress = Callable[[int, int], None]
 
 
-def _chunks(ids: list[int], size: int, progress: Progress | None):
+def _chunks(ids: list[int], size: int, device: torch.device, progress: Progress | None) -> Iterator[Tensor]:
+    """`ids` on `device` in chunks (1, <= size), moved over in one copy: a copy from the host waits for the device's
+    queued work, so one a chunk would stop the host from launching the next chunk's kernels while the device works."""
+    on_device = torch.tensor([ids], device=device)
     for start in range(0, len(ids), size):
-        yield ids[start : start + size]
+        yield on_device[:, start : start + size]
         if progress is not None:
             progress(min(start + size, len(ids)), len(ids))
 
@@ -50,8 +53,8 @@ class MemorySession:
                 progress(1, 1)
             return logits
         logits = None
-        for chunk in _chunks(ids, self.prefill_chunk, progress):
-            logits = run_model(self.model, torch.tensor([chunk], device=self.device), self.memory)
+        for chunk in _chunks(ids, self.prefill_chunk, self.device, progress):
+            logits = run_model(self.model, chunk, self.memory)
         return logits
 
     @torch.inference_mode()
@@ -102,14 +105,14 @@ class FullSession:
 
     def feed(self, ids: list[int], progress: Progress | None = None) -> Tensor:
         logits = None
-        for chunk in _chunks(ids, self.prefill_chunk, progress):
-            positions = torch.arange(self.seen, self.seen + len(chunk), device=self.device)[None]
+        for chunk in _chunks(ids, self.prefill_chunk, self.device, progress):
+            positions = torch.arange(self.seen, self.seen + chunk.shape[1], device=self.device)[None]
             with torch.inference_mode():
                 out = self.model(
-                    input_ids=torch.tensor([chunk], device=self.device), position_ids=positions,
-                    use_cache=True, logits_to_keep=1, **{self._cache_kwarg: self.cache},
+                    input_ids=chunk, position_ids=positions, use_cache=True, logits_to_keep=1,
+                    **{self._cache_kwarg: self.cache},
                 )
-            self.seen += len(chunk)
+            self.seen += chunk.shape[1]
             logits = out.logits[0, -1]
         return logits
 

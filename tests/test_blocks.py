@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qllm_runtime import QLLMConfig, QLLMEngine
-from qllm_runtime.blocks import FP8_MAX, BlockStore, dequantize, quantize
+from qllm_runtime.blocks import FP8_MAX, BlockStore, dequantize, quantize, representatives_reference
 from tests.conftest import TINY_WINDOWS, random_ids, session_logits, tiny_model
 
 SHAPE = (2, 8, 16)  # kv_heads, block_size, head_dim
@@ -50,6 +50,24 @@ def test_fp8_store_gathers_what_it_stored_on_every_path(device_limit):
     store.truncate(5)
     store.add(x_k[:1], x_v[:1])
     assert torch.equal(store.gather(torch.tensor([[5, 4]]))[0][0].view(2, *SHAPE[1:]), want_k[[0, 4], 0])
+
+
+@pytest.mark.parametrize("device_limit", [100, 5, 3, 0], ids=["pooled", "straddling", "after-pool", "offloaded"])
+def test_blocks_added_with_their_representatives_on_every_path(device_limit):
+    """`add(..., represent)` writes the blocks' representative keys wherever the blocks go (the pool, the host, or
+    both in one add), as `representatives_reference` of their keys; the blocks are stored as without them."""
+    x_k, x_v = blocks(7, seed=5), blocks(7, seed=6)
+    heads, repr_topk = 4, 3
+    scores = torch.randperm(heads * 4 * SHAPE[1], generator=torch.Generator().manual_seed(7)).float().view(heads, -1)
+    store = BlockStore(*SHAPE, torch.float32, torch.device("cpu"), device_limit, fp8=True)
+    got = torch.full((7, heads, SHAPE[2]), float("nan"))
+    store.add(x_k[:3], x_v[:3])
+    store.add(x_k[3:], x_v[3:], (scores, repr_topk, got[3:]))
+    want = torch.full_like(got, float("nan"))
+    representatives_reference(x_k[3:].transpose(0, 1).flatten(1, 2), scores, repr_topk, want[3:])
+    assert torch.allclose(got, want, equal_nan=True)
+    assert not got[3:].isnan().any() and got[:3].isnan().all()
+    assert torch.equal(store.export()[0], dequantize(*quantize(x_k), torch.float32))
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["stored", "fp8"])

@@ -52,15 +52,13 @@ def test_a_reading_reuses_its_compiled_launches(tokenizer):
     block count or a row stride of the scores, must not be specialised on, or every launch goes through the JIT)."""
     from qllm_kernels._common import _FAST_LAUNCH
     from qllm_kernels.attention import _attn_fwd_kernel, _received_kernel
-    from qllm_kernels.block_score import _block_score_rows_kernel, _top_chunk_kernel
+    from qllm_kernels.block_score import _score_and_rank_kernel
     from qllm_kernels.gather import _gather_kernel
-    from qllm_kernels.representatives import _representatives_kernel
     from qllm_kernels.store import _store_kernel
 
     if not _FAST_LAUNCH:
         pytest.skip("Launcher is off with this Triton")
-    kernels = [_attn_fwd_kernel, _received_kernel, _block_score_rows_kernel, _top_chunk_kernel, _gather_kernel,
-               _representatives_kernel, _store_kernel]
+    kernels = [_attn_fwd_kernel, _received_kernel, _score_and_rank_kernel, _gather_kernel, _store_kernel]
     for kernel in kernels:
         kernel._compiled.clear()
     model = tiny_model("llama", len(tokenizer), hidden_size=256).to("cuda", torch.bfloat16)

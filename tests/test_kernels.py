@@ -533,6 +533,80 @@ def test_top_blocks_with_a_scratch_is_the_same_as_without(poison):
     assert all(torch.equal(a, b) for a, b in kept)
 
 
+def _top_blocks_in_two_launches(rows, repr_keys, block_terms, beta, topk, standardized=False, term_row=False):
+    """`top_blocks` of up to ROW_GROUPS rows and one chunk of blocks as two launches: the row scorer
+    (`block_score`), then the ranking kernel over its scores."""
+    module = importlib.import_module("qllm_kernels.block_score")  # the package's `block_score` is the function
+    n_groups, n_blocks = rows.shape[0] - term_row, repr_keys.shape[0]
+    assert rows.shape[0] <= module.ROW_GROUPS and n_blocks <= module.TOP_CHUNK
+    k = min(topk, n_blocks)
+    scores, _ = qk.block_score(rows, repr_keys, None, 0.0, None)
+    terms = scores[n_groups] if term_row else block_terms
+    out = torch.empty(n_groups, k, dtype=torch.int64, device=rows.device)
+    module._top_chunk_kernel[(n_groups, 1)](
+        scores, scores if terms is None else terms, out, out, scores.stride(0), out.stride(0), out.stride(0),
+        n_blocks, k, float(beta),
+        HAS_TERMS=terms is not None, STANDARDIZED=standardized, FINAL=True, CHUNK=module.TOP_CHUNK,
+        K_PAD=max(16, 1 << (k - 1).bit_length()),
+    )  # fmt: skip
+    return out
+
+
+def _counter(scratch: qk.Scratch, device: torch.device) -> int:
+    """The one-launch lookup's counter that `scratch` keeps for `device` (a tensor's: with its index)."""
+    return scratch.empty("counter", (1,), torch.int32, device).item()
+
+
+@pytest.mark.parametrize(("n_rows", "terms", "standardized", "block_counts"), [
+    pytest.param(1, None, False, (2, 300, 1024, 57), id="one-group"),
+    pytest.param(2, "row", False, (300, 2, 57), id="group-term-row-raw"),
+    pytest.param(2, "row", True, (2, 1024, 300, 57), id="group-term-row-standardized"),
+    pytest.param(3, "given", False, (57, 300, 2), id="three-groups-terms-raw"),
+    pytest.param(4, "row", True, (300, 2, 57), id="three-groups-term-row-standardized"),
+    pytest.param(4, "given", True, (2, 300, 57), id="four-groups-terms-standardized"),
+])  # fmt: skip
+def test_top_blocks_in_one_launch_is_the_two_launch_path(poison, n_rows, terms, standardized, block_counts):
+    """Up to ROW_GROUPS rows and one chunk of blocks: one launch, whose last program ranks what all scored, picks what
+    the scorer and the ranking launched apart pick, bit for bit, call after call on one scratch as the block count
+    changes (its counter back at zero after each)."""
+    gen = torch.Generator().manual_seed(n_rows)
+    scratch = qk.Scratch()
+    for n_blocks in block_counts:
+        rows = torch.randn(n_rows, 4, 32, generator=gen).to(DEVICE)
+        repr_keys = torch.randn(n_blocks, 4, 32, generator=gen).to(DEVICE, torch.bfloat16)
+        block_terms = 30 * torch.randn(n_blocks, generator=gen).to(DEVICE) if terms == "given" else None
+        args, kwargs = (rows, repr_keys, block_terms, 2.0, 8), dict(standardized=standardized, term_row=terms == "row")
+        picked = qk.top_blocks(*args, **kwargs, scratch=scratch)
+        assert torch.equal(picked, _top_blocks_in_two_launches(*args, **kwargs))
+        assert _counter(scratch, picked.device) == 0
+
+
+def test_top_blocks_of_few_rows_and_one_chunk_is_one_launch(monkeypatch):
+    """A lookup of up to ROW_GROUPS rows over one chunk of blocks is one launch (which leaves its counter at zero);
+    more rows launch the tiled scorer and the ranking, more blocks the row scorer, the ranking and the merge."""
+    from qllm_kernels import _common
+
+    module = importlib.import_module("qllm_kernels.block_score")
+    launches = []
+    launch = _common.Launcher.__getitem__
+    monkeypatch.setattr(_common.Launcher, "__getitem__", lambda self, grid: launches.append(self) or launch(self, grid))
+    gen = torch.Generator().manual_seed(2)
+    repr_keys = torch.randn(module.TOP_CHUNK + 1, 4, 32, generator=gen).to(DEVICE)
+    scratch = qk.Scratch()
+    for n_rows, n_blocks, kernels in (
+        (2, module.TOP_CHUNK, [module._score_and_rank_kernel]),
+        (4, 57, [module._score_and_rank_kernel]),
+        (5, 57, [module._block_score_kernel, module._top_chunk_kernel]),
+        (2, module.TOP_CHUNK + 1, [module._block_score_rows_kernel, module._top_chunk_kernel,
+                                   module._top_merge_kernel]),
+    ):
+        launches.clear()
+        rows = torch.randn(n_rows, 4, 32, generator=gen).to(DEVICE)
+        qk.top_blocks(rows, repr_keys[:n_blocks], None, 2.0, 8, standardized=True, term_row=True, scratch=scratch)
+        assert launches == kernels
+        assert _counter(scratch, rows.device) == 0
+
+
 def test_attention_with_a_scratch_is_the_same_as_without(poison):
     """Attention calls reusing one scratch for their temporaries (rotated keys and queries, log-sum-exp) give what
     calls with fresh ones give, call after call, as the shapes change and come back."""
@@ -792,6 +866,24 @@ def test_block_score_llama3_shapes(poison, n_groups):
     torch.testing.assert_close(scores, ref, rtol=1e-3, atol=1e-2)
 
 
+@pytest.mark.gpu  # skipped without CUDA by conftest
+def test_top_blocks_in_one_launch_ranks_every_programs_scores(poison):
+    """On the GPU the one-launch lookup's last program ranks scores the other programs wrote (the counter's release
+    and acquire make them visible): 200 lookups in a row on one scratch, whose scores row holds the last lookup's
+    until written, each of another block count (100 to 1024) at the LLaMA-3-8B shape, launched back to back, pick what
+    the scorer and the ranking launched apart pick, bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    scratch = qk.Scratch()
+    repr_keys = torch.randn(1024, 32, 128, generator=gen).to(DEVICE, torch.bfloat16)
+    cases = [(torch.randn(2, 32, 128, generator=gen).to(DEVICE, torch.bfloat16), repr_keys[:n_blocks])
+             for n_blocks in torch.randint(100, 1025, (200,), generator=gen).tolist()]
+    picked = [qk.top_blocks(rows, keys, None, 4.0, 8, standardized=True, term_row=True, scratch=scratch)
+              for rows, keys in cases]
+    for (rows, keys), got in zip(cases, picked, strict=True):
+        assert torch.equal(got, _top_blocks_in_two_launches(rows, keys, None, 4.0, 8, standardized=True, term_row=True))
+    assert _counter(scratch, repr_keys.device) == 0
+
+
 def _store_case(count, kv_heads, block_size, head_dim, dtype, seed, first=2, extra=3):
     """k, v as the runtime passes them: (count, kv_heads, block_size, head_dim) views of (kv_heads, tokens, head_dim)
     tail buffers, starting mid-buffer; blocks of growing magnitude, the second (when there is one) all zero."""
@@ -947,6 +1039,31 @@ def test_representative_keys_match_reference(poison, heads, kv_heads, block_size
     representatives_reference(keys, scores, repr_topk, want)
     rtol = 1e-2 if out_dtype == torch.bfloat16 else 1e-6
     torch.testing.assert_close(out, want, rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "count", "block_size"), [(8, 2, 3, 7), (4, 4, 2, 16), (6, 2, 4, 130)],
+                         ids=["gqa4-bs7", "mha-bs16", "gqa3-bs130-chunked"])
+@pytest.mark.parametrize("stored", ["fp8", torch.bfloat16], ids=["fp8", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["in-fp32", "in-bf16"])
+def test_store_blocks_with_their_representatives(poison, heads, kv_heads, count, block_size, stored, dtype):
+    """One launch stores the blocks as without `represent` and writes their representative keys as
+    `representative_keys` (the same program code) of the blocks' keys, close to the reference."""
+    keys, scores, out = _representatives_case(heads, kv_heads, count, block_size, 16, dtype, heads + block_size)
+    values = torch.randn(kv_heads, count * block_size, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    k, v = (t.unflatten(1, (count, block_size)).transpose(0, 1) for t in (keys, values))
+    shape = (count, kv_heads, block_size, 16)
+    got, got_rows = _store_targets(count + 2, *shape, stored)
+    want, want_rows = _store_targets(count + 2, *shape, stored)
+    qk.store_blocks(k, v, got_rows.held(), (scores, 3, out))
+    qk.store_blocks(k, v, want_rows.held())
+    _assert_stored(got, want, 1, count)
+    alone = torch.full_like(out, math.nan)
+    qk.representative_keys(keys, scores, 3, alone)
+    assert torch.equal(out, alone)
+    reference = torch.full_like(out, math.nan)
+    store_reference(k, v, _store_targets(count + 2, *shape, stored)[1], (scores, 3, reference))
+    rtol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(out, reference, rtol=rtol, atol=rtol)
 
 
 def test_representative_keys_write_only_their_rows(poison):

@@ -44,7 +44,8 @@ class LookupPolicy:
     Subclasses change `term_query`, how they weigh (`weighting`) or `scores`; selection lives here: a block also
     scores as high as the `follow_blocks` blocks before it (so a hit brings the text after it along: a fact cut by a
     block boundary stays whole), then the top-k are taken. The Triton kernels are used where they run (CUDA: the
-    whole lookup in two launches, `qllm_kernels.top_blocks`); the PyTorch reference elsewhere, with the same results.
+    whole lookup in one to three launches, `qllm_kernels.top_blocks`); the PyTorch reference elsewhere, with the same
+    results.
     """
 
     name: ClassVar[str]
