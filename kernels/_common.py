@@ -98,9 +98,17 @@ class Scratch:
         self._held: dict[tuple[str, torch.device], Tensor] = {}
 
     def empty(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        return self._get(name, shape, dtype, device, torch.empty)
+
+    def zeros(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """As `empty`, zero when made: for state the launches leave zero for the next (a counter they reset)."""
+        return self._get(name, shape, dtype, device, torch.zeros)
+
+    def _get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+             make: Callable[..., Tensor]) -> Tensor:
         held = self._held.get((name, device))
         if held is None or held.shape != shape or held.dtype != dtype:
-            held = self._held[(name, device)] = torch.empty(shape, dtype=dtype, device=device)
+            held = self._held[(name, device)] = make(shape, dtype=dtype, device=device)
         return held
 
 

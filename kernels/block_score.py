@@ -16,7 +16,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ._common import FLOAT_DTYPES, Launcher, Scratch, cdiv, check_device, dot_dtype, empty, next_power_of_2, on_device
 
@@ -353,20 +352,12 @@ def top_blocks(
     return out
 
 
-_ZEROED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # the scratches' counters zeroed so far, by identity
-
-
 def _counter(scratch: Scratch | None, device: torch.device) -> Tensor:
     """`_score_and_rank_kernel`'s counter of arrived programs: (1,) int32, zero (each launch leaves it so). A scratch
-    (one caller, one stream) keeps one under "counter", which `Scratch.empty` makes once, uninitialised: zeroed when
-    first seen. Without a scratch a new one (a fill launch on CUDA)."""
+    (one caller, one stream) keeps one, zeroed when made; without a scratch a new one (a fill launch on CUDA)."""
     if scratch is None:
         return torch.zeros(1, dtype=torch.int32, device=device)
-    counter = scratch.empty("counter", (1,), torch.int32, device)
-    if counter not in _ZEROED:
-        counter.zero_()
-        _ZEROED[counter] = True
-    return counter
+    return scratch.zeros("counter", (1,), torch.int32, device)
 
 
 def _check(group_queries: Tensor, repr_keys: Tensor, question_scores: Tensor | None, topk: int | None) -> None:
