@@ -128,7 +128,8 @@ def choose_evidence(engine, session) -> None:
 def run_qllm(engine, ids: list[int], decode_steps: int) -> dict:
     """Prefill, then decode steps as the engine runs them (a replayed CUDA graph where it can), then as many
     steps launched from Python (`decode_eager_ms`: the graph set aside). `prefill_host_s`: when the host had launched
-    the whole reading; equal to `prefill_s` when the host is the bottleneck, less when the GPU is."""
+    the whole reading; equal to `prefill_s` when the host is the bottleneck, less when the GPU is (by no more than the
+    work the launch queue holds: milliseconds)."""
     reset_peaks()
     session = asking_session(engine, len(ids) + 2 * decode_steps)
     synchronize()

@@ -110,9 +110,9 @@ def top_blocks_kernels(group_queries, repr_keys, *args, **kwargs) -> int:
     """Kernels `qllm_kernels.top_blocks` launches: one for a few rows and one chunk of blocks (scored and ranked);
     else the scorer, the ranking, and a merge beyond one chunk."""
     module = kernel_module("block_score")
-    if repr_keys.shape[0] <= module.TOP_CHUNK:
-        return 1 if group_queries.shape[0] <= module.ROW_GROUPS else 2
-    return 3
+    if module.ranks_in_one_launch(group_queries.shape[0], repr_keys.shape[0]):
+        return 1
+    return 2 + (repr_keys.shape[0] > module.TOP_CHUNK)
 
 
 def new_layer(config: QLLMConfig, counter: LaunchCounter) -> LayerMemory:

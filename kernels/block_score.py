@@ -315,7 +315,7 @@ def top_blocks(
         return out
     n_chunks = cdiv(n_blocks, TOP_CHUNK)  # one shape for every count: no compiling mid-reading as blocks come
     k_pad = max(16, next_power_of_2(k))
-    one_launch = n_chunks == 1 and n_rows <= ROW_GROUPS  # the row scorer's case: its last program ranks
+    one_launch = ranks_in_one_launch(n_rows, n_blocks)
     if one_launch:
         scores = _scores(scratch, n_rows, n_blocks, out.device)
     else:
@@ -350,6 +350,12 @@ def top_blocks(
     if keys.shape[1] > TOP_MERGE:  # very many chunks: their picks merged by torch (the keys rank as the scores)
         out = (_INDEX - (keys.topk(k, dim=-1).values & _INDEX)).sort(dim=-1).values
     return out
+
+
+def ranks_in_one_launch(n_rows: int, n_blocks: int) -> bool:
+    """Whether `top_blocks` scores and ranks `n_rows` query rows (the term row included) over `n_blocks` blocks in one
+    launch: the row scorer's case over one ranking chunk, whose last program ranks."""
+    return n_rows <= ROW_GROUPS and n_blocks <= TOP_CHUNK
 
 
 def _counter(scratch: Scratch | None, device: torch.device) -> Tensor:
